@@ -1,0 +1,146 @@
+"""IA³ as a graph rewrite (Liu et al. 2022, "Few-Shot Parameter-Efficient Fine-Tuning is
+Better and Cheaper than In-Context Learning").
+
+Output scaling (keys, values), before and after::
+
+    k = k_proj(x)            k = k_proj.ia3_l.default(k_proj(x))      # k_proj(x) * l
+
+Input scaling (feed-forward output layers)::
+
+    y = down_proj(h)         y = down_proj(down_proj.ia3_l.default(h))  # down_proj(h * l)
+
+``l`` starts at ones, so outputs are bitwise unchanged at init. On a fused qkv projection
+(GPT-2's ``c_attn``) only the key and value slices of ``l`` are learned; the query slice is
+fixed at one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import nn
+
+from passes.lora import lora_features
+from passes.modules import IA3Vector
+from surgery.errors import ConfigError
+from surgery.pass_base import Change, Pass, PassResult
+from surgery.rewrite import call_input, freeze_site, insert_chain, mark, register_adapter, relative_target, replace_uses_after, set_call_input
+from surgery.select import Selector, as_patterns, matches
+from surgery.sites import Site, resolve_sites
+from surgery.trace import is_hf_conv1d
+
+__all__ = ["IA3Pass"]
+
+
+def _accept(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_hf_conv1d(module)
+
+
+@dataclass(frozen=True, kw_only=True)
+class IA3Pass(Pass):
+    """Scale activations by learned vectors initialised to ones.
+
+    Args:
+        pattern: qualified-name glob(s) or ``re:`` regex of layers to scale.
+        role: structural role(s). With neither, keys, values and feed-forward down
+            projections are selected (the paper's choice).
+        exclude: patterns removed from the selection.
+        feedforward: pattern(s) naming which selected layers are feed-forward output layers,
+            whose *input* is scaled; ``None`` = the layers with role ``ffn_down``.
+        name: adapter name.
+
+    A vector has shape ``(out_features,)`` for output scaling and ``(in_features,)`` for
+    input scaling (``(2/3 · out_features,)`` on a fused qkv layer: key and value only), in
+    the dtype and on the device of the layer's weight.
+
+    Raises:
+        NoMatchError: the selection, or a ``feedforward`` pattern, matches nothing.
+        AlreadyAdaptedError: a selected layer already has an IA³ vector of this name.
+    """
+
+    name: ClassVar[str] = "ia3"
+    default_roles: ClassVar[tuple[str, ...]] = ("key", "value", "ffn_down")
+
+    pattern: Selector = None
+    role: str | Sequence[str] | None = None
+    exclude: Selector = None
+    feedforward: Selector = None
+    adapter_name: str = "default"
+
+    def __init__(self, *, pattern: Selector = None, role: str | Sequence[str] | None = None,
+                 exclude: Selector = None, feedforward: Selector = None,
+                 name: str = "default") -> None:
+        for key, val in (("pattern", pattern), ("role", role), ("exclude", exclude),
+                         ("feedforward", feedforward), ("adapter_name", name)):
+            object.__setattr__(self, key, tuple(val) if isinstance(val, list) else val)
+        as_patterns(self.pattern)
+        as_patterns(self.feedforward)
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ConfigError(f"IA3Pass: name must be a Python identifier, got {name!r}")
+
+    def sites(self, model: nn.Module) -> list[Site]:
+        """The sites this pass would adapt in the traced ``model``."""
+        return resolve_sites(model, pass_name="IA3Pass", pattern=self.pattern, role=self.role,
+                             exclude=self.exclude, default_roles=self.default_roles,
+                             accept=_accept, accepted_types="nn.Linear / Conv1D")
+
+    def _is_feedforward(self, site: Site) -> bool:
+        if self.feedforward is None:
+            return bool(site.role and "ffn_down" in site.role.roles)
+        return any(matches(p, site.qname) for p in as_patterns(self.feedforward))
+
+    def run(self, model: nn.Module) -> PassResult:
+        sites = self.sites(model)
+        if self.feedforward is not None:
+            for pat in as_patterns(self.feedforward):
+                if not any(matches(pat, s.qname) for s in sites):
+                    from surgery.errors import NoMatchError, near_matches
+                    raise NoMatchError(
+                        f"IA3Pass: feedforward pattern {pat!r} matches none of the selected "
+                        f"layers; nearest: {', '.join(near_matches(pat, [s.qname for s in sites]))}. "
+                        f"Way out: feedforward names a subset of the selection.")
+        changes: list[Change] = []
+        for site in sites:
+            changes.extend(self._adapt(site, self._is_feedforward(site)))
+        return PassResult(model, bool(changes), tuple(changes), self.name)
+
+    def _adapt(self, site: Site, feedforward: bool) -> list[Change]:
+        module, qname = site.module, site.qname
+        role = site.role.label if site.role else None
+        in_f, out_f = lora_features(module)
+        parts = None
+        if not feedforward and site.role is not None and site.role.is_fused:
+            parts = [site.role.fused[r] for r in ("key", "value") if r in site.role.fused]
+        vec = IA3Vector(in_f if feedforward else out_f, parts=parts,
+                        mode="input" if feedforward else "output", site=qname,
+                        adapter_name=self.adapter_name, role=role, dtype=module.weight.dtype,
+                        device=module.weight.device)
+        register_adapter(module, "ia3_l", self.adapter_name, vec, pass_name="IA3Pass", site=qname)
+        changes = []
+        tag = dict(pass_name=self.name, site=qname, role=role, adapter=self.adapter_name,
+                   part="ia3_l")
+        for call in site.calls:
+            graph = call.owner.graph
+            base = call.node
+            target = relative_target(call, "ia3_l", self.adapter_name)
+            if feedforward:
+                x = call_input(base)
+                with graph.inserting_before(base):
+                    scaled = mark(graph.call_module(target, (x,)), like=x if hasattr(x, "meta") else None, **tag)
+                set_call_input(base, scaled)
+            else:
+                out = insert_chain(graph, base, lambda: mark(graph.call_module(target, (base,)),
+                                                             like=base, **tag))
+                replace_uses_after(base, out)
+            changes.append(Change("node_added", self.name, qname, f"{call.prefix}/ia3_l",
+                                  adapter=self.adapter_name, role=role,
+                                  detail="input scaling" if feedforward else "output scaling"))
+        changes.append(Change("param_added", self.name, qname,
+                              f"{qname}.ia3_l.{self.adapter_name}.weight",
+                              adapter=self.adapter_name, role=role,
+                              shape=tuple(vec.weight.shape), numel=vec.weight.numel(),
+                              trainable=True))
+        changes.extend(freeze_site(module, pass_name=self.name, site=qname, role=role))
+        return changes

@@ -1,0 +1,106 @@
+"""fx-surgery: parameter-efficient model surgery on PyTorch models, done as graph rewrites.
+
+A model is traced into torch.fx graphs; passes (LoRA, IA³, ...) rewrite them; the audit says
+what trains; ``render_diff`` draws before and after::
+
+    import surgery
+    from surgery import apply_passes, audit, LoRAPass, IA3Pass, render_diff
+
+    adapted = apply_passes(model, [LoRAPass(pattern="attn.*", rank=8, alpha=16), IA3Pass()])
+    print(audit(adapted))
+    render_diff(model, adapted, "out/")
+    opt = torch.optim.AdamW(surgery.trainable_parameters(adapted), lr=1e-3)
+
+Everything a user needs is importable from here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from surgery.adapter_base import AdapterModule
+from surgery.apply import (
+    Target,
+    TargetList,
+    apply_passes,
+    history,
+    list_targets,
+    named_trainable_parameters,
+    plan,
+    trainable_parameters,
+)
+from surgery.errors import (
+    AdapterNotFoundError,
+    AlreadyAdaptedError,
+    ConfigError,
+    MergeError,
+    NoMatchError,
+    RenderError,
+    SurgeryError,
+    TraceError,
+    UnsupportedSiteError,
+)
+from surgery.pass_base import Change, Pass, PassResult
+from surgery.roles import find_roles
+from surgery.trace import SurgeryTracer, trace
+from passes.ia3 import IA3Pass
+from passes.lora import LoRAPass
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "audit": ("surgery.audit", "audit"),
+    "Audit": ("surgery.audit", "Audit"),
+    "render": ("visualize", "render"),
+    "render_diff": ("visualize", "render_diff"),
+    "to_networkx": ("visualize", "to_networkx"),
+    "load_model": ("surgery.zoo", "load_model"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the audit, the renderer and the model zoo only when first used."""
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'surgery' has no attribute {name!r}")
+
+
+__all__ = [
+    "AdapterModule",
+    "AdapterNotFoundError",
+    "AlreadyAdaptedError",
+    "Audit",
+    "Change",
+    "ConfigError",
+    "IA3Pass",
+    "LoRAPass",
+    "MergeError",
+    "NoMatchError",
+    "Pass",
+    "PassResult",
+    "RenderError",
+    "SurgeryError",
+    "SurgeryTracer",
+    "Target",
+    "TargetList",
+    "TraceError",
+    "UnsupportedSiteError",
+    "apply_passes",
+    "audit",
+    "find_roles",
+    "history",
+    "list_targets",
+    "load_model",
+    "named_trainable_parameters",
+    "plan",
+    "render",
+    "render_diff",
+    "to_networkx",
+    "trace",
+    "trainable_parameters",
+]

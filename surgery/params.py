@@ -1,0 +1,116 @@
+"""Copy-on-write parameter handling: private module trees that share the caller's weights.
+
+The adapted model holds its own ``Parameter`` objects (so freezing them leaves the caller's
+``requires_grad`` alone) whose storage is the caller's (so a 7B model is not copied). Buffers
+are cloned, since training updates some of them in place (BatchNorm running statistics).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+__all__ = ["share_weights_copy", "snapshot", "restore", "is_adapter_parameter", "adapter_parameters"]
+
+
+def share_weights_copy(model: nn.Module) -> nn.Module:
+    """Deep-copy ``model``'s module tree, sharing parameter storage with it.
+
+    Returns:
+        A module of the same class whose parameters are new ``nn.Parameter`` objects viewing
+        the same storage (same ``data_ptr``, same ``requires_grad``), and whose buffers and
+        other tensors are copies. Submodules, hooks and the ``training`` flag are copied.
+        Parameters of adapter modules (already adapted models) are copied, not shared, since
+        an optimizer writes into them.
+    """
+    memo: dict[int, object] = {}
+    adapter_ids = {id(p) for _, p in adapter_parameters(model)}
+    for param in model.parameters():
+        if id(param) not in memo:
+            data = param.detach()
+            if id(param) in adapter_ids:  # adapters are trained in place: never share them
+                data = data.clone()
+            memo[id(param)] = nn.Parameter(data, requires_grad=param.requires_grad)
+    return copy.deepcopy(model, memo)
+
+
+def snapshot(model: nn.Module) -> dict:
+    """Record everything :func:`restore` needs to put ``model`` back after a failed edit.
+
+    The snapshot is cheap: it keeps references (module objects, parameter objects, graphs
+    copied node for node), never weight copies. Weight *values* are not restored: passes only
+    add modules, swap parameter objects and edit graphs, and never write into storage.
+    """
+    from surgery.graphs import graph_modules
+
+    modules = {name: (mod, dict(mod._modules), dict(mod._parameters), dict(mod._buffers),
+                      {k: getattr(mod, k) for k in ("training",)})
+               for name, mod in model.named_modules(remove_duplicate=False)}
+    flags = {id(p): (p, p.requires_grad) for _, p in model.named_parameters(remove_duplicate=False)}
+    graphs = {}
+    for name, mod in graph_modules(model):
+        new_graph = torch.fx.Graph(owning_module=mod, tracer_cls=mod.graph._tracer_cls)
+        value_map: dict = {}
+        out = new_graph.graph_copy(mod.graph, value_map)
+        new_graph.output(out)
+        graphs[name] = (mod, new_graph)
+    state = getattr(model, "_surgery", None)
+    history_len = len(state.history) if state is not None else 0
+    return {"modules": modules, "flags": flags, "graphs": graphs, "state": state,
+            "history_len": history_len,
+            "state_active": None if state is None or state.active is None else set(state.active)}
+
+
+def restore(model: nn.Module, snap: dict) -> None:
+    """Put ``model`` back exactly as :func:`snapshot` saw it (modules, flags, graphs)."""
+    from surgery.graphs import recompile
+
+    for mod, children, params, buffers, attrs in snap["modules"].values():
+        mod._modules.clear()
+        mod._modules.update(children)
+        mod._parameters.clear()
+        mod._parameters.update(params)
+        mod._buffers.clear()
+        mod._buffers.update(buffers)
+        for key, val in attrs.items():
+            object.__setattr__(mod, key, val)
+    for param, flag in snap["flags"].values():
+        param.requires_grad_(flag)
+    for mod, graph in snap["graphs"].values():
+        mod.graph = graph
+    state = snap["state"]
+    if state is not None:
+        del state.history[snap["history_len"]:]
+        state.active = snap["state_active"]
+    recompile(model)
+
+
+def is_adapter_parameter(model: nn.Module, name: str) -> bool:
+    """True when parameter ``name`` of ``model`` belongs to an inserted adapter module."""
+    from surgery.adapter_base import AdapterModule
+
+    owner_name = name.rpartition(".")[0]
+    parts = owner_name.split(".") if owner_name else []
+    mod: nn.Module = model
+    for part in parts:
+        if isinstance(mod, AdapterModule):
+            return True
+        mod = getattr(mod, part)
+    return isinstance(mod, AdapterModule)
+
+
+def adapter_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """Yield ``(qualified name, parameter)`` for every parameter inside an adapter module."""
+    from surgery.adapter_base import AdapterModule
+
+    seen: set[int] = set()
+    for mod_name, mod in model.named_modules():
+        if not isinstance(mod, AdapterModule):
+            continue
+        for pname, param in mod.named_parameters(prefix=mod_name):
+            if id(param) not in seen:
+                seen.add(id(param))
+                yield pname, param

@@ -1,0 +1,133 @@
+"""The pass interface: a frozen configuration with one method, and the record it returns.
+
+A pass is a small frozen, keyword-only dataclass with a stable ``name`` (``"lora"``,
+``"ia3"``, ...). ``Pass.run(model)`` rewrites the traced ``model`` in place and returns a
+:class:`PassResult`; ``Pass.plan(model)`` runs the same matching and returns the changes it
+would make without touching anything. :func:`surgery.apply_passes` owns copying, linting,
+recompiling and atomicity, so a pass only edits graphs and registers modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+from torch import nn
+
+__all__ = ["Change", "ChangeKind", "PassResult", "Pass"]
+
+ChangeKind = Literal[
+    "node_added",
+    "node_removed",
+    "module_added",
+    "module_removed",
+    "param_added",
+    "param_frozen",
+    "param_rewritten",
+    "param_removed",
+]
+
+
+@dataclass(frozen=True)
+class Change:
+    """One thing a pass did (or, from ``plan``, would do).
+
+    Attributes:
+        kind: what happened (see :data:`ChangeKind`).
+        pass_name: the stable name of the pass (``"lora"``).
+        site: qualified name of the module adapted (``"layers.0.attn.q_proj"``).
+        name: qualified name of the node, module or parameter concerned.
+        adapter: adapter name (``"default"``) or ``None``.
+        role: structural role of the site (``"q"``, ``"ffn_down"``, ...) or ``None``.
+        shape: parameter shape, ``()`` for nodes.
+        numel: number of elements of the parameter, 0 for nodes.
+        trainable: whether the parameter trains after the pass.
+        detail: a short human-readable note.
+    """
+
+    kind: ChangeKind
+    pass_name: str
+    site: str
+    name: str
+    adapter: str | None = None
+    role: str | None = None
+    shape: tuple[int, ...] = ()
+    numel: int = 0
+    trainable: bool = False
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """What a pass returns: the module, whether it changed, and every change made.
+
+    Attributes:
+        module: the traced model after the pass (the same object the pass was given).
+        modified: ``True`` when anything changed.
+        changes: every site touched, node added or removed, parameter added, frozen or
+            rewritten, in the order they happened.
+        pass_name: the stable name of the pass that produced this result.
+    """
+
+    module: nn.Module
+    modified: bool
+    changes: tuple[Change, ...] = ()
+    pass_name: str = ""
+
+    @property
+    def sites(self) -> list[str]:
+        """Qualified names of the sites touched, in first-touched order, without repeats."""
+        return list(dict.fromkeys(c.site for c in self.changes))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Pass:
+    """Base class of every rewrite pass.
+
+    Subclasses are frozen keyword-only dataclasses, set the class attribute ``name`` and
+    implement :meth:`run`; they validate their configuration in ``__post_init__`` and
+    raise :class:`surgery.errors.ConfigError` there.
+    """
+
+    name: ClassVar[str] = "pass"
+
+    def run(self, model: nn.Module) -> PassResult:
+        """Rewrite the traced ``model`` in place and return what changed.
+
+        The caller (:func:`surgery.apply_passes`) hands over a private copy and restores it
+        if this raises, so a pass does not need to undo partial work.
+        """
+        raise NotImplementedError
+
+    def plan(self, model: nn.Module) -> list[Change]:
+        """Return the changes :meth:`run` would make, without changing ``model``."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """One line naming the pass and its non-default settings, for logs and diagrams."""
+        parts = []
+        for f in self.__dataclass_fields__.values():  # type: ignore[attr-defined]
+            val = getattr(self, f.name)
+            if f.default is not val and f.default != val:
+                parts.append(f"{f.name}={val!r}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+
+@dataclass
+class SurgeryState:
+    """Bookkeeping stored on an adapted model as ``model._surgery``.
+
+    Attributes:
+        frontend: ``"fx"`` or ``"export"``.
+        source_class: the class of the model that was traced.
+        history: the :class:`PassResult` of every pass applied, oldest first.
+        example_inputs / example_kwargs: what tracing was given, if anything.
+        active: adapter names in use (``None`` = all).
+    """
+
+    frontend: str
+    source_class: type
+    history: list[PassResult] = field(default_factory=list)
+    example_inputs: tuple | None = None
+    example_kwargs: dict | None = None
+    active: set[str] | None = None

@@ -1,0 +1,103 @@
+"""Small graph-editing helpers shared by the passes.
+
+Passes edit the graph that holds a site's ``call_module`` node and register their modules
+under the site, so parameters read ``layers.0.attn.q_proj.lora_A.default.weight``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import fx, nn
+
+from surgery.errors import AlreadyAdaptedError
+from surgery.pass_base import Change
+from surgery.graphs import CallSite
+
+__all__ = ["freeze_site", "register_adapter", "call_input", "replace_uses_after", "mark", "relative_target"]
+
+
+def register_adapter(site_module: nn.Module, slot: str, adapter_name: str, module: nn.Module,
+                     *, pass_name: str, site: str) -> None:
+    """Register ``module`` as ``site_module.<slot>.<adapter_name>`` (a ``ModuleDict`` entry).
+
+    Raises:
+        AlreadyAdaptedError: the slot already holds an adapter of that name.
+    """
+    holder = site_module._modules.get(slot)
+    if holder is None:
+        holder = nn.ModuleDict()
+        site_module.add_module(slot, holder)
+    if adapter_name in holder:
+        raise AlreadyAdaptedError(
+            f"{pass_name}: {site} ({type(site_module).__name__}) already has a {slot} adapter "
+            f"named {adapter_name!r}. Way out: give the pass another name=..., or exclude "
+            f"this site with exclude=[{site!r}].")
+    holder[adapter_name] = module
+
+
+def relative_target(call: CallSite, *parts: str) -> str:
+    """Target string, relative to the graph owner, of a module registered under the site."""
+    return ".".join((str(call.node.target),) + parts)
+
+
+def call_input(node: fx.Node) -> Any:
+    """The first input of a ``call_module`` node (positional or ``input=``)."""
+    if node.args:
+        return node.args[0]
+    if "input" in node.kwargs:
+        return node.kwargs["input"]
+    return next(iter(node.kwargs.values()))
+
+
+def set_call_input(node: fx.Node, value: fx.Node) -> None:
+    """Replace the first input of a ``call_module`` node."""
+    if node.args:
+        node.args = (value,) + tuple(node.args[1:])
+    elif "input" in node.kwargs:
+        node.kwargs = {**node.kwargs, "input": value}
+    else:
+        key = next(iter(node.kwargs))
+        node.kwargs = {**node.kwargs, key: value}
+
+
+def replace_uses_after(node: fx.Node, new: fx.Node) -> None:
+    """Make every user of ``node`` except ``new`` (and its own inputs) use ``new`` instead."""
+    keep = {new}
+    stack = list(new.all_input_nodes)
+    while stack:  # nodes feeding ``new`` that themselves use ``node`` keep using it
+        cur = stack.pop()
+        if cur in keep or cur is node:
+            continue
+        keep.add(cur)
+        stack.extend(cur.all_input_nodes)
+    node.replace_all_uses_with(new, delete_user_cb=lambda user: user not in keep)
+
+
+def mark(node: fx.Node, *, pass_name: str, site: str, role: str | None, adapter: str,
+         part: str, like: fx.Node | None = None) -> fx.Node:
+    """Attach provenance (``node.meta["surgery"]``) and, from ``like``, the example value."""
+    node.meta["surgery"] = {"pass": pass_name, "site": site, "role": role, "adapter": adapter,
+                            "part": part}
+    if like is not None and "val" in like.meta:
+        node.meta["val"] = like.meta["val"]
+    return node
+
+
+def insert_chain(graph: fx.Graph, after: fx.Node, build: Callable[[], fx.Node]) -> fx.Node:
+    """Run ``build`` with new nodes inserted right after ``after``, in creation order."""
+    anchor = after.next
+    with graph.inserting_before(anchor):
+        return build()
+
+
+def freeze_site(module: nn.Module, *, pass_name: str, site: str, role: str | None) -> list[Change]:
+    """Freeze the base parameters of an adapted layer (its own, not its adapters')."""
+    changes = []
+    for pname, param in module.named_parameters(recurse=False):
+        if param.requires_grad:
+            param.requires_grad_(False)
+            changes.append(Change("param_frozen", pass_name, site, f"{site}.{pname}", role=role,
+                                  shape=tuple(param.shape), numel=param.numel()))
+    return changes

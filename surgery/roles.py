@@ -1,0 +1,422 @@
+"""Structural roles found from the graph itself.
+
+For every attention op (a ``scaled_dot_product_attention`` call, the eager
+``matmul → softmax → matmul`` pattern, or an ``nn.MultiheadAttention`` call) the linear
+layers producing its query, key, value and output are found by walking the dataflow graph
+through shape-only and elementwise operations; for every feed-forward block (a linear layer
+whose input comes, through an activation, from other linear layers) its up, gate and down
+projections. Names differ across model families (``q_proj``, ``query``, ``c_attn``); roles
+do not.
+
+Role names: ``"query"``, ``"key"``, ``"value"``, ``"attn_out"``, ``"ffn_up"``,
+``"ffn_gate"``, ``"ffn_down"``, and ``"attention"`` for an ``nn.MultiheadAttention`` module.
+A fused projection (GPT-2's ``c_attn``) carries several roles and the feature slice of each.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import networkx as nx
+from torch import nn
+
+from surgery.dataflow import build_dataflow
+from surgery.errors import ConfigError, near_matches
+from surgery.graphs import node_value
+from surgery.trace import is_linear_like
+
+__all__ = [
+    "ROLES",
+    "ROLE_ALIASES",
+    "AttentionOp",
+    "RoleInfo",
+    "ModelRoles",
+    "find_roles",
+    "normalize_roles",
+]
+
+ROLES = ("query", "key", "value", "attn_out", "ffn_up", "ffn_gate", "ffn_down", "attention")
+ROLE_ALIASES = {
+    "q": "query", "k": "key", "v": "value", "o": "attn_out", "out": "attn_out",
+    "output": "attn_out", "up": "ffn_up", "gate": "ffn_gate", "down": "ffn_down",
+}
+
+_SHAPE_OPS = {
+    "view", "reshape", "_unsafe_view", "transpose", "permute", "contiguous", "clone", "to",
+    "type", "float", "half", "bfloat16", "_to_copy", "split", "split_with_sizes", "chunk",
+    "unbind", "unsafe_split", "getitem", "unflatten", "flatten", "expand", "unsqueeze",
+    "squeeze", "slice", "narrow", "select", "t", "alias", "repeat", "repeat_interleave",
+    "dropout", "native_dropout", "identity", "module:dropout", "module:identity",
+    "placeholder", "output", "type_as", "movedim", "swapaxes", "lift_fresh_copy",
+}
+# Backward from q/k/v, rotary embeddings and scaling add these.
+_QKV_OPS = _SHAPE_OPS | {"mul", "add", "sub", "neg", "cat", "div", "mul_", "add_"}
+_FORWARD_OPS = _SHAPE_OPS
+_SOFTMAX_PRE = _SHAPE_OPS | {"div", "mul", "add", "sub", "masked_fill", "where", "masked_fill_",
+                             "add_", "div_", "mul_"}
+_ACTIVATIONS = {
+    "gelu", "relu", "silu", "sigmoid", "tanh", "erf", "mish", "elu", "leaky_relu", "softplus",
+    "hardswish", "hardsigmoid", "hardtanh", "relu6", "gelu_", "relu_", "silu_", "glu", "selu",
+    "celu", "prelu", "rrelu", "softsign", "tanh_", "sigmoid_",
+}
+_ELEMENTWISE = _ACTIVATIONS | {
+    "mul", "add", "sub", "div", "pow", "neg", "exp", "clamp", "to", "_to_copy", "type",
+    "float", "contiguous", "clone", "dropout", "native_dropout", "getitem", "placeholder",
+    "output", "mul_", "add_", "alias", "identity",
+}
+# Inserted nodes on the main path (an adapter's output) are see-through; its side branch
+# (which reads the same input as the layer) is not, or walks would go around the layer.
+_BRANCH_PARTS = {"lora_dropout", "lora_A", "lora_B", "scale", "down", "act", "up"}
+_SPLITS = {"split", "split_with_sizes", "chunk", "unbind", "unsafe_split", "tensor_split"}
+_MATMULS = {"matmul", "bmm", "baddbmm", "einsum"}
+
+
+def _is_activation(name: str) -> bool:
+    if name in _ACTIVATIONS:
+        return True
+    if name.startswith("module:"):
+        cls = name[7:]
+        return any(k in cls for k in ("gelu", "relu", "silu", "swish", "tanh", "sigmoid", "mish",
+                                      "activation", "elu", "softplus"))
+    return False
+
+
+def _passes(name: str, allowed: set[str]) -> bool:
+    return name in allowed or (allowed is _ELEMENTWISE and _is_activation(name))
+
+
+@dataclass
+class AttentionOp:
+    """One attention op and the layers around it.
+
+    Attributes:
+        node: dataflow id of the op (``"<prefix>/<node name>"``).
+        kind: ``"sdpa"``, ``"eager"`` or ``"mha"``.
+        prefix: qualified name of the module whose graph holds the op.
+        query / key / value: qualified names of the layers producing each input.
+        out: qualified names of the layers consuming the output.
+    """
+
+    node: str
+    kind: str
+    prefix: str
+    query: list[str] = field(default_factory=list)
+    key: list[str] = field(default_factory=list)
+    value: list[str] = field(default_factory=list)
+    out: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RoleInfo:
+    """The roles of one module.
+
+    Attributes:
+        qname: qualified module name.
+        roles: the roles it plays (several for a fused projection).
+        fused: for fused projections, the output-feature slice ``(start, stop)`` of each of
+            ``query``/``key``/``value``.
+    """
+
+    qname: str
+    roles: set[str] = field(default_factory=set)
+    fused: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """A short label: ``"query"``, ``"qkv (fused)"``, ``"ffn_down"``."""
+        attn = [r for r in ("query", "key", "value") if r in self.roles]
+        if len(attn) > 1:
+            short = "".join(r[0] for r in attn)
+            rest = sorted(self.roles - set(attn))
+            return ", ".join([f"{short} (fused)"] + rest)
+        return ", ".join(sorted(self.roles, key=ROLES.index))
+
+    @property
+    def is_fused(self) -> bool:
+        """True when the module produces more than one of query, key and value."""
+        return len(self.roles & {"query", "key", "value"}) > 1
+
+
+@dataclass
+class ModelRoles:
+    """Roles of every module of a traced model, and its attention ops."""
+
+    modules: dict[str, RoleInfo]
+    attention: list[AttentionOp]
+
+    def role_of(self, qname: str) -> RoleInfo | None:
+        """The :class:`RoleInfo` of ``qname``, or ``None`` when it plays no role."""
+        return self.modules.get(qname)
+
+    def with_role(self, roles: Iterable[str]) -> list[str]:
+        """Qualified names of modules playing any of ``roles`` (already normalised)."""
+        wanted = set(roles)
+        return [q for q, info in self.modules.items() if info.roles & wanted]
+
+
+def normalize_roles(role: str | Iterable[str] | None) -> tuple[str, ...]:
+    """Map role names and aliases (``"q"``, ``"down"``) to canonical role names.
+
+    Raises:
+        ConfigError: an unknown role, with the nearest valid names.
+    """
+    if role is None:
+        return ()
+    items = (role,) if isinstance(role, str) else tuple(role)
+    out = []
+    for item in items:
+        canon = ROLE_ALIASES.get(item, item)
+        if canon not in ROLES:
+            near = near_matches(item, list(ROLES) + list(ROLE_ALIASES))
+            raise ConfigError(f"unknown role {item!r}; nearest valid roles: {', '.join(near)}. "
+                              f"Valid roles: {', '.join(ROLES)}.")
+        out.append(canon)
+    return tuple(dict.fromkeys(out))
+
+
+def _linear_qname(g: nx.DiGraph, nid: str) -> str | None:
+    data = g.nodes[nid]
+    if data["op"] == "call_module" and not data.get("inlined") and is_linear_like(data["module"]):
+        return data["qname"]
+    return None
+
+
+def _walk(g: nx.DiGraph, start: str, allowed: set[str], *, forward: bool = False,
+          limit: int = 200, visited: set[str] | None = None
+          ) -> tuple[list[str], dict[str, list[str]]]:
+    """Walk from ``start`` through ``allowed`` ops; return linear layers reached and paths.
+
+    ``visited``, when given, receives every node walked through (not the layers reached).
+    """
+    found: list[str] = []
+    paths: dict[str, list[str]] = {}
+    seen = {start}
+    queue = deque([(start, [start])])
+    steps = 0
+    while queue and steps < limit:
+        nid, path = queue.popleft()
+        steps += 1
+        nxt = g.successors(nid) if forward else g.predecessors(nid)
+        for other in sorted(nxt):
+            if other in seen:
+                continue
+            seen.add(other)
+            qname = _linear_qname(g, other)
+            if qname is not None:
+                if qname not in found:
+                    found.append(qname)
+                    paths[qname] = path + [other]
+                continue
+            data = g.nodes[other]
+            meta = data["ref"].node.meta.get("surgery")
+            if meta is not None and meta.get("part") in _BRANCH_PARTS:
+                continue  # never walk into an adapter's side branch
+            if data.get("inlined") or meta is not None or _passes(data["name"], allowed):
+                queue.append((other, path + [other]))
+                if visited is not None:
+                    visited.add(other)
+    return found, paths
+
+
+def _activated(g: nx.DiGraph, source: str, start: str, region: set[str]) -> bool:
+    """True when some path from ``source`` to ``start`` inside ``region`` has an activation."""
+    sub = g.subgraph(region | {source})
+    acts = [n for n in region if _is_activation(g.nodes[n]["name"])]
+    reach_from_source = nx.descendants(sub, source) | {source}
+    for act in acts:
+        if act in reach_from_source and (act == start or nx.has_path(sub, act, start)):
+            return True
+    return False
+
+
+def _args_of(g: nx.DiGraph, nid: str, names: tuple[str, ...], count: int) -> list[str | None]:
+    node = g.nodes[nid]["ref"].node
+    prefix = g.nodes[nid]["ref"].prefix
+    out: list[str | None] = []
+    for i in range(count):
+        val = node.args[i] if i < len(node.args) else node.kwargs.get(names[i])
+        out.append(f"{prefix}/{val.name}" if hasattr(val, "name") and hasattr(val, "op") else None)
+    return out
+
+
+def _find_attention(g: nx.DiGraph) -> list[tuple[str, str, list[str | None]]]:
+    """Return ``(node id, kind, [q, k, v])`` for every attention op."""
+    ops = []
+    for nid, data in g.nodes(data=True):
+        name = data["name"]
+        if "scaled_dot_product" in name and data["op"] in ("call_function", "call_method"):
+            ops.append((nid, "sdpa", _args_of(g, nid, ("query", "key", "value"), 3)))
+        elif data["op"] == "call_module" and isinstance(data.get("module"), nn.MultiheadAttention):
+            ops.append((nid, "mha", _args_of(g, nid, ("query", "key", "value"), 3)))
+        elif name in ("softmax", "_softmax", "module:softmax", "safe_softmax", "_safe_softmax"):
+            eager = _eager_from_softmax(g, nid)
+            if eager is not None:
+                ops.append(eager)
+    return ops
+
+
+def _eager_from_softmax(g: nx.DiGraph, sm: str) -> tuple[str, str, list[str | None]] | None:
+    # forward to the probs @ v matmul
+    pv = None
+    queue, seen = deque([sm]), {sm}
+    while queue and pv is None:
+        nid = queue.popleft()
+        for succ in sorted(g.successors(nid)):
+            if succ in seen:
+                continue
+            seen.add(succ)
+            sname = g.nodes[succ]["name"]
+            if sname in _MATMULS:
+                pv = succ
+                break
+            if sname in _SHAPE_OPS:
+                queue.append(succ)
+    if pv is None:
+        return None
+    # backward to the q @ k^T matmul
+    qk = None
+    queue, seen = deque([sm]), {sm}
+    while queue and qk is None:
+        nid = queue.popleft()
+        for pred in sorted(g.predecessors(nid)):
+            if pred in seen:
+                continue
+            seen.add(pred)
+            pname = g.nodes[pred]["name"]
+            if pname in _MATMULS:
+                qk = pred
+                break
+            if pname in _SOFTMAX_PRE:
+                queue.append(pred)
+    if qk is None:
+        return None
+    q, k = _args_of(g, qk, ("input", "other"), 2)
+    _, v = _args_of(g, pv, ("input", "other"), 2)
+    return (pv, "eager", [q, k, v])
+
+
+def _fused_slice(g: nx.DiGraph, path: list[str], out_features: int) -> tuple[int, int] | None:
+    """Feature slice selected on ``path`` (attention input → producer) by a split + getitem."""
+    for i, nid in enumerate(path[:-1]):
+        data = g.nodes[nid]
+        if data["name"] != "getitem":
+            continue
+        split_id = path[i + 1]
+        sdata = g.nodes[split_id]
+        if sdata["name"] not in _SPLITS:
+            continue
+        node = sdata["ref"].node
+        index = data["ref"].node.args[1]
+        if not isinstance(index, int):
+            return None
+        val = node_value(node.args[0]) if hasattr(node.args[0], "meta") else None
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        if val is not None and isinstance(dim, int) and dim % val.dim() != val.dim() - 1:
+            return None
+        arg = node.args[1] if len(node.args) > 1 else None
+        if sdata["name"] == "split_with_sizes" or isinstance(arg, (list, tuple)):
+            sizes = [int(s) for s in arg]
+        elif sdata["name"] in ("chunk",) and isinstance(arg, int):
+            sizes = [out_features // arg] * arg
+        elif isinstance(arg, int):
+            sizes = [arg] * (out_features // arg)
+        else:
+            return None
+        start = sum(sizes[:index])
+        return (start, start + sizes[index])
+    return None
+
+
+def _out_features(module: nn.Module) -> int:
+    weight = getattr(module, "weight", None)
+    if weight is None:
+        return 0
+    if type(module).__name__ == "Conv1D":  # transformers' Conv1D stores (in, out)
+        return int(weight.shape[1])
+    return int(weight.shape[0])
+
+
+def find_roles(model: nn.Module, dataflow: nx.DiGraph | None = None) -> ModelRoles:
+    """Find the structural role of every module of a traced ``model``.
+
+    Args:
+        model: a traced model (from :func:`surgery.trace`).
+        dataflow: a prebuilt :func:`surgery.dataflow.build_dataflow` graph, to share work.
+
+    Returns:
+        :class:`ModelRoles` with a :class:`RoleInfo` per module that plays a role.
+    """
+    g = dataflow if dataflow is not None else build_dataflow(model)
+    modules: dict[str, RoleInfo] = {}
+    attention: list[AttentionOp] = []
+
+    role_paths: dict[str, dict[str, list[str]]] = {}
+
+    def info(qname: str) -> RoleInfo:
+        return modules.setdefault(qname, RoleInfo(qname))
+
+    for nid, kind, (q, k, v) in _find_attention(g):
+        op = AttentionOp(node=nid, kind=kind, prefix=g.nodes[nid]["ref"].prefix)
+        if kind == "mha":
+            info(g.nodes[nid]["qname"]).roles.add("attention")
+        else:
+            for role, arg in (("query", q), ("key", k), ("value", v)):
+                if arg is None:
+                    continue
+                found, paths = _walk(g, arg, _QKV_OPS)
+                # the walk starts at the argument itself: it may be the linear output directly
+                direct = _linear_qname(g, arg)
+                if direct is not None:
+                    found, paths = [direct], {direct: [arg]}
+                setattr(op, role, found)
+                for qname in found:
+                    ri = info(qname)
+                    ri.roles.add(role)
+                    role_paths.setdefault(qname, {}).setdefault(role, paths[qname])
+        out, _ = _walk(g, nid, _FORWARD_OPS, forward=True)
+        op.out = out
+        for qname in out:
+            info(qname).roles.add("attn_out")
+        attention.append(op)
+
+    attn_roles = {"query", "key", "value", "attn_out", "attention"}
+    for nid, data in g.nodes(data=True):
+        qname = _linear_qname(g, nid)
+        if qname is None or (qname in modules and modules[qname].roles & attn_roles):
+            continue
+        node = data["ref"].node
+        if not node.args or not hasattr(node.args[0], "op"):
+            continue
+        start = f"{data['ref'].prefix}/{node.args[0].name}"
+        if _linear_qname(g, start) is not None:
+            continue
+        region: set[str] = {start}
+        sources, paths = _walk(g, start, _ELEMENTWISE, visited=region)
+        sources = [s for s in sources if not (s in modules and modules[s].roles & attn_roles)]
+        if not sources:
+            continue
+        activated = {s: _activated(g, paths[s][-1], start, region) for s in sources}
+        if not any(activated.values()):
+            continue
+        info(qname).roles.add("ffn_down")
+        gated = len(sources) > 1 and any(activated.values()) and not all(activated.values())
+        for src in sources:
+            info(src).roles.add("ffn_gate" if gated and activated[src] else "ffn_up")
+
+    # fused projections: the feature slice of each role, from the split on its path
+    for qname, ri in modules.items():
+        paths = role_paths.get(qname, {})
+        if not ri.is_fused:
+            continue
+        module = model.get_submodule(qname)
+        width = _out_features(module)
+        order = [r for r in ("query", "key", "value") if r in ri.roles]
+        for r in order:
+            sl = _fused_slice(g, paths.get(r, []), width)
+            if sl is None:  # fall back on equal parts in q, k, v order
+                part = width // len(order)
+                sl = (order.index(r) * part, (order.index(r) + 1) * part)
+            ri.fused[r] = sl
+    return ModelRoles(modules=modules, attention=attention)
