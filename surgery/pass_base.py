@@ -123,6 +123,8 @@ class SurgeryState:
         history: the :class:`PassResult` of every pass applied, oldest first.
         example_inputs / example_kwargs: what tracing was given, if anything.
         active: adapter names in use (``None`` = all).
+        source: an eager copy of the traced model (same class, sharing its weights' storage),
+            from which :func:`surgery.unload` builds a plain model.
     """
 
     frontend: str
@@ -131,3 +133,4 @@ class SurgeryState:
     example_inputs: tuple | None = None
     example_kwargs: dict | None = None
     active: set[str] | None = None
+    source: nn.Module | None = None

@@ -161,6 +161,7 @@ def trace(
         source_class=type(model),
         example_inputs=example_inputs,
         example_kwargs=kwargs or None,
+        source=share_weights_copy(model),
     )
     traced.train(model.training)
     if used == "fx" and example_inputs is not None:
