@@ -46,6 +46,9 @@ from surgery.roles import find_roles
 from surgery.trace import SurgeryTracer, trace
 from passes.ia3 import IA3Pass
 from passes.lora import LoRAPass
+from passes.merge import MergeIA3Pass, MergeLoRAPass, UnmergeIA3Pass, UnmergeLoRAPass, merged_adapters
+from surgery.combine import combine_adapters
+from surgery.unload import unload
 
 __version__ = "0.1.0"
 
@@ -56,6 +59,7 @@ _LAZY = {
     "RenderOptions": ("visualize", "RenderOptions"),
     "DiffReport": ("visualize", "DiffReport"),
     "load_model": ("surgery.zoo", "load_model"),
+    "zoo": ("surgery.zoo", None),
 }
 
 
@@ -65,7 +69,8 @@ def __getattr__(name: str) -> Any:
         import importlib
 
         module, attr = _LAZY[name]
-        value = getattr(importlib.import_module(module), attr)
+        imported = importlib.import_module(module)
+        value = imported if attr is None else getattr(imported, attr)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'surgery' has no attribute {name!r}")
@@ -81,6 +86,8 @@ __all__ = [
     "DiffReport",
     "IA3Pass",
     "LoRAPass",
+    "MergeIA3Pass",
+    "MergeLoRAPass",
     "MergeError",
     "NoMatchError",
     "Pass",
@@ -92,13 +99,17 @@ __all__ = [
     "Target",
     "TargetList",
     "TraceError",
+    "UnmergeIA3Pass",
+    "UnmergeLoRAPass",
     "UnsupportedSiteError",
     "apply_passes",
     "audit",
+    "combine_adapters",
     "find_roles",
     "history",
     "list_targets",
     "load_model",
+    "merged_adapters",
     "named_trainable_parameters",
     "plan",
     "render",
@@ -106,4 +117,6 @@ __all__ = [
     "to_networkx",
     "trace",
     "trainable_parameters",
+    "unload",
+    "zoo",
 ]

@@ -1,0 +1,180 @@
+"""Weighted combination of LoRA adapters into a new named adapter.
+
+::
+
+    mixed = surgery.combine_adapters(adapted, {"a": 0.7, "b": 0.3}, method="cat", name="ab")
+
+The same two methods as PEFT's ``add_weighted_adapter`` (``"linear"`` and ``"cat"``), with
+the same formulas; the new adapter is an ordinary LoRA adapter (its own ``lora_A`` /
+``lora_B`` and branch nodes) that trains, merges and unloads like any other.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from surgery.errors import AdapterNotFoundError, ConfigError, NoMatchError
+from surgery.pass_base import Change, Pass, PassResult
+
+__all__ = ["combine_adapters", "combine_factors"]
+
+_METHODS = ("linear", "cat")
+
+
+def combine_factors(factors: list[tuple[Tensor, Tensor, float]], weights: list[float],
+                    method: str) -> tuple[Tensor, Tensor]:
+    """The ``(A, B)`` of a combined LoRA adapter whose own scaling is 1.
+
+    With ``c_i = w_i · s_i`` (weight times the source adapter's scaling ``alpha_i / r_i``):
+
+    * ``"cat"``: ``A = [c_1 A_1; c_2 A_2; ...]`` (rows stacked, rank ``Σ r_i``),
+      ``B = [B_1, B_2, ...]`` (columns stacked), so ``B A = Σ_i w_i · s_i · B_i A_i``
+      exactly: the weighted sum of the source updates.
+    * ``"linear"`` (equal ranks): ``A = Σ_i sign(c_i) √|c_i| · A_i`` and
+      ``B = Σ_i √|c_i| · B_i`` (summed in float32, cast to the factors' dtype), so
+      ``B A = Σ_i c_i B_i A_i`` plus cross terms ``√|c_i c_j| B_i A_j``: an approximation,
+      cheap in rank.
+
+    Args:
+        factors: ``[(A_i (r_i, in), B_i (out, r_i), s_i)]``.
+        weights: ``w_i``, one per factor pair.
+        method: ``"linear"`` or ``"cat"``.
+
+    Returns:
+        ``(A, B)``: ``(r, in)`` and ``(out, r)``, in the dtype of ``A_1`` / ``B_1``.
+
+    Raises:
+        ConfigError: unknown method, or ranks differ under ``"linear"``.
+    """
+    if method == "cat":
+        a = torch.cat([fa * w * s for (fa, _, s), w in zip(factors, weights)], dim=0)
+        b = torch.cat([fb for _, fb, _ in factors], dim=1)
+        return a, b
+    if method != "linear":
+        raise ConfigError(f"combine_adapters: method must be one of {_METHODS}, got {method!r}")
+    ranks = {fa.shape[0] for fa, _, _ in factors}
+    if len(ranks) != 1:
+        raise ConfigError(f"combine_adapters: method='linear' needs equal ranks, got "
+                          f"{sorted(ranks)}. Way out: method='cat' (rank Σ r_i).")
+    c = [w * s for (_, _, s), w in zip(factors, weights)]
+    w_a = torch.tensor([math.copysign(math.sqrt(abs(ci)), ci) if ci else 0.0 for ci in c],
+                       device=factors[0][0].device)
+    w_b = torch.tensor([math.sqrt(abs(ci)) for ci in c], device=factors[0][0].device)
+    a = (torch.stack([fa for fa, _, _ in factors]) * w_a.view(-1, 1, 1)).sum(0)
+    b = (torch.stack([fb for _, fb, _ in factors]) * w_b.view(-1, 1, 1)).sum(0)
+    return a.to(factors[0][0].dtype), b.to(factors[0][1].dtype)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _CombineLoRAPass(Pass):
+    """Add LoRA adapter ``adapter_name`` combining ``weights`` at every layer carrying them all."""
+
+    name: ClassVar[str] = "combine_lora"
+
+    weights: tuple[tuple[str, float], ...]
+    method: str
+    adapter_name: str
+
+    def run(self, model: nn.Module) -> PassResult:
+        from passes.lora import LoRAPass
+        from passes.merge import adapter_inventory
+
+        inv = adapter_inventory(model)
+        lora_names = sorted(n for n, kinds in inv.items() if "lora" in kinds)
+        for source, _ in self.weights:
+            if source not in inv:
+                raise AdapterNotFoundError(
+                    f"combine_adapters: the model has no adapter named {source!r}; LoRA adapters "
+                    f"present: {', '.join(map(repr, lora_names)) or 'none'}.")
+            if "lora" not in inv[source]:
+                raise ConfigError(f"combine_adapters: {source!r} is a {'/'.join(inv[source])} "
+                                  f"adapter; only LoRA adapters combine.")
+        if self.adapter_name in inv:
+            raise ConfigError(f"combine_adapters: the model already has an adapter named "
+                              f"{self.adapter_name!r}. Way out: name=... another name.")
+        names = [n for n, _ in self.weights]
+        sites = [s for s in inv[names[0]]["lora"] if all(s in inv[n]["lora"] for n in names[1:])]
+        if not sites:
+            raise NoMatchError(f"combine_adapters: no layer carries all of {names}; a combined "
+                               f"adapter goes where every source adapter is.")
+        method = "linear" if len(names) == 1 else self.method  # one source: cat == linear
+        per_site = {}
+        for site in sites:
+            module = model.get_submodule(site)
+            factors = [(module._modules["lora_A"][n].weight.detach(),
+                        module._modules["lora_B"][n].weight.detach(),
+                        module._modules["lora_B"][n].scaling) for n in names]
+            try:
+                per_site[site] = combine_factors(factors, [w for _, w in self.weights], method)
+            except ConfigError as e:
+                raise ConfigError(f"{e} (at {site}; sources {names})") from None
+        rank = int(next(iter(per_site.values()))[0].shape[0])
+        dropout = model.get_submodule(sites[0])._modules["lora_dropout"][names[0]].p
+        lora = LoRAPass(pattern=["re:" + re.escape(s) for s in sites], rank=rank,
+                        alpha=float(rank), dropout=dropout, name=self.adapter_name)
+        with torch.random.fork_rng(devices=[]):  # LoRA's init draws; the caller's RNG stays
+            result = lora.run(model)
+        with torch.no_grad():
+            for site, (a, b) in per_site.items():
+                module = model.get_submodule(site)
+                module._modules["lora_A"][self.adapter_name].weight.copy_(a)
+                module._modules["lora_B"][self.adapter_name].weight.copy_(b)
+        detail = f"{method} of " + ", ".join(f"{w:g}·{n}" for n, w in self.weights)
+        changes: list[Change] = [replace(c, pass_name=self.name, detail=c.detail or detail)
+                                 for c in result.changes]
+        return PassResult(model, True, tuple(changes), self.name)
+
+
+def combine_adapters(model: nn.Module, weights: Mapping[str, float], method: str = "linear",
+                     name: str = "combined", *, inplace: bool = False) -> nn.Module:
+    """A new LoRA adapter ``name`` made from existing ones, at every layer carrying them all.
+
+    Formulas as PEFT's ``add_weighted_adapter`` for ``"linear"`` and ``"cat"`` (see
+    :func:`combine_factors`); the new adapter has ``alpha = rank`` (scaling 1), its
+    dropout is that of the first source adapter, and its factors are in the layer's weight
+    dtype. One difference: PEFT adds the new adapter at every layer carrying any source
+    adapter; here it goes only where all of them are, so its update is the stated formula
+    everywhere it exists. With a single source the method is ``"linear"`` (as in PEFT; both
+    give ``w · s · B A``).
+
+    Args:
+        model: an adapted model (from :func:`surgery.apply_passes`).
+        weights: source adapter name → weight, in the order the ranks are stacked.
+        method: ``"linear"`` (equal ranks; rank unchanged) or ``"cat"`` (rank ``Σ r_i``).
+        name: the new adapter's name.
+        inplace: add to ``model`` itself instead of a copy sharing its base weights.
+
+    Returns:
+        The model with the new adapter (a new object unless ``inplace``); its parameters
+        train, the sources are unchanged.
+
+    Raises:
+        AdapterNotFoundError: a source name the model does not carry.
+        ConfigError: bad method, weights or name, a non-LoRA source, ranks that differ under
+            ``"linear"``.
+        NoMatchError: no layer carries every source adapter.
+    """
+    from surgery.apply import apply_passes
+
+    if method not in _METHODS:
+        raise ConfigError(f"combine_adapters: method must be one of {_METHODS}, got {method!r}")
+    if not isinstance(weights, Mapping) or not weights:
+        raise ConfigError(f"combine_adapters: weights must map adapter names to numbers, e.g. "
+                          f"{{'a': 0.7, 'b': 0.3}}; got {weights!r}")
+    pairs = []
+    for key, val in weights.items():
+        if not isinstance(val, (int, float)) or isinstance(val, bool) or not math.isfinite(val):
+            raise ConfigError(f"combine_adapters: the weight of {key!r} must be a finite number, "
+                              f"got {val!r}")
+        pairs.append((str(key), float(val)))
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ConfigError(f"combine_adapters: name must be a Python identifier, got {name!r}")
+    step = _CombineLoRAPass(weights=tuple(pairs), method=method, adapter_name=name)
+    return apply_passes(model, [step], inplace=inplace)

@@ -1,0 +1,438 @@
+"""LoRA merge and unmerge, IA³ fold and unfold (``passes/merge.py``).
+
+Every model of the foundation table (TinyTransformer on torch.fx; GPT-2 with transposed
+``Conv1D`` weights, LLaMA with non-square grouped-query projections and BERT on
+torch.export) is adapted with LoRA on every projection and with IA³ (keys, values,
+feed-forward down projections, so output and input scaling), with random adapter values.
+Expected weights are written out below from the formulas, independently of
+``surgery.merge_math``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import fx, nn
+
+from passes.merge import (
+    MERGED_KEY,
+    MergeIA3Pass,
+    MergeLoRAPass,
+    UnmergeIA3Pass,
+    UnmergeLoRAPass,
+    merged_adapters,
+)
+from surgery import (
+    AdapterModule,
+    AdapterNotFoundError,
+    ConfigError,
+    IA3Pass,
+    LoRAPass,
+    MergeError,
+    Pass,
+    PassResult,
+    apply_passes,
+)
+from surgery.graphs import call_sites, graph_modules
+from surgery.rewrite import insert_chain, mark, register_adapter, replace_uses_after
+
+TABLE = ["builtin:tiny", "hf:gpt2", "hf:llama", "hf:bert"]
+ROLES = ["query", "key", "value", "attn_out", "ffn_up", "ffn_gate", "ffn_down"]
+MERGE_ALL = [MergeLoRAPass(), MergeIA3Pass()]  # IA³ scales the layer as LoRA adapted it
+UNMERGE_ALL = [UnmergeIA3Pass(), UnmergeLoRAPass()]
+
+
+def randomize(model: nn.Module, seed: int = 0) -> None:
+    """LoRA factors ~ N(0, 0.1²) (so B ≠ 0), IA³ vectors ~ U(0.5, 1.5)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_A." in name or ".lora_B." in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+            elif ".ia3_l." in name:
+                param.copy_(torch.rand(param.shape, generator=gen) + 0.5)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D"
+
+
+def expected_weights(site: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``W' = dtype(fp32(W) + fp32(s·B A))`` (transposed for Conv1D), then IA³ as
+    ``dtype(fp32(W) · l)`` over rows/columns (and ``dtype(fp32(b) · l)``), one cast each."""
+    weight, bias = site.weight.detach(), site.bias
+    bias = None if bias is None else bias.detach()
+    dtype = weight.dtype
+    for name, lora_b in getattr(site, "lora_B", {}).items():
+        lora_a = site.lora_A[name]
+        delta = lora_b.scaling * (lora_b.weight.float() @ lora_a.weight.float())
+        weight = (weight.float() + (delta.T if is_conv1d(site) else delta)).to(dtype)
+    for vec in getattr(site, "ia3_l", {}).values():
+        scale = vec.vector().detach().float()
+        rows = (vec.mode == "output") != is_conv1d(site)  # Conv1D stores (in, out)
+        weight = (weight.float() * (scale[:, None] if rows else scale[None, :])).to(dtype)
+        if vec.mode == "output" and bias is not None:
+            bias = (bias.float() * scale).to(bias.dtype)
+    return weight, bias
+
+
+def adapted_sites(model: nn.Module) -> dict[str, nn.Module]:
+    return {q: calls[0].owner.get_submodule(str(calls[0].node.target))
+            for q, calls in call_sites(model).items()
+            if any(hasattr(calls[0].owner.get_submodule(str(calls[0].node.target)), s)
+                   for s in ("lora_A", "ia3_l"))}
+
+
+def surgery_nodes(model: nn.Module) -> list[str]:
+    return [n.name for _, gm in graph_modules(model) for n in gm.graph.nodes
+            if "surgery" in n.meta]
+
+
+def graph_texts(model: nn.Module) -> dict[str, str]:
+    return {prefix: str(gm.graph) for prefix, gm in graph_modules(model)}
+
+
+def base_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters()
+            if ".lora_" not in n and ".ia3_l." not in n}
+
+
+@pytest.fixture(scope="module")
+def adapted(zoo):
+    """``adapted(name)``: the zoo model with LoRA on every projection and IA³, randomised.
+    Shared by the tests of this module: adapt further only through copies."""
+    cache: dict[str, nn.Module] = {}
+
+    def get(name: str) -> nn.Module:
+        if name not in cache:
+            model = apply_passes(zoo.traced(name), [LoRAPass(role=ROLES, rank=4, alpha=8),
+                                                    IA3Pass()])
+            randomize(model)
+            cache[name] = model
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", TABLE)
+def test_merge_matches_formula_and_outputs_and_unmerge_restores_bitwise(zoo, adapted, run_model,
+                                                                        snapshot, name: str) -> None:
+    spec, model = zoo.spec(name), adapted(name)
+    caller, given = snapshot(spec.model), snapshot(model)
+    y = run_model(model, spec)
+    merged = apply_passes(model, MERGE_ALL)
+
+    given.assert_unchanged(model)  # the adapted model handed to the merge
+    caller.assert_unchanged(spec.model)  # and the user's original model
+    assert surgery_nodes(merged) == []
+    sites = adapted_sites(model)
+    assert set(merged_adapters(merged)) == set(sites)
+    shapes = set()
+    for qname, site in sites.items():
+        weight, bias = expected_weights(site)
+        new = merged.get_submodule(qname)
+        assert torch.equal(new.weight, weight), qname
+        assert new.weight.data_ptr() != site.weight.data_ptr()  # a new tensor
+        if bias is not None:
+            assert torch.equal(new.bias, bias), qname
+        shapes.add(tuple(site.weight.shape))
+    assert any(a != b for a, b in shapes), "the table must include non-square layers"
+    y_merged = run_model(merged, spec)
+    assert (y_merged - y).abs().max() <= 1e-5 * (1 + y.abs().max())
+
+    restored = apply_passes(merged, UNMERGE_ALL)
+    assert graph_texts(restored) == graph_texts(model)
+    before, after = base_params(model), base_params(restored)
+    assert list(after) == list(before)
+    for pname, param in before.items():
+        assert torch.equal(after[pname], param), pname
+        assert after[pname].data_ptr() == param.data_ptr(), pname  # the same storage
+        assert after[pname] is not param  # but the copy's own Parameter
+    assert merged_adapters(restored) == {}
+    assert torch.equal(run_model(restored, spec), y)
+
+
+@pytest.mark.parametrize("name", TABLE)
+def test_bf16_merge_is_one_cast_of_the_fp32_sum_and_unmerge_is_exact(adapted, name: str) -> None:
+    model = apply_passes(adapted(name), []).to(torch.bfloat16)
+    expected = {q: expected_weights(site) for q, site in adapted_sites(model).items()}
+    originals = {n: p.detach().clone() for n, p in base_params(model).items()}
+    apply_passes(model, MERGE_ALL, inplace=True)
+    for qname, (weight, bias) in expected.items():
+        assert weight.dtype == torch.bfloat16
+        assert torch.equal(model.get_submodule(qname).weight, weight), qname
+        if bias is not None:
+            assert torch.equal(model.get_submodule(qname).bias, bias), qname
+    apply_passes(model, UNMERGE_ALL, inplace=True)
+    for pname, param in base_params(model).items():
+        assert torch.equal(param, originals[pname]), pname
+
+
+class _Mixed(nn.Module):
+    """A non-square ``nn.Linear`` (16 → 24) feeding a non-square transformers ``Conv1D``
+    (24 → 8, weight stored (24, 8))."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.fc = nn.Linear(16, 24)
+        self.proj = Conv1D(8, 24)
+        nn.init.normal_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(torch.tanh(self.fc(x)))
+
+
+@pytest.mark.parametrize("ia3_mode", ["output", "input"])
+def test_non_square_and_transposed_layers(ia3_mode: str) -> None:
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    plain = _Mixed()
+    ia3 = IA3Pass(pattern=["fc", "proj"], feedforward="proj" if ia3_mode == "input" else None)
+    model = apply_passes(plain, [LoRAPass(pattern=["fc", "proj"], rank=3, alpha=6), ia3])
+    randomize(model, seed=1)
+    assert tuple(model.proj.weight.shape) == (24, 8)
+    x = torch.randn(5, 16)
+    y = model(x)
+    merged = apply_passes(model, MERGE_ALL)
+    for qname in ("fc", "proj"):
+        weight, bias = expected_weights(model.get_submodule(qname))
+        assert torch.equal(merged.get_submodule(qname).weight, weight)
+        assert torch.equal(merged.get_submodule(qname).bias, bias)
+    assert (merged(x) - y).abs().max() <= 1e-5 * (1 + y.abs().max())
+    restored = apply_passes(merged, UNMERGE_ALL)
+    assert torch.equal(restored(x), y)
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["new-tensor", "inplace"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cycles_with_training_restore_base_weights_exactly(zoo, run_model, dtype: torch.dtype,
+                                                           inplace: bool) -> None:
+    spec = zoo.fresh("builtin:tiny")
+    caller = spec.model.to(dtype)
+    originals = {n: p.detach().clone() for n, p in caller.named_parameters()}
+    ptrs = {n: p.data_ptr() for n, p in caller.named_parameters()}
+    model = apply_passes(caller, [LoRAPass(role=["query", "value", "ffn_down"], rank=4),
+                                  IA3Pass()])
+    q_name = "layers.0.attn.q_proj.weight"
+    for cycle in range(3):
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        run_model(model, spec).float().pow(2).mean().backward()
+        opt.step()  # the adapters move between cycles
+        last = cycle == 2
+        y = run_model(model, spec) if last else None
+        merged = apply_passes(model, [MergeLoRAPass(inplace=inplace), MergeIA3Pass(inplace=inplace)])
+        q = merged.get_submodule("layers.0.attn.q_proj").weight
+        # in place: written into the storage shared with the caller, an exact copy kept
+        assert (q.data_ptr() == ptrs[q_name]) == inplace
+        assert torch.equal(caller.get_parameter(q_name), originals[q_name]) != inplace
+        if last:
+            tol = (1e-5 if dtype == torch.float32 else 5e-2) * (1 + y.abs().max())
+            assert (run_model(merged, spec) - y).abs().max() <= tol
+        model = apply_passes(merged, [UnmergeIA3Pass(), UnmergeLoRAPass()])
+        for n, p in base_params(model).items():
+            assert torch.equal(p, originals[n]), (cycle, n)
+        for n, p in caller.named_parameters():
+            assert torch.equal(p, originals[n]) and p.data_ptr() == ptrs[n], (cycle, n)
+        if last:
+            assert torch.equal(run_model(model, spec), y)
+
+
+def test_inplace_merge_keeps_storage_and_records_a_copy(adapted) -> None:
+    model = apply_passes(adapted("builtin:tiny"), [])
+    q = model.get_submodule("layers.0.attn.q_proj")
+    ptr, original = q.weight.data_ptr(), q.weight.detach().clone()
+    expected, _ = expected_weights(q)
+    apply_passes(model, [MergeLoRAPass(inplace=True)], inplace=True)
+    assert q.weight.data_ptr() == ptr and torch.equal(q.weight, expected)
+    (record,) = call_sites(model)["layers.0.attn.q_proj"][0].node.meta[MERGED_KEY]
+    assert record.inplace and torch.equal(record.weight, original)
+    assert record.weight.data_ptr() != ptr  # the exact copy that unmerge writes back
+    apply_passes(model, [UnmergeLoRAPass()], inplace=True)
+    assert q.weight.data_ptr() == ptr and torch.equal(q.weight, original)
+
+
+def test_train_and_eval_never_merge_or_unmerge(adapted) -> None:
+    merged = apply_passes(adapted("builtin:tiny"), [MergeLoRAPass()])
+    graphs = graph_texts(merged)
+    weights = {n: p.detach().clone() for n, p in merged.named_parameters()}
+    for mode in (True, False, True):
+        merged.train(mode)
+        assert graph_texts(merged) == graphs
+        assert all(torch.equal(p, weights[n]) for n, p in merged.named_parameters())
+        assert set(merged_adapters(merged)) == {f"layers.{i}.{s}" for i in range(2) for s in
+                                                ("attn.q_proj", "attn.k_proj", "attn.v_proj",
+                                                 "attn.o_proj", "mlp.up_proj", "mlp.down_proj")}
+
+
+def test_pass_result_records_removed_nodes_and_rewritten_weights(adapted) -> None:
+    model = adapted("builtin:tiny")
+    merged = apply_passes(model, [MergeLoRAPass()])
+    result: PassResult = merged._surgery.history[-1]
+    assert result.pass_name == "merge_lora" and result.modified
+    removed = [c for c in result.changes if c.kind == "node_removed"]
+    rewritten = [c.name for c in result.changes if c.kind == "param_rewritten"]
+    assert len(removed) == 5 * 12  # five nodes per branch, twelve LoRA layers
+    assert sorted(rewritten) == sorted(f"{q}.weight" for q in merged_adapters(merged))
+    restored = apply_passes(merged, [UnmergeLoRAPass()])
+    added = [c for c in restored._surgery.history[-1].changes if c.kind == "node_added"]
+    assert sorted(c.name for c in added) == sorted(c.name for c in removed)
+
+
+def test_names_select_adapters_and_unmerge_is_last_in_first_out(zoo, run_model) -> None:
+    spec = zoo.spec("builtin:tiny")
+    model = apply_passes(zoo.traced("builtin:tiny"), [LoRAPass(rank=4, name="a"),
+                                                      LoRAPass(rank=2, name="b")])
+    randomize(model, seed=2)
+    only_a = apply_passes(model, [MergeLoRAPass(names=["a"])])
+    assert merged_adapters(only_a)["layers.0.attn.q_proj"] == ("lora:a",)
+    assert {n.meta["surgery"]["adapter"] for n in only_a.graph.nodes if "surgery" in n.meta} == {"b"}
+    both = apply_passes(only_a, [MergeLoRAPass()])  # None: the ones not merged yet
+    assert merged_adapters(both)["layers.0.attn.q_proj"] == ("lora:a", "lora:b")
+    with pytest.raises(MergeError, match=r"cannot unmerge LoRA 'a' .* 'b', merged after it"):
+        apply_passes(both, [UnmergeLoRAPass(names="a")])
+    back = apply_passes(both, [UnmergeLoRAPass(names="b"), UnmergeLoRAPass(names="a")])
+    assert graph_texts(back) == graph_texts(model)
+    assert torch.equal(run_model(back, spec), run_model(model, spec))
+
+
+# --------------------------------------------------------------------------------------
+# Errors: nothing changes when they are raised
+# --------------------------------------------------------------------------------------
+
+
+class FakeAdapter(AdapterModule):
+    """A module that is neither LoRA nor IA³ (stands in for a bottleneck adapter)."""
+
+    pass_name = "adapter"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x)
+
+
+class FakeAdapterPass(Pass):
+    """Adds ``FakeAdapter`` ``"fake"`` after ``layers.0.mlp.up_proj``."""
+
+    name = "adapter"
+
+    def run(self, model: nn.Module) -> PassResult:
+        site = "layers.0.mlp.up_proj"
+        (call,) = call_sites(model)[site]
+        register_adapter(call.owner.get_submodule(site), "adapter", "fake",
+                         FakeAdapter(site=site, adapter_name="fake"), pass_name="Fake", site=site)
+        graph: fx.Graph = call.owner.graph
+        out = insert_chain(graph, call.node, lambda: mark(
+            graph.call_module(f"{site}.adapter.fake", (call.node,)), pass_name="adapter",
+            site=site, role=None, adapter="fake", part="adapter"))
+        replace_uses_after(call.node, out)
+        return PassResult(model, True, (), self.name)
+
+
+@pytest.fixture(scope="module")
+def lora_and_fake(zoo) -> nn.Module:
+    model = apply_passes(zoo.traced("builtin:tiny"), [LoRAPass(rank=4), FakeAdapterPass()])
+    randomize(model)
+    return model
+
+
+def test_double_merge_raises(adapted, snapshot) -> None:
+    merged = apply_passes(adapted("builtin:tiny"), [MergeLoRAPass()])
+    before = snapshot(merged)
+    with pytest.raises(MergeError, match="every LoRA adapter is already merged"):
+        apply_passes(merged, [MergeLoRAPass()], inplace=True)
+    with pytest.raises(MergeError, match="'default' is already merged .* twice"):
+        apply_passes(merged, [MergeLoRAPass(names=["default"])], inplace=True)
+    before.assert_unchanged(merged)
+
+
+def test_unmerge_without_merge_raises(adapted, snapshot) -> None:
+    model = apply_passes(adapted("builtin:tiny"), [])
+    before = snapshot(model)
+    with pytest.raises(MergeError, match="nothing to unmerge"):
+        apply_passes(model, [UnmergeLoRAPass()], inplace=True)
+    with pytest.raises(MergeError, match="nothing to unmerge: IA³ adapter 'default' is"):
+        apply_passes(model, [UnmergeIA3Pass(names=["default"])], inplace=True)
+    before.assert_unchanged(model)
+
+
+def test_merge_without_lora_raises(zoo) -> None:
+    with pytest.raises(MergeError, match="nothing to merge: the model has no LoRA adapter"):
+        apply_passes(zoo.traced("builtin:tiny"), [MergeLoRAPass()])
+    only_ia3 = apply_passes(zoo.traced("builtin:tiny"), [IA3Pass()])
+    with pytest.raises(MergeError, match="'default' is an IA³ adapter.*MergeIA3Pass"):
+        apply_passes(only_ia3, [MergeLoRAPass(names=["default"])])
+
+
+def test_unknown_name_lists_adapters_present(lora_and_fake) -> None:
+    with pytest.raises(AdapterNotFoundError, match=r"no adapter named 'nope'; adapters present: "
+                                                   r"'default' \(LoRA\), 'fake' \(adapter\)"):
+        apply_passes(lora_and_fake, [MergeLoRAPass(names=["nope"])])
+    with pytest.raises(ConfigError, match="names must be"):
+        MergeLoRAPass(names=[3])
+
+
+def test_non_mergeable_adapter_raises_and_says_why(lora_and_fake, snapshot) -> None:
+    before = snapshot(lora_and_fake)
+    with pytest.raises(MergeError, match=r"'fake' \(adapter\) cannot be merged: .*not linear"):
+        apply_passes(lora_and_fake, [MergeLoRAPass(names=["fake"])], inplace=True)
+    with pytest.raises(MergeError, match=r"'fake' \(adapter\) cannot be merged"):
+        apply_passes(lora_and_fake, [MergeIA3Pass(names=["fake"])], inplace=True)
+    before.assert_unchanged(lora_and_fake)
+    merged = apply_passes(lora_and_fake, [MergeLoRAPass()])  # the LoRA part merges fine
+    assert [n.name for n in merged.graph.nodes if "surgery" in n.meta] == ["layers_0_mlp_up_proj_adapter_fake"]
+
+
+def test_order_that_cannot_fold_raises_and_names_what_to_merge_first(adapted, snapshot) -> None:
+    model = adapted("builtin:tiny")
+    before = snapshot(model)
+    with pytest.raises(MergeError, match=r"cannot merge IA³ 'default' into layers\.\d\.\S+: LoRA "
+                                         r"'default' .*merge LoRA 'default' first"):
+        apply_passes(model, [MergeIA3Pass(), MergeLoRAPass()])
+    before.assert_unchanged(model)
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["new-tensor", "inplace"])
+def test_non_finite_merge_raises_and_changes_nothing(adapted, snapshot, inplace: bool) -> None:
+    model = apply_passes(adapted("builtin:tiny"), [])
+    with torch.no_grad():
+        model.get_submodule("layers.1.mlp.down_proj.lora_B.default").weight[3, 1] = float("inf")
+    before = snapshot(model)
+    with pytest.raises(MergeError, match=r"merging LoRA 'default' into layers\.1\.mlp\.down_proj "
+                                         r"gives non-finite values.*nothing was changed"):
+        apply_passes(model, [MergeLoRAPass(inplace=inplace)], inplace=True)
+    before.assert_unchanged(model)
+    unsafe = apply_passes(model, [MergeLoRAPass(safe=False)])
+    assert not torch.isfinite(unsafe.get_submodule("layers.1.mlp.down_proj").weight).all()
+
+
+
+def test_merge_is_rolled_back_with_a_later_failing_pass(adapted, snapshot) -> None:
+    model = apply_passes(adapted("builtin:tiny"), [])
+    before = snapshot(model)
+    with pytest.raises(MergeError, match="already merged"):
+        apply_passes(model, [MergeLoRAPass(), MergeLoRAPass()], inplace=True)
+    before.assert_unchanged(model)
+    assert merged_adapters(model) == {}  # the merge state went back with the graph
+    apply_passes(model, [MergeLoRAPass()], inplace=True)
+    assert len(merged_adapters(model)) == 12
+
+
+def test_param_diff_shows_merged_weights_as_rewritten(adapted) -> None:
+    from visualize import param_diff
+
+    model = adapted("builtin:tiny")
+    merged = apply_passes(model, [MergeLoRAPass()])
+    rows = [r for r in param_diff(model, merged) if r.kind == "rewritten"]
+    assert sorted(r.name for r in rows) == sorted(f"{q}.weight" for q in merged_adapters(merged))
+    assert {r.pass_name for r in rows} == {"merge_lora"}
+
+
+def test_lora_behind_a_non_mergeable_adapter_stays_unmerged(zoo, snapshot) -> None:
+    model = apply_passes(zoo.traced("builtin:tiny"), [LoRAPass(pattern="layers.0.mlp.up_proj"),
+                                                      FakeAdapterPass()])
+    before = snapshot(model)
+    with pytest.raises(MergeError, match=r"cannot merge LoRA 'default' into layers\.0\.mlp\.up_proj: "
+                                         r"adapter 'fake' sits between.*'fake' cannot be merged"):
+        apply_passes(model, [MergeLoRAPass()], inplace=True)
+    before.assert_unchanged(model)

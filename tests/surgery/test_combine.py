@@ -1,0 +1,128 @@
+"""``surgery.combine_adapters``: weighted combination of LoRA adapters (``surgery/combine.py``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from passes.merge import MergeLoRAPass
+from surgery import AdapterNotFoundError, ConfigError, LoRAPass, NoMatchError, apply_passes
+from surgery.combine import combine_adapters
+
+SITES = [f"layers.{i}.attn.{p}_proj" for i in range(2) for p in "qv"]
+
+
+def randomize(model: nn.Module, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_A." in name or ".lora_B." in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+
+
+def factors(model: nn.Module, site: str, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    mod = model.get_submodule(site)
+    return mod.lora_A[name].weight, mod.lora_B[name].weight, mod.lora_B[name].scaling
+
+
+@pytest.fixture(scope="module")
+def three(zoo) -> nn.Module:
+    """TinyTransformer with LoRA ``a`` (r=4, alpha=8), ``b`` (r=4, alpha=4) on q/v and ``c``
+    (r=2, alpha=2) on ``layers.0.attn.q_proj`` only."""
+    model = apply_passes(zoo.traced("builtin:tiny"), [
+        LoRAPass(rank=4, alpha=8, name="a"), LoRAPass(rank=4, alpha=4, name="b"),
+        LoRAPass(pattern="layers.0.attn.q_proj", rank=2, alpha=2, name="c")])
+    randomize(model)
+    return model
+
+
+def test_cat_stacks_ranks_and_sums_the_weighted_updates(three, snapshot, run_model, zoo) -> None:
+    before = snapshot(three)
+    rng = torch.get_rng_state()
+    mixed = combine_adapters(three, {"a": 0.7, "b": -0.3}, method="cat", name="ab")
+    assert torch.equal(torch.get_rng_state(), rng)  # the caller's RNG is left alone
+    before.assert_unchanged(three)
+    for site in SITES:
+        a_new, b_new, s_new = factors(mixed, site, "ab")
+        (a1, b1, s1), (a2, b2, s2) = factors(three, site, "a"), factors(three, site, "b")
+        assert s_new == 1.0 and a_new.shape == (8, 64) and b_new.shape == (64, 8)
+        assert torch.equal(a_new, torch.cat([a1 * 0.7 * s1, a2 * -0.3 * s2]))
+        assert torch.equal(b_new, torch.cat([b1, b2], dim=1))
+        want = 0.7 * s1 * b1 @ a1 - 0.3 * s2 * b2 @ a2
+        assert torch.allclose(b_new @ a_new, want, atol=1e-7)
+        assert mixed.get_submodule(site).lora_A["ab"].weight.requires_grad
+    # the new adapter is an ordinary LoRA adapter: it merges like any other
+    y = run_model(mixed, zoo.spec("builtin:tiny"))
+    merged = apply_passes(mixed, [MergeLoRAPass(names=["ab"])])
+    assert (run_model(merged, zoo.spec("builtin:tiny")) - y).abs().max() <= 1e-5 * (1 + y.abs().max())
+
+
+def test_linear_weights_factors_by_square_roots(three) -> None:
+    mixed = combine_adapters(three, {"a": 0.7, "b": -0.3}, method="linear", name="lin")
+    for site in SITES:
+        a_new, b_new, s_new = factors(mixed, site, "lin")
+        (a1, b1, s1), (a2, b2, s2) = factors(three, site, "a"), factors(three, site, "b")
+        c1, c2 = 0.7 * s1, -0.3 * s2
+        assert s_new == 1.0 and a_new.shape == (4, 64)
+        assert torch.allclose(a_new, abs(c1) ** 0.5 * a1 - abs(c2) ** 0.5 * a2, atol=1e-7)
+        assert torch.allclose(b_new, abs(c1) ** 0.5 * b1 + abs(c2) ** 0.5 * b2, atol=1e-7)
+
+
+def test_sites_are_those_carrying_every_source(three) -> None:
+    mixed = combine_adapters(three, {"a": 0.5, "c": 0.5}, method="cat", name="ac")
+    sites = sorted({n.rsplit(".lora_", 1)[0] for n, _ in mixed.named_parameters() if ".ac." in n})
+    assert sites == ["layers.0.attn.q_proj"]
+    assert factors(mixed, "layers.0.attn.q_proj", "ac")[0].shape == (6, 64)
+
+
+@pytest.mark.filterwarnings("ignore:Adapter name")  # PEFT warns about short adapter names
+@pytest.mark.parametrize("method", ["linear", "cat"])
+def test_factors_equal_peft_add_weighted_adapter(zoo, three, method: str) -> None:
+    peft = pytest.importorskip("peft")
+    base = zoo.fresh("builtin:tiny").model
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8,
+                                                      target_modules=["q_proj", "v_proj"]),
+                                adapter_name="a")
+    model.add_adapter("b", peft.LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for site in SITES:
+            layer = model.base_model.model.get_submodule(site)
+            for name in "ab":
+                a, b, _ = factors(three, site, name)
+                layer.lora_A[name].weight.copy_(a)
+                layer.lora_B[name].weight.copy_(b)
+    model.add_weighted_adapter(["a", "b"], [0.7, -0.3], "ab", combination_type=method)
+    mixed = combine_adapters(three, {"a": 0.7, "b": -0.3}, method=method, name="ab")
+    for site in SITES:
+        layer = model.base_model.model.get_submodule(site)
+        a_new, b_new, s_new = factors(mixed, site, "ab")
+        assert torch.equal(a_new, layer.lora_A["ab"].weight)
+        assert torch.equal(b_new, layer.lora_B["ab"].weight)
+        assert s_new == layer.scaling["ab"]
+
+
+def test_errors(three, snapshot) -> None:
+    before = snapshot(three)
+    with pytest.raises(AdapterNotFoundError, match="no adapter named 'z'; LoRA adapters present: "
+                                                   "'a', 'b', 'c'"):
+        combine_adapters(three, {"a": 0.5, "z": 0.5})
+    with pytest.raises(ConfigError, match=r"method='linear' needs equal ranks, got \[2, 4\]"):
+        combine_adapters(three, {"a": 0.5, "c": 0.5}, method="linear")
+    with pytest.raises(ConfigError, match="method must be one of"):
+        combine_adapters(three, {"a": 0.5, "b": 0.5}, method="svd")
+    with pytest.raises(ConfigError, match="already has an adapter named 'b'"):
+        combine_adapters(three, {"a": 0.5}, name="b")
+    with pytest.raises(ConfigError, match="must be a finite number"):
+        combine_adapters(three, {"a": float("nan")})
+    with pytest.raises(ConfigError, match="linear.*equal ranks"):
+        combine_adapters(three, {"c": 1.0, "a": 1.0}, name="x", method="linear", inplace=True)
+    before.assert_unchanged(three)
+
+
+def test_no_layer_carrying_all_sources(zoo) -> None:
+    model = apply_passes(zoo.traced("builtin:tiny"), [
+        LoRAPass(pattern="layers.0.attn.q_proj", name="a"),
+        LoRAPass(pattern="layers.1.attn.q_proj", name="b")])
+    with pytest.raises(NoMatchError, match=r"no layer carries all of \['a', 'b'\]"):
+        combine_adapters(model, {"a": 0.5, "b": 0.5}, method="cat")
