@@ -12,6 +12,10 @@ Input scaling (feed-forward output layers)::
 ``l`` starts at ones, so outputs are bitwise unchanged at init. On a fused qkv projection
 (GPT-2's ``c_attn``) only the key and value slices of ``l`` are learned; the query slice is
 fixed at one.
+
+On a layer that already carries a LoRA branch, IA³ scales the layer as adapted, whatever
+the order the passes ran in: ``(W x + s · B A x) * l`` for output scaling and
+``W (x * l) + s · B A (x * l)`` for input scaling.
 """
 
 from __future__ import annotations
@@ -24,9 +28,21 @@ from torch import nn
 
 from passes.lora import lora_features
 from passes.modules import IA3Vector
-from surgery.errors import ConfigError
+from surgery.errors import ConfigError, NoMatchError, near_matches
 from surgery.pass_base import Change, Pass, PassResult
-from surgery.rewrite import call_input, freeze_site, insert_chain, mark, register_adapter, relative_target, replace_uses_after, set_call_input
+from surgery.rewrite import (
+    call_input,
+    editable_graph,
+    freeze_site,
+    insert_chain,
+    mark,
+    register_adapter,
+    relative_target,
+    replace_uses_after,
+    set_call_input,
+    site_input_users,
+    site_output,
+)
 from surgery.select import Selector, as_patterns, matches
 from surgery.sites import Site, resolve_sites
 from surgery.trace import is_hf_conv1d
@@ -96,7 +112,6 @@ class IA3Pass(Pass):
         if self.feedforward is not None:
             for pat in as_patterns(self.feedforward):
                 if not any(matches(pat, s.qname) for s in sites):
-                    from surgery.errors import NoMatchError, near_matches
                     raise NoMatchError(
                         f"IA3Pass: feedforward pattern {pat!r} matches none of the selected "
                         f"layers; nearest: {', '.join(near_matches(pat, [s.qname for s in sites]))}. "
@@ -122,18 +137,24 @@ class IA3Pass(Pass):
         tag = dict(pass_name=self.name, site=qname, role=role, adapter=self.adapter_name,
                    part="ia3_l")
         for call in site.calls:
-            graph = call.owner.graph
+            graph = editable_graph(call)
             base = call.node
             target = relative_target(call, "ia3_l", self.adapter_name)
-            if feedforward:
+            if feedforward:  # the layer as adapted so far reads x * l: base and branches
                 x = call_input(base)
-                with graph.inserting_before(base):
+                readers = site_input_users(base, qname, x)
+                with graph.inserting_before(readers[0]):
                     scaled = mark(graph.call_module(target, (x,)), like=x if hasattr(x, "meta") else None, **tag)
-                set_call_input(base, scaled)
-            else:
-                out = insert_chain(graph, base, lambda: mark(graph.call_module(target, (base,)),
+                for reader in readers:
+                    if reader is base:
+                        set_call_input(base, scaled)
+                    else:
+                        reader.replace_input_with(x, scaled)
+            else:  # scale the layer's output as adapted so far (after LoRA's add, if any)
+                last = site_output(base, qname)
+                out = insert_chain(graph, last, lambda: mark(graph.call_module(target, (last,)),
                                                              like=base, **tag))
-                replace_uses_after(base, out)
+                replace_uses_after(last, out)
             changes.append(Change("node_added", self.name, qname, f"{call.prefix}/ia3_l",
                                   adapter=self.adapter_name, role=role,
                                   detail="input scaling" if feedforward else "output scaling"))

@@ -27,7 +27,16 @@ from torch import nn
 from passes.modules import LoRADropout, LoRAProjection
 from surgery.errors import ConfigError
 from surgery.pass_base import Change, Pass, PassResult
-from surgery.rewrite import call_input, freeze_site, insert_chain, mark, register_adapter, relative_target, replace_uses_after
+from surgery.rewrite import (
+    call_input,
+    editable_graph,
+    freeze_site,
+    insert_chain,
+    mark,
+    register_adapter,
+    relative_target,
+    replace_uses_after,
+)
 from surgery.select import Selector, as_patterns
 from surgery.sites import Site, resolve_sites
 from surgery.trace import is_hf_conv1d
@@ -148,7 +157,7 @@ class LoRAPass(Pass):
             register_adapter(module, slot, self.adapter_name, mod, pass_name="LoRAPass", site=qname)
         changes = []
         for call in site.calls:
-            graph = call.owner.graph
+            graph = editable_graph(call)
             base = call.node
             x = call_input(base)
             tag = dict(pass_name=self.name, site=qname, role=role, adapter=self.adapter_name)

@@ -8,9 +8,11 @@ are cloned, since training updates some of them in place (BatchNorm running stat
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterator
 
 import torch
+import torch.fx
 from torch import nn
 
 __all__ = ["share_weights_copy", "snapshot", "restore", "is_adapter_parameter", "adapter_parameters"]
@@ -34,7 +36,28 @@ def share_weights_copy(model: nn.Module) -> nn.Module:
             if id(param) in adapter_ids:  # adapters are trained in place: never share them
                 data = data.clone()
             memo[id(param)] = nn.Parameter(data, requires_grad=param.requires_grad)
-    return copy.deepcopy(model, memo)
+    # Lists of graph nodes kept beside a graph (``UnflattenedModule.input_placeholders``)
+    # must point into the copied graph; copying them node by node would copy the example
+    # values (fake tensors, which cannot be copied) and detach them from any graph.
+    node_lists = []
+    for mod in model.modules():
+        for val in vars(mod).values():
+            if (isinstance(val, list) and val and id(val) not in memo
+                    and all(isinstance(v, torch.fx.Node) for v in val)):
+                fresh: list = []
+                memo[id(val)] = fresh
+                node_lists.append((val, fresh))
+    with warnings.catch_warnings():  # torch's own pytree specs warn when copied
+        warnings.simplefilter("ignore", FutureWarning)
+        copied = copy.deepcopy(model, memo)
+    for old, fresh in node_lists:
+        for node in old:
+            new_graph = memo.get(id(node.graph))
+            new_node = None
+            if isinstance(new_graph, torch.fx.Graph):
+                new_node = next((n for n in new_graph.nodes if n.name == node.name), None)
+            fresh.append(new_node if new_node is not None else node)
+    return copied
 
 
 def snapshot(model: nn.Module) -> dict:
@@ -54,8 +77,11 @@ def snapshot(model: nn.Module) -> dict:
     for name, mod in graph_modules(model):
         new_graph = torch.fx.Graph(owning_module=mod, tracer_cls=mod.graph._tracer_cls)
         value_map: dict = {}
-        out = new_graph.graph_copy(mod.graph, value_map)
-        new_graph.output(out)
+        copied = new_graph.graph_copy(mod.graph, value_map, return_output_node=True)
+        if copied is not None:  # a graph without an output node (an empty container) stays so
+            out, old_output = copied
+            new_output = new_graph.output(out, type_expr=getattr(old_output, "type", None))
+            new_output.meta = dict(old_output.meta)
         graphs[name] = (mod, new_graph)
     state = getattr(model, "_surgery", None)
     history_len = len(state.history) if state is not None else 0

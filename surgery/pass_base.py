@@ -100,8 +100,20 @@ class Pass:
         raise NotImplementedError
 
     def plan(self, model: nn.Module) -> list[Change]:
-        """Return the changes :meth:`run` would make, without changing ``model``."""
-        raise NotImplementedError
+        """Return the changes :meth:`run` would make, without changing ``model``.
+
+        The default runs the pass on a private copy of the traced ``model`` (sharing its
+        weights' storage) and drops the copy.
+        """
+        import copy
+
+        from surgery.params import share_weights_copy
+
+        work = share_weights_copy(model)
+        state = getattr(model, "_surgery", None)
+        if state is not None and getattr(work, "_surgery", None) is None:
+            work._surgery = copy.copy(state)
+        return list(self.run(work).changes)
 
     def describe(self) -> str:
         """One line naming the pass and its non-default settings, for logs and diagrams."""

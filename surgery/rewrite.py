@@ -15,7 +15,23 @@ from surgery.errors import AlreadyAdaptedError
 from surgery.pass_base import Change
 from surgery.graphs import CallSite
 
-__all__ = ["freeze_site", "register_adapter", "call_input", "replace_uses_after", "mark", "relative_target"]
+__all__ = [
+    "freeze_site",
+    "register_adapter",
+    "call_input",
+    "set_call_input",
+    "replace_uses_after",
+    "mark",
+    "relative_target",
+    "editable_graph",
+    "insert_chain",
+    "site_output",
+    "site_input_users",
+]
+
+# Parts of an inserted side branch: they read the site's input or output but are not on
+# the path the site's value takes to the rest of the graph.
+BRANCH_PARTS = frozenset({"lora_dropout", "lora_A", "lora_B", "scale", "down", "act", "up"})
 
 
 def register_adapter(site_module: nn.Module, slot: str, adapter_name: str, module: nn.Module,
@@ -35,6 +51,19 @@ def register_adapter(site_module: nn.Module, slot: str, adapter_name: str, modul
             f"named {adapter_name!r}. Way out: give the pass another name=..., or exclude "
             f"this site with exclude=[{site!r}].")
     holder[adapter_name] = module
+
+
+def editable_graph(call: CallSite) -> fx.Graph:
+    """The graph holding ``call``, made ready for inserting ``call_module`` nodes.
+
+    On the export front end a graph's ``owning_module`` is the compiled copy made when the
+    graph was last finalised, which does not know modules registered since; inserting a
+    ``call_module`` node checks the target against it. This points it back at the owner.
+    """
+    graph = call.owner.graph
+    if graph.owning_module is not call.owner and not isinstance(call.owner, fx.GraphModule):
+        graph.owning_module = call.owner
+    return graph
 
 
 def relative_target(call: CallSite, *parts: str) -> str:
@@ -101,3 +130,35 @@ def freeze_site(module: nn.Module, *, pass_name: str, site: str, role: str | Non
             changes.append(Change("param_frozen", pass_name, site, f"{site}.{pname}", role=role,
                                   shape=tuple(param.shape), numel=param.numel()))
     return changes
+
+
+def _site_meta(node: fx.Node, site: str) -> dict | None:
+    meta = node.meta.get("surgery")
+    return meta if meta is not None and meta.get("site") == site else None
+
+
+def site_output(base: fx.Node, site: str) -> fx.Node:
+    """The node carrying the adapted value of one call of ``site``.
+
+    Starting from the base ``call_module`` node, follows the nodes earlier passes inserted
+    on the main path of the same site (LoRA's ``add``, an IA³ output scaling), so a later
+    pass wraps the layer as already adapted: IA³ after LoRA scales ``W x + s · B A x``,
+    as it does when applied before LoRA.
+    """
+    node = base
+    while True:
+        nxt = [u for u in node.users
+               if (meta := _site_meta(u, site)) is not None and meta.get("part") not in BRANCH_PARTS]
+        if len(nxt) != 1:
+            return node
+        node = nxt[0]
+
+
+def site_input_users(base: fx.Node, site: str, value: Any) -> list[fx.Node]:
+    """The nodes that read ``value`` as the input of one call of ``site``, in graph order:
+    the base call and the side branches earlier passes attached to it (LoRA's dropout)."""
+    if not isinstance(value, fx.Node):
+        return [base]
+    users = [u for u in value.users if u is base or _site_meta(u, site) is not None]
+    order = {n: i for i, n in enumerate(base.graph.nodes)}
+    return sorted(set(users) | {base}, key=order.__getitem__)

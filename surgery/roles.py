@@ -52,17 +52,17 @@ _SHAPE_OPS = {
     "placeholder", "output", "type_as", "movedim", "swapaxes", "lift_fresh_copy",
 }
 # Backward from q/k/v, rotary embeddings and scaling add these.
-_QKV_OPS = _SHAPE_OPS | {"mul", "add", "sub", "neg", "cat", "div", "mul_", "add_"}
+_QKV_OPS = _SHAPE_OPS | {"mul", "add", "sub", "neg", "cat", "div", "truediv", "mul_", "add_"}
 _FORWARD_OPS = _SHAPE_OPS
-_SOFTMAX_PRE = _SHAPE_OPS | {"div", "mul", "add", "sub", "masked_fill", "where", "masked_fill_",
-                             "add_", "div_", "mul_"}
+_SOFTMAX_PRE = _SHAPE_OPS | {"div", "truediv", "mul", "add", "sub", "masked_fill", "where",
+                             "masked_fill_", "add_", "div_", "mul_"}
 _ACTIVATIONS = {
     "gelu", "relu", "silu", "sigmoid", "tanh", "erf", "mish", "elu", "leaky_relu", "softplus",
     "hardswish", "hardsigmoid", "hardtanh", "relu6", "gelu_", "relu_", "silu_", "glu", "selu",
     "celu", "prelu", "rrelu", "softsign", "tanh_", "sigmoid_",
 }
 _ELEMENTWISE = _ACTIVATIONS | {
-    "mul", "add", "sub", "div", "pow", "neg", "exp", "clamp", "to", "_to_copy", "type",
+    "mul", "add", "sub", "div", "truediv", "pow", "neg", "exp", "clamp", "to", "_to_copy", "type",
     "float", "contiguous", "clone", "dropout", "native_dropout", "getitem", "placeholder",
     "output", "mul_", "add_", "alias", "identity",
 }

@@ -2,7 +2,9 @@
 
 - ``"attn.*"``: a glob over dotted qualified module names, matched against the whole name
   or any suffix that starts at a ``.`` boundary, so ``attn.*`` matches
-  ``layers.3.attn.q_proj``. ``*`` and ``?`` stay inside one segment, ``**`` spans segments.
+  ``layers.3.attn.q_proj``. ``*`` and ``?`` stay inside one segment, ``**`` spans segments
+  (as a whole segment, ``a.**.b`` also matches ``a.b``; a trailing ``a.**`` needs at least
+  one segment after ``a``).
 - ``"re:<regex>"``: a Python regex matched with ``fullmatch`` against the whole name.
 - A list means any of them; ``exclude=`` removes matches. Every pattern, in a list or in
   ``exclude``, must match something, or :class:`NoMatchError` says which one did not.
@@ -36,23 +38,48 @@ def as_patterns(selector: Selector) -> tuple[str, ...]:
     return items
 
 
-def _glob_to_regex(glob: str) -> str:
+def _segment_to_regex(segment: str) -> str:
     out = []
     i = 0
-    while i < len(glob):
-        ch = glob[i]
-        if glob.startswith("**", i):
+    while i < len(segment):
+        if segment.startswith("**", i):  # inside a segment: any characters, dots included
             out.append(".*")
             i += 2
             continue
-        if ch == "*":
-            out.append(r"[^.]*")
-        elif ch == "?":
-            out.append(r"[^.]")
-        else:
-            out.append(re.escape(ch))
+        ch = segment[i]
+        out.append(r"[^.]*" if ch == "*" else r"[^.]" if ch == "?" else re.escape(ch))
         i += 1
     return "".join(out)
+
+
+def _glob_to_regex(glob: str) -> str:
+    """Translate a glob to a regex over whole dotted names.
+
+    A segment that is exactly ``**`` stands for any number of whole segments: none when it
+    leads or sits between two segments (``a.**.b`` matches ``a.b`` and ``a.x.y.b``), at least
+    one when it ends the glob (``a.**`` matches what is inside ``a``, not ``a`` itself).
+    """
+    raw = glob.split(".")
+    segments = [seg for i, seg in enumerate(raw) if not (seg == "**" and i and raw[i - 1] == "**")]
+    out = ""
+    for i, seg in enumerate(segments):
+        first, last = i == 0, i == len(segments) - 1
+        if seg == "**":
+            if first and last:
+                out = ".*"
+            elif first:
+                out = r"(?:[^.]+\.)*"
+            elif last:
+                out += r"(?:\.[^.]+)+"
+            else:
+                out += r"(?:\.[^.]+)*"
+            continue
+        piece = _segment_to_regex(seg)
+        if first or segments[i - 1] == "**" and i == 1:
+            out += piece
+        else:
+            out += r"\." + piece
+    return out
 
 
 @lru_cache(maxsize=512)
@@ -134,8 +161,10 @@ def _no_match(pat: str, pool: list[str], pass_name: str, all_names: Iterable[str
     lines = [f"{pass_name}: {what} {pat!r} matches no {kind} it can adapt."]
     if others:
         shown = ", ".join(others[:5])
-        lines.append(f"It matches only {len(others)} {kind}(s) of a type {pass_name} cannot "
-                     f"adapt: {shown}.")
+        hint = ("" if pat.startswith("re:") or kind != "module"
+                else f" (the layers inside them: '{pat}.**')")
+        lines.append(f"It matches only {len(others)} {kind}(s) that {pass_name} cannot adapt: "
+                     f"{shown}{hint}.")
     if near:
         lines.append("Nearest candidates: " + ", ".join(near) + ".")
     else:

@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from torch import nn
+from torch import fx, nn
 
 from surgery.adapter_base import AdapterModule
 from surgery.errors import NoMatchError, UnsupportedSiteError
 from surgery.graphs import CallSite, call_sites
 from surgery.roles import ModelRoles, RoleInfo, find_roles, normalize_roles
-from surgery.select import Selector, as_patterns, select_names
+from surgery.select import Selector, as_patterns, matches, select_names
 
 __all__ = ["Site", "resolve_sites", "candidate_sites"]
 
@@ -86,15 +86,9 @@ def resolve_sites(
     patterns = as_patterns(pattern)
     wanted_roles = normalize_roles(role) if role is not None else ()
     if patterns:
-        # a pattern that names exactly a module of the wrong type gets a type error
         for pat in patterns:
-            exact = [n for n in all_called if n == pat and n not in cands]
-            if exact and not any(n == pat for n in cands):
-                mod = model.get_submodule(exact[0])
-                raise UnsupportedSiteError(
-                    f"{pass_name}: {exact[0]} is a {type(mod).__name__}; {pass_name} adapts "
-                    f"{accepted_types}. Way out: select the layers inside it, e.g. "
-                    f"pattern='{exact[0]}.*', or see surgery.list_targets(model).")
+            if not any(matches(pat, n) for n in cands):
+                _explain_unsupported(model, pat, all_called, all_names, pass_name, accepted_types)
         names = select_names(cands, patterns, exclude, pass_name=pass_name, all_names=all_names)
         if wanted_roles:
             names = [n for n in names if roles.role_of(n) and roles.role_of(n).roles & set(wanted_roles)]
@@ -107,6 +101,12 @@ def resolve_sites(
         names = [n for n in cands if roles.role_of(n) and roles.role_of(n).roles & set(use)]
         if not names:
             how = "role" if wanted_roles else "default role"
+            mha = roles.with_role(["attention"])
+            if mha and set(use) & _PROJECTION_ROLES:
+                raise UnsupportedSiteError(
+                    f"{pass_name}: no {accepted_types} module plays {how}(s) {list(use)}: the "
+                    f"attention of this model is nn.MultiheadAttention ({', '.join(mha[:5])}). "
+                    f"{_MHA_WHY} Way out: {_MHA_WAY_OUT}")
             raise NoMatchError(
                 f"{pass_name}: no {accepted_types} module plays {how}(s) {list(use)}. "
                 f"{_roles_found(roles)} Way out: select sites by name with pattern=..., "
@@ -115,6 +115,82 @@ def resolve_sites(
             names = select_names(names, None, exclude, pass_name=pass_name, all_names=all_names)
     return [Site(n, cands[n][0].owner.get_submodule(str(cands[n][0].node.target)),
                  tuple(cands[n]), roles.role_of(n)) for n in names]
+
+
+_PROJECTION_ROLES = {"query", "key", "value", "attn_out"}
+_MHA_WHY = ("nn.MultiheadAttention computes query, key and value with one matrix product on "
+            "its in_proj_weight and reads out_proj.weight directly instead of calling out_proj, "
+            "so no call of a projection layer exists in the graph to branch around; the module "
+            "is kept whole (role 'attention').")
+_MHA_WAY_OUT = ("adapt the feed-forward layers instead (pattern='linear*' selects linear1 and "
+                "linear2 of nn.TransformerEncoderLayer), or write the attention with separate "
+                "nn.Linear projections and F.scaled_dot_product_attention.")
+
+
+def _opaque_owner(model: nn.Module, qname: str, called: dict[str, list[CallSite]]) -> str | None:
+    """The module called from a graph as one opaque unit that is ``qname`` or holds it."""
+    parts = qname.split(".")
+    for i in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:i])
+        if prefix in called and not isinstance(getattr(model.get_submodule(prefix), "graph", None),
+                                               fx.Graph):
+            return prefix
+    return None
+
+
+def _mha_holding(model: nn.Module, qname: str) -> str | None:
+    """The ``nn.MultiheadAttention`` (kept whole or decomposed by export) that is or holds
+    ``qname``."""
+    parts = qname.split(".")
+    for i in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:i])
+        mod = model.get_submodule(prefix)
+        if isinstance(mod, nn.MultiheadAttention) or str(getattr(mod, "_ty", "")).endswith(
+                ".MultiheadAttention"):
+            return prefix
+    return None
+
+
+def _explain_unsupported(model: nn.Module, pat: str, called: dict[str, list[CallSite]],
+                         all_names: list[str], pass_name: str, accepted_types: str) -> None:
+    """Raise :class:`UnsupportedSiteError` when ``pat`` selects only modules the pass cannot
+    adapt because of their type or because they run inside an opaque module."""
+    hits = [n for n in all_names if matches(pat, n)]
+    for hit in hits:
+        mha = _mha_holding(model, hit)
+        if mha is not None and not isinstance(model.get_submodule(mha), nn.MultiheadAttention):
+            what = hit if hit == mha else f"{hit} (inside {mha})"
+            raise UnsupportedSiteError(
+                f"{pass_name}: pattern {pat!r} selects {what}, part of an "
+                f"nn.MultiheadAttention that torch.export decomposed into plain operations (it is "
+                f"called with different arguments at different calls, so its signature could not "
+                f"be kept); its projections are matrix products on in_proj_weight and "
+                f"out_proj.weight, not calls of a layer. Way out: {_MHA_WAY_OUT}")
+        owner = _opaque_owner(model, hit, called)
+        if owner is None:
+            continue
+        owner_mod = model.get_submodule(owner)
+        if isinstance(owner_mod, nn.MultiheadAttention):
+            what = hit if hit == owner else f"{hit} (inside {owner})"
+            raise UnsupportedSiteError(
+                f"{pass_name}: pattern {pat!r} selects {what}, part of an "
+                f"nn.MultiheadAttention; {pass_name} adapts {accepted_types} layers called from "
+                f"the graph. {_MHA_WHY} Way out: {_MHA_WAY_OUT}")
+        if hit == owner:
+            inside = any(n.startswith(hit + ".") for n in all_names)
+            way_out = (f"select the layers inside it, e.g. pattern='{hit}.*', or see "
+                       f"surgery.list_targets(model)" if inside else
+                       "select layers of those types; surgery.list_targets(model) lists them")
+            raise UnsupportedSiteError(
+                f"{pass_name}: pattern {pat!r} selects {hit}, a {type(owner_mod).__name__}; "
+                f"{pass_name} adapts {accepted_types}. Way out: {way_out}.")
+        if not _inside_adapter(model, hit):
+            raise UnsupportedSiteError(
+                f"{pass_name}: pattern {pat!r} selects {hit}, which runs inside {owner} "
+                f"({type(owner_mod).__name__}); the traced graph calls {owner} as one opaque "
+                f"module, so there is no call of {hit} to adapt. Way out: trace without "
+                f"{owner!r} in leaf_modules=, or select another layer "
+                f"(surgery.list_targets(model) lists them).")
 
 
 def _roles_found(roles: ModelRoles) -> str:

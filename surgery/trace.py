@@ -8,15 +8,19 @@ The traced model owns its module objects; its parameters share the caller's stor
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
+import logging
 import os
 import traceback
 import warnings
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.export.unflatten import FlatArgsAdapter
 
 from surgery.errors import TraceError
 from surgery.graphs import graph_modules, is_interpreter_module, qualified
@@ -57,6 +61,11 @@ _MODE_TYPES: tuple[type[nn.Module], ...] = (
     nn.LayerNorm,
     nn.GroupNorm,
 )
+
+
+# Modules that export keeps whole (``preserve_module_call_signature``) and that are then
+# called as the real module object, as on the fx front end.
+_SIGNATURE_TYPES: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
@@ -179,22 +188,62 @@ def trace_fx(
 
     Forward parameters that have a default and are not in ``example_kwargs`` are fixed to
     their default (fx ``concrete_args``), so ``if attention_mask is not None`` traces the
-    branch the model takes by default.
+    branch the model takes by default; the traced model still accepts the parameter by its
+    name, and passing anything but the default raises. A parameter defaulting to ``None``
+    stays a real input when the graph hands it only to leaf modules or to functions kept
+    opaque with ``torch.fx.wrap`` (which can take ``None`` at run time): tracing is tried
+    that way first.
     """
-    tracer = SurgeryTracer(leaf_modules)
-    concrete: dict[str, Any] = {}
+    defaults: dict[str, Any] = {}
     given = set(example_kwargs or ())
     for pname, param in inspect.signature(model.forward).parameters.items():
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             continue
         if param.default is not param.empty and pname not in given:
-            concrete[pname] = param.default
+            defaults[pname] = param.default
+    optional = {k for k, v in defaults.items() if v is None}
+    if optional:
+        try:
+            gm = _trace_fx_once(model, leaf_modules,
+                                {k: v for k, v in defaults.items() if k not in optional})
+        except Exception:  # the general trace failed: fix every default below
+            gm = None
+        if gm is not None and all(_none_safe(n) for n in gm.graph.nodes
+                                  if n.op == "placeholder" and n.target in optional):
+            return gm
+    return _trace_fx_once(model, leaf_modules, defaults)
+
+
+def _trace_fx_once(model: nn.Module, leaf_modules: Collection[str | type],
+                   concrete: dict[str, Any]) -> fx.GraphModule:
+    tracer = SurgeryTracer(leaf_modules)
     graph = tracer.trace(model, concrete_args=concrete or None)
-    name = type(model).__name__
-    gm = fx.GraphModule(tracer.root, graph, class_name=name)
+    for node in graph.nodes:  # fx names a fixed parameter "<name>_1"; keep the user's keyword
+        if node.op != "placeholder":
+            continue
+        for pname, value in concrete.items():
+            if node.target == f"{pname}_1" and not isinstance(value, (tuple, list, dict)):
+                node.target = pname
+    gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
     # GraphModule copies only what the graph references; keep the rest of the bookkeeping.
     gm.train(model.training)
     return gm
+
+
+_OPAQUE_SKIP = ("torch", "_operator", "operator", "builtins", "math")
+
+
+def _none_safe(placeholder: fx.Node) -> bool:
+    """True when ``None`` can flow into every user of ``placeholder`` at run time."""
+    for user in placeholder.users:
+        if user.op == "call_module":
+            continue
+        if user.op == "call_function":
+            module = getattr(user.target, "__module__", None) or ""
+            if module and module.split(".")[0] not in _OPAQUE_SKIP:  # a torch.fx.wrap-ped function
+                continue
+        return False
+    return True
 
 
 def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> dict:
@@ -226,39 +275,47 @@ def trace_export(
     ``torch.export.unflatten`` turns every submodule into an ``InterpreterModule`` holding
     cloned weights. This function then (1) replaces the ``InterpreterModule`` of every
     linear-like layer, dropout and normalisation layer that takes one tensor and returns one
-    with the real module object, called with that tensor alone, so passes see the same
+    with the real module object, called with that tensor alone, and every
+    ``nn.MultiheadAttention`` (exported with ``preserve_module_call_signature``) with the
+    real module called with its original arguments, so passes see the same
     ``call_module`` nodes as on the fx front end and ``train()``/``eval()`` keep working;
     (2) binds every remaining parameter and buffer back to ``model``'s tensors by name, so
     no weight is copied; (3) switches each graph to compiled code instead of the
     node-by-node interpreter.
 
     The model is exported in eval mode: functional dropout inside a layer (``F.dropout``,
-    ``dropout_p`` of attention) is recorded as off.
+    ``dropout_p`` of attention) is recorded as off. An ``nn.MultiheadAttention`` called with
+    different arguments at different calls cannot keep one signature; the model is then
+    exported again with it decomposed into plain operations (no ``call_module`` node).
     """
     from torch.export import export, unflatten
 
     kwargs = dict(example_kwargs or {})
+    keep = tuple(name for name, mod in model.named_modules() if isinstance(mod, _SIGNATURE_TYPES))
     was_training = model.training
     model.eval()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = export(
-                model,
-                tuple(example_inputs),
-                kwargs,
-                strict=False,
-                dynamic_shapes=_dynamic_shapes(model, tuple(example_inputs), kwargs),
-            )
-            unflat = unflatten(program)
+        with _quiet():
+            dynamic = _dynamic_shapes(model, tuple(example_inputs), kwargs)
+            try:
+                program = export(model, tuple(example_inputs), kwargs, strict=False,
+                                 dynamic_shapes=dynamic, preserve_module_call_signature=keep)
+            except Exception:
+                if not keep:
+                    raise
+                keep = ()  # those modules stay decomposed; try once more without them
+                program = export(model, tuple(example_inputs), kwargs, strict=False,
+                                 dynamic_shapes=dynamic)
+            unflat = unflatten(program, flat_args_adapter=_ExportedInputs(type(model).__name__))
     finally:
         model.train(was_training)
     names = {x for x in leaf_modules if isinstance(x, str)}
     types = tuple(x for x in leaf_modules if isinstance(x, type))
+    _restore_signature_modules(unflat, model, set(keep))
     _restore_real_modules(unflat, model, names, types)
     _bind_tensors(unflat, model)
-    for _, mod in graph_modules(unflat):
-        if is_interpreter_module(mod):
+    for _, mod in graph_modules(unflat):  # the root too: its compiled copy still holds the
+        if is_interpreter_module(mod) or mod is unflat:  # InterpreterModules replaced above
             for node in mod.graph.nodes:  # a submodule named "self" (BERT) would shadow self
                 if node.name == "self":
                     node._rename("self_out")
@@ -266,6 +323,92 @@ def trace_export(
             mod.graph.owning_module = mod
             mod.finalize()
     return unflat
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence what export writes while it works: warnings, shape-guard log lines and, on
+    failure, the partial graph it prints to stderr (the ``TraceError`` says what failed)."""
+    logger = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _spec_inputs(spec: Any) -> tuple[int, list[str]]:
+    """``(number of positional inputs, keyword names)`` of an ``(args, kwargs)`` TreeSpec."""
+    try:
+        args_spec, kwargs_spec = spec.children()
+        return args_spec.num_children, list(kwargs_spec.context or [])
+    except Exception:  # an unexpected layout: say nothing precise
+        return -1, []
+
+
+class _ExportedInputs(FlatArgsAdapter):
+    """Turns a call of an exported model with other inputs than it was traced with into a
+    clear ``TypeError`` (``unflatten`` otherwise says only "no flat args adapter")."""
+
+    def __init__(self, class_name: str) -> None:
+        self.class_name = class_name
+
+    def adapt(self, target_spec: Any, input_spec: Any, input_args: list[Any],
+              metadata: dict[str, Any] | None = None, obj: Any | None = None) -> list[Any]:
+        n_want, kw_want = _spec_inputs(target_spec)
+        n_got, kw_got = _spec_inputs(input_spec)
+        missing = [k for k in kw_want if k not in kw_got]
+        extra = [k for k in kw_got if k not in kw_want]
+        raise TypeError(
+            f"this {self.class_name} was traced through torch.export with {n_want} positional "
+            f"input(s) and keyword input(s) {kw_want}, and takes exactly those; it was "
+            f"called with {n_got} positional input(s) and keyword input(s) {kw_got}"
+            + (f" (missing: {missing})" if missing else "")
+            + (f" (not traced: {extra})" if extra else "")
+            + ". Way out: pass the same inputs (e.g. attention_mask=torch.ones_like("
+            "input_ids) for no padding), or trace again with example_inputs / "
+            "example_kwargs that have the inputs you will use.")
+
+
+def _from_call_spec(arg: Any) -> bool:
+    """True for an input that ``unflatten`` unpacked from a preserved call signature."""
+    import operator
+
+    import torch.utils._pytree as pytree
+
+    node = arg
+    for _ in range(2):
+        if not (isinstance(node, fx.Node) and node.op == "call_function"
+                and node.target is operator.getitem):
+            return False
+        node = node.args[0]
+    return isinstance(node, fx.Node) and node.target is pytree.tree_unflatten
+
+
+def _restore_signature_modules(unflat: nn.Module, model: nn.Module, keep: set[str]) -> None:
+    """Put the real module back at every call of a module exported with its signature kept.
+
+    ``unflatten`` calls such a module with the original arguments, unpacked from a pytree;
+    it can also pass stray inputs of the parent graph in front of them, which are dropped.
+    """
+    if not keep:
+        return
+    originals = dict(model.named_modules(remove_duplicate=False))
+    for prefix, owner in graph_modules(unflat):
+        for node in owner.graph.nodes:
+            if node.op != "call_module":
+                continue
+            target = str(node.target)
+            qname = qualified(prefix, target)
+            if qname not in keep:
+                continue
+            node.args = tuple(a for a in node.args if _from_call_spec(a))
+            parent_name, _, leaf = target.rpartition(".")
+            parent = owner.get_submodule(parent_name) if parent_name else owner
+            setattr(parent, leaf, originals[qname])
 
 
 def _tensor_placeholders(mod: nn.Module) -> list[int]:
