@@ -44,15 +44,21 @@ from surgery.errors import (
 from surgery.pass_base import Change, Pass, PassResult
 from surgery.roles import find_roles
 from surgery.trace import SurgeryTracer, trace
-from passes.ia3 import IA3Pass
-from passes.lora import LoRAPass
-from passes.merge import MergeIA3Pass, MergeLoRAPass, UnmergeIA3Pass, UnmergeLoRAPass, merged_adapters
 from surgery.combine import combine_adapters
 from surgery.unload import unload
 
 __version__ = "0.1.0"
 
+# Passes live in the ``passes`` package, which imports this core: they load on first use so
+# that ``import passes.lora`` works before or after ``import surgery``.
 _LAZY = {
+    "LoRAPass": ("passes.lora", "LoRAPass"),
+    "IA3Pass": ("passes.ia3", "IA3Pass"),
+    "MergeLoRAPass": ("passes.merge", "MergeLoRAPass"),
+    "UnmergeLoRAPass": ("passes.merge", "UnmergeLoRAPass"),
+    "MergeIA3Pass": ("passes.merge", "MergeIA3Pass"),
+    "UnmergeIA3Pass": ("passes.merge", "UnmergeIA3Pass"),
+    "merged_adapters": ("passes.merge", "merged_adapters"),
     "render": ("visualize", "render"),
     "render_diff": ("visualize", "render_diff"),
     "to_networkx": ("visualize", "to_networkx"),
@@ -120,3 +126,7 @@ __all__ = [
     "unload",
     "zoo",
 ]
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

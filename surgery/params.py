@@ -29,6 +29,10 @@ def share_weights_copy(model: nn.Module) -> nn.Module:
         an optimizer writes into them.
     """
     memo: dict[int, object] = {}
+    state = getattr(model, "_surgery", None)
+    source = getattr(state, "source", None)
+    if source is not None:  # the eager copy kept for unload is read-only: share it
+        memo[id(source)] = source
     adapter_ids = {id(p) for _, p in adapter_parameters(model)}
     for param in model.parameters():
         if id(param) not in memo:

@@ -92,12 +92,16 @@ def set_call_input(node: fx.Node, value: fx.Node) -> None:
 
 
 def replace_uses_after(node: fx.Node, new: fx.Node) -> None:
-    """Make every user of ``node`` except ``new`` (and its own inputs) use ``new`` instead."""
+    """Make every user of ``node`` except ``new`` (and its own inputs) use ``new`` instead.
+
+    Only the inserted nodes feeding ``new`` (those carrying ``meta["surgery"]``) are walked,
+    so the cost is the size of the inserted chain, not of the graph.
+    """
     keep = {new}
     stack = list(new.all_input_nodes)
-    while stack:  # nodes feeding ``new`` that themselves use ``node`` keep using it
+    while stack:  # inserted nodes feeding ``new`` that themselves use ``node`` keep using it
         cur = stack.pop()
-        if cur in keep or cur is node:
+        if cur in keep or cur is node or "surgery" not in cur.meta:
             continue
         keep.add(cur)
         stack.extend(cur.all_input_nodes)

@@ -9,6 +9,7 @@ The traced model owns its module objects; its parameters share the caller's stor
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import io
 import logging
@@ -322,6 +323,8 @@ def trace_export(
             mod._run_with_interpreter = False
             mod.graph.owning_module = mod
             mod.finalize()
+    del program
+    gc.collect()  # unflatten's cloned weights sit in reference cycles: free them now
     return unflat
 
 
