@@ -3,19 +3,65 @@
 Each derives from :class:`surgery.adapter_base.AdapterModule`, so adapters are found by
 type, never by name. Their parameters are created on the device and in the dtype of the
 weight they adapt.
+
+Two run-time switches, both set by :mod:`surgery.active` and :class:`passes.stack.AdapterStack`
+rather than by hand, and neither of which re-traces anything:
+
+* ``active`` (``True`` at creation): an inactive module contributes exactly nothing. A LoRA
+  branch then adds ``-0.0`` (``y + (-0.0)`` is ``y`` bit for bit, signed zeros included)
+  without computing ``B A x``; an IA³ vector returns its input itself; LoRA dropout draws no
+  random numbers.
+* ``route`` (``None`` outside per-sample routing): a boolean tensor of shape ``(batch,)``.
+  The contribution is kept, bit for bit, for the samples marked ``True`` and dropped for the
+  others (``torch.where`` along the leading dimension), so one batch can hold samples meant
+  for different adapters.
+
+A merged adapter (:class:`passes.merge.MergeLoRAPass`) is in the weights and its modules are
+no longer called, so their flags change nothing; :func:`surgery.active.set_active` refuses
+to switch a merged adapter off (unmerge it first).
 """
 
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from surgery.adapter_base import AdapterModule
+from surgery.errors import ConfigError
 
-__all__ = ["LoRAProjection", "LoRADropout", "IA3Vector"]
+__all__ = ["LoRAProjection", "LoRADropout", "IA3Vector", "route_mask"]
+
+
+def route_mask(module: AdapterModule, out: torch.Tensor) -> torch.Tensor | None:
+    """The module's per-sample routing mask, shaped to broadcast over ``out``.
+
+    Args:
+        module: an adapter module; its ``route`` attribute is ``None`` or a boolean tensor
+            of shape ``(batch,)``.
+        out: the tensor the mask selects rows of; its leading dimension is the batch.
+
+    Returns:
+        ``None`` when the module is not being routed, else a boolean tensor of shape
+        ``(batch, 1, ..., 1)`` with ``out.ndim`` dimensions, on ``out``'s device.
+
+    Raises:
+        ConfigError: ``out``'s leading dimension is not the batch size (a layer called on a
+            flattened ``(batch · seq, features)`` input cannot be routed per sample).
+    """
+    route = getattr(module, "route", None)
+    if route is None:
+        return None
+    if out.ndim == 0 or out.shape[0] != route.shape[0]:
+        raise ConfigError(
+            f"per-sample routing: {module.site} ({type(module).__name__}, adapter "
+            f"{module.adapter_name!r}) sees a tensor of shape {tuple(out.shape)} whose leading "
+            f"dimension is not the batch size {route.shape[0]}; samples cannot be told apart "
+            f"there. Way out: run one adapter at a time (adapter_id=k) for this model.")
+    return route.to(out.device).view((-1,) + (1,) * (out.ndim - 1))
 
 
 class LoRAProjection(AdapterModule):
@@ -31,9 +77,15 @@ class LoRAProjection(AdapterModule):
         rank, alpha, scaling: the LoRA hyper-parameters of the update this factor belongs to.
         init: ``"kaiming"`` (A Kaiming-uniform with ``a = sqrt(5)``, as ``nn.Linear``),
             ``"gaussian"`` (A normal with std ``1/rank``); B always starts at zero.
+
+    Inactive (``active = False``), no product is computed: ``A`` returns zeros and ``B``
+    returns ``-0.0`` of shape ``(..., out_features)`` (a broadcast view, no allocation), so
+    the branch's ``y + scaling · B(...)`` is ``y`` bit for bit. Under per-sample routing
+    ``B`` returns its product for the routed samples and ``-0.0`` for the others.
     """
 
     pass_name = "lora"
+    routes_samples: ClassVar[bool] = True  # reads ``route`` itself (see the module docstring)
 
     def __init__(self, in_features: int, out_features: int, *, factor: str, rank: int,
                  alpha: float, scaling: float, init: str, site: str, adapter_name: str,
@@ -47,6 +99,7 @@ class LoRAProjection(AdapterModule):
         self.scaling = scaling
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype,
                                                device=device))
+        self.route: torch.Tensor | None = None
         if factor == "B":
             nn.init.zeros_(self.weight)
         elif init == "gaussian":
@@ -55,7 +108,15 @@ class LoRAProjection(AdapterModule):
             nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        if not self.active:  # -0.0: the branch's add then returns its other operand exactly
+            fill = -0.0 if self.factor == "B" else 0.0
+            return x.new_full((), fill).expand(*x.shape[:-1], self.out_features)
+        out = F.linear(x, self.weight)
+        if self.factor == "B":
+            mask = route_mask(self, out)
+            if mask is not None:
+                out = torch.where(mask, out, -0.0)
+        return out
 
     def extra_repr(self) -> str:
         return (f"{self.factor}: {self.in_features} -> {self.out_features}, rank={self.rank}, "
@@ -63,16 +124,21 @@ class LoRAProjection(AdapterModule):
 
 
 class LoRADropout(AdapterModule):
-    """Dropout on the input of a LoRA branch (identity when ``p == 0``)."""
+    """Dropout on the input of a LoRA branch (identity when ``p == 0`` or inactive).
+
+    Inactive, it returns ``x`` without drawing random numbers, so switching an adapter off
+    leaves the random stream of the rest of the model as it would be without the adapter.
+    """
 
     pass_name = "lora"
+    routes_samples: ClassVar[bool] = True  # nothing to select: ``lora_B`` does it
 
     def __init__(self, p: float, *, site: str, adapter_name: str, role: str | None) -> None:
         super().__init__(site=site, adapter_name=adapter_name, role=role)
         self.p = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0:
+        if self.p == 0.0 or not self.active:
             return x
         return F.dropout(x, self.p, self.training)
 
@@ -89,9 +155,13 @@ class IA3Vector(AdapterModule):
         width: size of the scaled dimension.
         parts: ``[(start, stop)]`` slices that are learned; ``None`` = all of them.
         mode: ``"output"`` (scales a layer's output) or ``"input"`` (scales its input).
+
+    Inactive (``active = False``), ``forward`` returns ``x`` itself. Under per-sample
+    routing it returns ``x * l`` for the routed samples and ``x`` for the others.
     """
 
     pass_name = "ia3"
+    routes_samples: ClassVar[bool] = True
 
     def __init__(self, width: int, *, parts: list[tuple[int, int]] | None, mode: str, site: str,
                  adapter_name: str, role: str | None, dtype: torch.dtype,
@@ -102,6 +172,7 @@ class IA3Vector(AdapterModule):
         self.parts = sorted(parts) if parts else [(0, width)]
         learned = sum(stop - start for start, stop in self.parts)
         self.weight = nn.Parameter(torch.ones(learned, dtype=dtype, device=device))
+        self.route: torch.Tensor | None = None
 
     def vector(self) -> torch.Tensor:
         """The full scaling vector, shape ``(width,)``: learned slices, ones elsewhere."""
@@ -121,7 +192,11 @@ class IA3Vector(AdapterModule):
         return torch.cat(pieces)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.vector()
+        if not self.active:
+            return x
+        out = x * self.vector()
+        mask = route_mask(self, out)
+        return out if mask is None else torch.where(mask, out, x)
 
     def extra_repr(self) -> str:
         return f"{self.mode} scaling, width={self.width}, parts={self.parts}, {super().extra_repr()}"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from surgery.active import active_adapters, adapter_names, disable_adapters, set_active, set_trainable
 from surgery.adapter_base import AdapterModule
 from surgery.audit import Audit, audit
 from surgery.apply import (
@@ -59,6 +60,8 @@ _LAZY = {
     "MergeIA3Pass": ("passes.merge", "MergeIA3Pass"),
     "UnmergeIA3Pass": ("passes.merge", "UnmergeIA3Pass"),
     "merged_adapters": ("passes.merge", "merged_adapters"),
+    "AdapterStack": ("passes.stack", "AdapterStack"),
+    "route_samples": ("passes.stack", "route_samples"),
     "render": ("visualize", "render"),
     "render_diff": ("visualize", "render_diff"),
     "to_networkx": ("visualize", "to_networkx"),
@@ -84,6 +87,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AdapterModule",
+    "AdapterStack",
     "AdapterNotFoundError",
     "AlreadyAdaptedError",
     "Audit",
@@ -108,9 +112,12 @@ __all__ = [
     "UnmergeIA3Pass",
     "UnmergeLoRAPass",
     "UnsupportedSiteError",
+    "active_adapters",
+    "adapter_names",
     "apply_passes",
     "audit",
     "combine_adapters",
+    "disable_adapters",
     "find_roles",
     "history",
     "list_targets",
@@ -120,6 +127,9 @@ __all__ = [
     "plan",
     "render",
     "render_diff",
+    "route_samples",
+    "set_active",
+    "set_trainable",
     "to_networkx",
     "trace",
     "trainable_parameters",

@@ -10,8 +10,8 @@ up to the totals and the totals count every tensor once, as PEFT's
     >>> passes = [LoRAPass(pattern="attn.*", rank=8, alpha=16), IA3Pass()]  # doctest: +SKIP
     >>> print(audit(apply_passes(model, passes)))                           # doctest: +SKIP
     trainable params: 8,960 || all params: 150,272 || trainable%: 5.9625
-    adapter lora:default: 8 site(s), 8,192 params, trainable: yes
-    adapter ia3:default: 6 site(s), 768 params, trainable: yes
+    adapter lora:default: 8 site(s), 8,192 params, trainable: yes, active: yes
+    adapter ia3:default: 6 site(s), 768 params, trainable: yes, active: yes
 
     name                                 type            role   params  trainable  ...
     ...
@@ -20,6 +20,11 @@ up to the totals and the totals count every tensor once, as PEFT's
 
 Works on any ``nn.Module``: a plain model has no roles and no provenance, and its
 trainability is whatever its ``requires_grad`` flags say.
+
+Several named adapters on one base (a multi-task stack) are listed one per (pass, name),
+with whether each is active (:func:`surgery.active.set_active`) and whether it trains
+(:func:`surgery.active.set_trainable`); the two are independent. A row of a switched-off
+adapter module says ``inactive`` in its provenance.
 """
 
 from __future__ import annotations
@@ -94,6 +99,8 @@ class AuditRow:
         adapters: ``"<pass>:<adapter>"`` of the adapters attached to this module.
         tied: ``"<own name>=<first owner's parameter>"`` for parameters shared with a
             module listed earlier (not counted again here).
+        active: for an adapter module, ``"yes"`` or ``"no"`` (switched off by
+            :func:`surgery.active.set_active`); ``""`` for other modules.
     """
 
     name: str
@@ -109,6 +116,7 @@ class AuditRow:
     rewritten_by: tuple[str, ...] = ()
     adapters: tuple[str, ...] = ()
     tied: tuple[str, ...] = ()
+    active: str = ""
 
     @property
     def provenance(self) -> str:
@@ -125,6 +133,8 @@ class AuditRow:
             notes.append("rewritten by " + ", ".join(self.rewritten_by))
         if self.tied:
             notes.append("tied: " + ", ".join(self.tied))
+        if self.active == "no":
+            notes.append("inactive")
         return "; ".join(notes)
 
 
@@ -139,6 +149,8 @@ class AdapterSummary:
         params: elements of its parameters.
         trainable_params: of those, elements with ``requires_grad``.
         trainable: ``"yes"``, ``"no"``, ``"partial"``, or ``""`` without parameters.
+        active: ``"yes"`` (used in the forward pass), ``"no"`` (switched off by
+            :func:`surgery.active.set_active`), or ``"partial"`` (some of its modules off).
     """
 
     name: str
@@ -147,6 +159,7 @@ class AdapterSummary:
     params: int
     trainable_params: int
     trainable: str
+    active: str = "yes"
 
     @property
     def key(self) -> str:
@@ -199,10 +212,11 @@ class Audit:
         """The audit as GitHub-flavoured markdown: totals, adapters table, module table."""
         lines = [f"**{self.totals}**", ""]
         if self.adapters:
-            lines += ["| adapter | pass | sites | params | trainable |", "|---|---|---:|---:|---|"]
+            lines += ["| adapter | pass | sites | params | trainable | active |",
+                      "|---|---|---:|---:|---|---|"]
             for a in self.adapters:
                 lines.append(f"| {a.name} | {a.pass_name} | {len(a.sites)} | {a.params:,d} | "
-                             f"{a.trainable} |")
+                             f"{a.trainable} | {a.active} |")
             lines.append("")
         lines += ["| module | type | role | params | trainable | dtype | device | changed by |",
                   "|---|---|---|---:|---|---|---|---|"]
@@ -229,7 +243,7 @@ class Audit:
         lines = [str(self.totals)]
         for a in self.adapters:
             lines.append(f"adapter {a.key}: {len(a.sites)} site(s), {a.params:,d} params, "
-                         f"trainable: {a.trainable}")
+                         f"trainable: {a.trainable}, active: {a.active}")
         lines += ["", fmt(head), fmt(["-" * w for w in widths])]
         lines += [fmt(c) for c in cells]
         return "\n".join(lines)
@@ -239,6 +253,7 @@ class Audit:
         from rich.table import Table
 
         caption = "; ".join(f"{a.key}: {len(a.sites)} site(s), {a.params:,d} params"
+                            + ("" if a.active == "yes" else f", active: {a.active}")
                             for a in self.adapters) or None
         table = Table(title=str(self.totals), caption=caption, title_justify="left")
         for col in ("name", "type", "role"):
@@ -351,6 +366,7 @@ def _row(qname: str, module: nn.Module, own: list[tuple[str, nn.Parameter]], cou
         rewritten_by=tuple(dict.fromkeys(prov.get("rewritten", []))),
         adapters=_adapters_of(module),
         tied=tied,
+        active=("yes" if module.active else "no") if isinstance(module, AdapterModule) else "",
     )
 
 
@@ -388,8 +404,10 @@ def audit(model: nn.Module, only_trainable: bool = False, depth: int | None = No
         entry = None
         if isinstance(module, AdapterModule):
             entry = adapters.setdefault((module.pass_name, module.adapter_name),
-                                        {"sites": [], "params": 0, "trainable": 0})
+                                        {"sites": [], "params": 0, "trainable": 0, "on": 0,
+                                         "off": 0})
             entry["sites"].append(module.site)
+            entry["on" if module.active else "off"] += 1
         if not own:
             continue
         count = n_train = 0
@@ -415,7 +433,8 @@ def audit(model: nn.Module, only_trainable: bool = False, depth: int | None = No
     summaries = tuple(
         AdapterSummary(name=name, pass_name=pass_name, sites=tuple(dict.fromkeys(e["sites"])),
                        params=e["params"], trainable_params=e["trainable"],
-                       trainable=_trainable_word(e["trainable"], e["params"] - e["trainable"]))
+                       trainable=_trainable_word(e["trainable"], e["params"] - e["trainable"]),
+                       active=_trainable_word(e["on"], e["off"]))
         for (pass_name, name), e in adapters.items())
     return Audit(
         model=_type_name(model, "", state),

@@ -6,6 +6,8 @@
     surgery targets hf:llama                         # every candidate site: name, type, role, shape
     surgery apply hf:gpt2 --lora 'attn.*' --ia3 --out out/
     surgery apply builtin --lora-role query --lora-role value --rank 4 --dry-run
+    surgery apply hf:llama --adapter houlsby --bottleneck 16 --name sst2 --out out/
+    surgery apply builtin --parallel --prefix 4 --prefix-gate zero --dry-run
 
 Errors on purpose (a pattern matching nothing, an unknown model name, ...) print one clean
 paragraph on stderr and exit with status 2; usage errors exit 2 as well.
@@ -44,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="surgery",
-        description="Parameter-efficient model surgery (LoRA, IA3) as torch.fx graph rewrites.",
+        description="Parameter-efficient model surgery (LoRA, IA3, bottleneck adapters, "
+                    "prefixes) as torch.fx graph rewrites.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -63,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     targets.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     apply = sub.add_parser(
-        "apply", help="apply LoRA and/or IA3 to a model, print the audit, draw the diff",
+        "apply", help="apply LoRA, IA3, adapters and/or a prefix to a model, print the audit, "
+                      "draw the diff",
         description="Apply the passes to a model of the zoo, print the audit, and write "
                     "before/after diagrams and the audit into --out.")
     apply.add_argument("spec", metavar="SPEC", help=_spec_help())
@@ -83,6 +87,24 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--ia3", nargs="?", const="", default=None, metavar="PATTERN",
                        help="add IA3 vectors; without PATTERN, to keys, values and "
                             "feed-forward down projections (found by role)")
+    adapters = apply.add_argument_group("bottleneck adapters and prefixes")
+    adapters.add_argument("--adapter", choices=("houlsby", "pfeiffer"), default=None,
+                          help="serial bottleneck adapters h + up(act(down(h))): houlsby = after "
+                               "every attention output and feed-forward down projection, "
+                               "pfeiffer = after the feed-forward only")
+    adapters.add_argument("--parallel", action="store_true",
+                          help="parallel adapters (He et al.): ffn(x) + 4 * up(act(down(x))) on "
+                               "every feed-forward block")
+    adapters.add_argument("--bottleneck", type=int, default=None, metavar="N",
+                          help="bottleneck width of --adapter / --parallel (default: the "
+                               "layer's width // 16)")
+    adapters.add_argument("--prefix", type=int, default=None, metavar="P",
+                          help="learned prefix of P keys and values before every attention op")
+    adapters.add_argument("--prefix-gate", choices=("zero",), default=None,
+                          help="zero: LLaMA-Adapter's zero-init gate on the prefix (identity "
+                               "at init)")
+    apply.add_argument("--name", default="default", metavar="NAME",
+                       help="adapter name given to every pass of this call (default: default)")
     apply.add_argument("--out", default="out", metavar="DIR", help="output folder (default: out)")
     apply.add_argument("--dry-run", action="store_true",
                        help="print what the passes would change; adapt and write nothing")
@@ -148,26 +170,54 @@ def _targets(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _passes(args: argparse.Namespace) -> list[Pass]:
-    from passes.ia3 import IA3Pass
-    from passes.lora import LoRAPass
-
+    """The passes the ``apply`` flags ask for, in a fixed order: LoRA, IA3, serial adapter,
+    parallel adapter, prefix. Pass modules are imported only when asked for."""
     roles = [r.strip() for item in args.lora_role or () for r in item.split(",") if r.strip()]
+    name = args.name
     passes: list[Pass] = []
     if args.lora or roles:
+        from passes.lora import LoRAPass
+
         passes.append(LoRAPass(pattern=list(args.lora) if args.lora else None,
                                role=roles or None, rank=args.rank, alpha=args.alpha,
-                               dropout=args.dropout, use_rslora=args.rslora))
+                               dropout=args.dropout, use_rslora=args.rslora, name=name))
     if args.ia3 is not None:
-        passes.append(IA3Pass(pattern=args.ia3 or None))
+        from passes.ia3 import IA3Pass
+
+        passes.append(IA3Pass(pattern=args.ia3 or None, name=name))
+    if args.bottleneck is not None and args.adapter is None and not args.parallel:
+        raise ConfigError("apply: --bottleneck sets the width of --adapter / --parallel; give "
+                          "one of them too")
+    if args.prefix_gate is not None and args.prefix is None:
+        raise ConfigError("apply: --prefix-gate needs --prefix P (the prefix length)")
+    if args.adapter is not None:
+        from passes.adapters import SerialAdapterPass
+
+        passes.append(SerialAdapterPass(placement=args.adapter, bottleneck=args.bottleneck,
+                                        name=name))
+    if args.parallel:
+        from passes.adapters import ParallelAdapterPass
+
+        passes.append(ParallelAdapterPass(bottleneck=args.bottleneck, name=name))
+    if args.prefix is not None:
+        from passes.prefix import PrefixPass
+
+        passes.append(PrefixPass(length=args.prefix, gate=args.prefix_gate, name=name))
     if not passes:
-        raise ConfigError("apply: nothing to apply; give --lora PATTERN, --lora-role ROLE "
-                          "and/or --ia3 (see surgery apply --help)")
+        raise ConfigError("apply: nothing to apply; give --lora PATTERN, --lora-role ROLE, "
+                          "--ia3, --adapter houlsby|pfeiffer, --parallel and/or --prefix P "
+                          "(see surgery apply --help)")
     return passes
 
 
 def _apply(args: argparse.Namespace, out: TextIO) -> int:
     passes = _passes(args)
     spec = _load(args.spec)
+    for p in passes:
+        if getattr(p, "identity_at_init", True) is False:
+            print(f"note: {p.describe()} changes the model's outputs before any training "
+                  f"(the prefix joins the attention softmax); --prefix-gate zero keeps them "
+                  f"unchanged at init", file=out)
     try:
         if args.dry_run:
             return _dry_run(spec, passes, out)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from surgery.active import INACTIVE_KEY
 from surgery.adapter_base import AdapterModule
 from surgery.dataflow import op_name
 from surgery.graphs import is_interpreter_module, surgery_meta
@@ -235,16 +236,24 @@ def param_state(params: Iterable[ParamInfo]) -> str:
 def provenance(node: fx.Node, module: nn.Module | None = None) -> dict | None:
     """The pass provenance of a node: its ``meta["surgery"]``, else that of its adapter module.
 
+    A node of an adapter that is switched off (:func:`surgery.active.set_active`: its module
+    is inactive, or the node carries ``meta["surgery_inactive"]``) also gets
+    ``"active": False``; active adapters get no such key.
+
     Returns:
         ``{"pass", "site", "role", "adapter", ...}`` (a copy), or ``None`` for an original node.
     """
     meta = surgery_meta(node)
+    prov = None
     if meta:
-        return {str(k): v for k, v in meta.items()}
-    if isinstance(module, AdapterModule):
-        return {"pass": module.pass_name, "site": module.site, "role": module.role,
+        prov = {str(k): v for k, v in meta.items()}
+    elif isinstance(module, AdapterModule):
+        prov = {"pass": module.pass_name, "site": module.site, "role": module.role,
                 "adapter": module.adapter_name}
-    return None
+    if prov is not None and (node.meta.get(INACTIVE_KEY) or (
+            isinstance(module, AdapterModule) and not module.active)):
+        prov["active"] = False
+    return prov
 
 
 def node_cluster(node: fx.Node, prefix: str, module_path: str | None, flat: bool,

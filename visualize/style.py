@@ -7,7 +7,12 @@ from typing import Any
 
 from visualize.options import Palette
 
-__all__ = ["NodeStyle", "node_category", "node_style", "LEGEND_BASE"]
+__all__ = ["NodeStyle", "node_category", "node_style", "LEGEND_BASE", "INACTIVE_FILL",
+           "INACTIVE_BORDER"]
+
+# Nodes of an adapter switched off (surgery.set_active): greyed out, dashed border.
+INACTIVE_FILL = "#eeeeee"
+INACTIVE_BORDER = "#9e9e9e"
 
 # (category, legend text), in the order the legend lists them.
 LEGEND_BASE: tuple[tuple[str, str], ...] = (
@@ -76,6 +81,9 @@ def _shape(attrs: dict[str, Any]) -> tuple[str, str]:
 def node_style(attrs: dict[str, Any], palette: Palette, *, highlighted: bool = False) -> NodeStyle:
     """Decide how a node of a :func:`visualize.to_networkx` graph is drawn.
 
+    Nodes of a switched-off adapter (``provenance["active"] is False``) keep their
+    category but are drawn greyed out with a dashed border.
+
     Args:
         attrs: the node's attributes.
         palette: the colours.
@@ -97,6 +105,8 @@ def node_style(attrs: dict[str, Any], palette: Palette, *, highlighted: bool = F
             "constant": palette.constant,
         }.get(category, palette.op)
     shape, style = _shape(attrs)
+    if (attrs.get("provenance") or {}).get("active") is False:  # a switched-off adapter
+        fill, border, style = INACTIVE_FILL, INACTIVE_BORDER, f"{style},dashed"
     adapted = attrs.get("adapted") or ()
     if adapted:  # a collapsed module with adapters inside
         border = palette.for_pass(adapted[0])[1]

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from surgery import IA3Pass, LoRAPass, apply_passes, trainable_parameters
+from surgery.active import set_active, set_trainable
 from surgery.audit import Audit, audit, format_totals
 from surgery.zoo import load_model
 
@@ -123,6 +124,36 @@ def test_several_named_adapters_and_partial() -> None:
     assert result.totals.trainable == 2 * 2 * 128 + 2 * 4 * 128 - 4 * 64
 
 
+def test_stack_lists_each_adapter_active_and_trainable() -> None:
+    spec = load_model("builtin")
+    adapted = apply_passes(spec.model, [LoRAPass(pattern="q_proj", rank=2, name="sst2"),
+                                        LoRAPass(pattern="q_proj", rank=2, name="mnli"),
+                                        IA3Pass(name="mnli")])
+    set_active(adapted, "sst2")  # mnli (LoRA and IA3) off, still training
+    set_trainable(adapted, "mnli")  # sst2 on, frozen
+    result = audit(adapted)
+    got = {a.key: (a.name, a.pass_name, len(a.sites), a.params, a.trainable, a.active)
+           for a in result.adapters}
+    assert got == {"lora:sst2": ("sst2", "lora", 2, 512, "no", "yes"),
+                   "lora:mnli": ("mnli", "lora", 2, 512, "yes", "no"),
+                   "ia3:mnli": ("mnli", "ia3", 6, 768, "yes", "no")}
+    lines = str(result).splitlines()
+    assert "adapter lora:sst2: 2 site(s), 512 params, trainable: no, active: yes" in lines
+    assert "adapter ia3:mnli: 6 site(s), 768 params, trainable: yes, active: no" in lines
+    md = result.to_markdown()
+    assert "| mnli | lora | 2 | 512 | yes | no |" in md and "| sst2 | lora | 2 | 512 | no | yes |" in md
+    data = json.loads(result.to_json())
+    assert [(a["name"], a["pass_name"], a["active"], a["trainable"]) for a in data["adapters"]] == [
+        ("sst2", "lora", "yes", "no"), ("mnli", "lora", "no", "yes"), ("mnli", "ia3", "no", "yes")]
+    rows = {r.name: r for r in result.rows}
+    b = rows["layers.0.attn.q_proj.lora_B.mnli"]
+    assert (b.active, b.trainable, b.provenance) == ("no", "yes", "added by lora:mnli; inactive")
+    assert rows["layers.0.attn.q_proj.lora_B.sst2"].active == "yes"
+    assert rows["layers.0.attn.q_proj"].active == ""  # not an adapter module
+    set_active(adapted, None)
+    assert {a.active for a in audit(adapted).adapters} == {"yes"}
+
+
 def test_plain_module_everything_as_flagged() -> None:
     model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
     model[0].weight.requires_grad_(False)
@@ -192,7 +223,7 @@ def test_only_trainable(builtin_adapted: nn.Module, builtin_audit: Audit) -> Non
 
 def test_str_table(builtin_audit: Audit) -> None:
     lines = str(builtin_audit).splitlines()
-    assert lines[1] == "adapter lora:default: 8 site(s), 8,192 params, trainable: yes"
+    assert lines[1] == "adapter lora:default: 8 site(s), 8,192 params, trainable: yes, active: yes"
     header = next(i for i, line in enumerate(lines) if line.startswith("name "))
     assert lines[header].split() == ["name", "type", "role", "params", "trainable", "dtype",
                                      "device", "changed", "by"]
@@ -212,18 +243,18 @@ def test_json_round_trip_and_stable_keys(builtin_audit: Audit) -> None:
                               "percent": 100 * 8_960 / 150_272}
     assert (data["model"], data["frontend"], data["passes"]) == ("TinyTransformer", "fx",
                                                                  ["lora", "ia3", "freeze"])
-    assert sorted(data["rows"][0]) == ["adapters", "added_by", "device", "dtype", "frozen_by",
-                                       "name", "params", "rewritten_by", "role", "tied",
-                                       "trainable", "trainable_params", "type"]
-    assert sorted(data["adapters"][0]) == ["name", "params", "pass_name", "sites", "trainable",
-                                           "trainable_params"]
+    assert sorted(data["rows"][0]) == ["active", "adapters", "added_by", "device", "dtype",
+                                       "frozen_by", "name", "params", "rewritten_by", "role",
+                                       "tied", "trainable", "trainable_params", "type"]
+    assert sorted(data["adapters"][0]) == ["active", "name", "params", "pass_name", "sites",
+                                           "trainable", "trainable_params"]
 
 
 def test_markdown(builtin_audit: Audit) -> None:
     md = builtin_audit.to_markdown()
     assert md.startswith(
         "**trainable params: 8,960 || all params: 150,272 || trainable%: 5.9625**\n")
-    assert "| default | lora | 8 | 8,192 | yes |" in md
+    assert "| default | lora | 8 | 8,192 | yes | yes |" in md
     assert ("| `layers.0.attn.q_proj.lora_A.default` | LoRAProjection | query | 512 | yes "
             "| float32 | cpu | added by lora:default |") in md
 

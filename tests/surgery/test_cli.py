@@ -87,6 +87,65 @@ def test_apply_roles_pattern_ia3_and_rslora(tmp_path: Path, capsys: pytest.Captu
     assert not (tmp_path / "never").exists()  # a dry run writes nothing
 
 
+# Bottleneck adapters on the built-in model (width 64): down 64 -> m plus up m -> 64, with
+# biases: 64m + m + 64m + 64 params per site; m = 64 // 16 = 4 by default (580 per site).
+@pytest.mark.parametrize(("argv", "expected"), [
+    pytest.param(["--adapter", "houlsby", "--bottleneck", "8"],
+                 ["SerialAdapterPass(bottleneck=8): 4 site(s), 4,384 new params",
+                  "  layers.0.attn.o_proj  [attn_out]  + adapter.default.down.weight (8, 64), "
+                  "adapter.default.down.bias (8,), adapter.default.up.weight (64, 8), "
+                  "adapter.default.up.bias (64,)"], id="houlsby"),
+    pytest.param(["--adapter", "pfeiffer"],
+                 ["SerialAdapterPass(placement='pfeiffer'): 2 site(s), 1,160 new params",
+                  "  layers.1.mlp.down_proj  [ffn_down]  + adapter.default.down.weight (4, 64), "
+                  "adapter.default.down.bias (4,), adapter.default.up.weight (64, 4), "
+                  "adapter.default.up.bias (64,)"], id="pfeiffer"),
+    pytest.param(["--parallel", "--bottleneck", "2"],
+                 ["ParallelAdapterPass(bottleneck=2): 2 site(s), 644 new params"], id="parallel"),
+    # prefix: key and value (4 heads, P, 16) per layer; the gate adds one value per head
+    pytest.param(["--prefix", "3", "--prefix-gate", "zero"],
+                 ["PrefixPass(length=3, gate='zero'): 2 site(s), 776 new params",
+                  "  layers.0.attn  [attention]  + prefix.default.key (4, 3, 16), "
+                  "prefix.default.value (4, 3, 16), prefix_gate.default.weight (4,)"],
+                 id="prefix-gate"),
+    pytest.param(["--prefix", "2"],
+                 ["note: PrefixPass(length=2) changes the model's outputs before any training "
+                  "(the prefix joins the attention softmax); --prefix-gate zero keeps them "
+                  "unchanged at init",
+                  "PrefixPass(length=2): 2 site(s), 512 new params"], id="prefix"),
+    pytest.param(["--lora", "q_proj", "--rank", "2", "--ia3", "--parallel", "--name", "sst2"],
+                 ["LoRAPass(pattern=('q_proj',), rank=2, alpha=16.0, adapter_name='sst2'): "
+                  "2 site(s), 512 new params",
+                  "IA3Pass(adapter_name='sst2'): 6 site(s), 768 new params",
+                  "ParallelAdapterPass(adapter_name='sst2'): 2 site(s), 1,160 new params",
+                  "  layers.0.mlp.down_proj  [ffn]  + parallel_adapter.sst2.down.weight (4, 64), "
+                  "parallel_adapter.sst2.down.bias (4,), parallel_adapter.sst2.up.weight (64, 4), "
+                  "parallel_adapter.sst2.up.bias (64,)"], id="name"),
+])
+def test_apply_adapter_and_prefix_flags(argv: list[str], expected: list[str], tmp_path: Path,
+                                        capsys: pytest.CaptureFixture) -> None:
+    assert main(["apply", "builtin", *argv, "--dry-run", "--out", str(tmp_path / "never")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for line in expected:
+        assert line in lines
+    assert not (tmp_path / "never").exists()
+
+
+def test_apply_named_adapters_writes_the_stack(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = main(["apply", "builtin", "--adapter", "pfeiffer", "--prefix", "2", "--prefix-gate",
+                 "zero", "--name", "mnli", "--out", str(tmp_path)])
+    assert code == 0
+    stdout = capsys.readouterr().out
+    assert "adapter serial_adapter:mnli: 2 site(s), 1,160 params, trainable: yes, active: yes" in stdout
+    assert "adapter prefix:mnli: 2 site(s), 520 params, trainable: yes, active: yes" in stdout
+    data = json.loads((tmp_path / "audit.json").read_text())
+    assert data["passes"] == ["serial_adapter", "prefix", "freeze"]
+    assert {(a["name"], a["pass_name"], a["active"]) for a in data["adapters"]} == {
+        ("mnli", "serial_adapter", "yes"), ("mnli", "prefix", "yes")}
+    after = (tmp_path / "after.dot").read_text(encoding="utf-8")
+    assert "adapter.mnli.down" in after and "prefix_gate.mnli" in after
+
+
 def test_targets_json(capsys: pytest.CaptureFixture) -> None:
     assert main(["targets", "builtin", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
@@ -115,7 +174,19 @@ def test_targets_llama_table(capsys: pytest.CaptureFixture) -> None:
                  ["NoMatchError", "'nope_proj'", "surgery targets builtin"], id="no-match"),
     pytest.param(["apply", "builtin", "--lora-role", "querry"], ["ConfigError", "query"],
                  id="bad-role"),
-    pytest.param(["apply", "builtin"], ["ConfigError", "nothing to apply"], id="nothing"),
+    pytest.param(["apply", "builtin"], ["ConfigError", "nothing to apply", "--adapter",
+                                        "--prefix P"], id="nothing"),
+    pytest.param(["apply", "builtin", "--bottleneck", "8"],
+                 ["ConfigError", "--bottleneck sets the width of --adapter / --parallel"],
+                 id="bottleneck-alone"),
+    pytest.param(["apply", "builtin", "--prefix-gate", "zero"],
+                 ["ConfigError", "--prefix-gate needs --prefix P"], id="gate-alone"),
+    pytest.param(["apply", "builtin", "--prefix", "-1"],
+                 ["ConfigError", "length must be an int >= 0"], id="bad-prefix"),
+    pytest.param(["apply", "builtin", "--adapter", "pfeiffer", "--bottleneck", "0"],
+                 ["ConfigError", "SerialAdapterPass"], id="bad-bottleneck"),
+    pytest.param(["apply", "builtin", "--ia3", "--name", "my-task"],
+                 ["ConfigError", "name must be a Python identifier"], id="bad-name"),
     pytest.param(["apply", "builtin", "--lora", "q_proj", "--rank", "0"],
                  ["ConfigError", "rank must be a positive int"], id="bad-rank"),
 ])
@@ -135,6 +206,8 @@ def test_errors_exit_2_with_one_clean_paragraph(argv: list[str], needles: list[s
 def test_usage_errors_and_version(capsys: pytest.CaptureFixture) -> None:
     assert main(["apply", "builtin", "--rank", "eight"]) == 2
     assert "invalid int value: 'eight'" in capsys.readouterr().err
+    assert main(["apply", "builtin", "--adapter", "houslby"]) == 2
+    assert "argument --adapter: invalid choice: 'houslby'" in capsys.readouterr().err
     assert main([]) == 2
     capsys.readouterr()
     assert main(["--version"]) == 0
