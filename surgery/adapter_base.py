@@ -6,8 +6,6 @@ Adapters are found structurally, by this type, never by a substring of a paramet
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 from torch import nn
 
 __all__ = ["AdapterModule"]
@@ -23,7 +21,7 @@ class AdapterModule(nn.Module):
         role: structural role of the site, if known.
     """
 
-    pass_name: ClassVar[str] = "adapter"
+    pass_name: str = "adapter"  # a class default; modules shared by two passes set it per instance
 
     def __init__(self, *, site: str, adapter_name: str, role: str | None = None) -> None:
         super().__init__()

@@ -35,6 +35,8 @@ __all__ = [
     "ModelRoles",
     "find_roles",
     "normalize_roles",
+    "walk",
+    "ELEMENTWISE",
 ]
 
 ROLES = ("query", "key", "value", "attn_out", "ffn_up", "ffn_gate", "ffn_down", "attention")
@@ -61,7 +63,7 @@ _ACTIVATIONS = {
     "hardswish", "hardsigmoid", "hardtanh", "relu6", "gelu_", "relu_", "silu_", "glu", "selu",
     "celu", "prelu", "rrelu", "softsign", "tanh_", "sigmoid_",
 }
-_ELEMENTWISE = _ACTIVATIONS | {
+ELEMENTWISE = _ACTIVATIONS | {
     "mul", "add", "sub", "div", "truediv", "pow", "neg", "exp", "clamp", "to", "_to_copy", "type",
     "float", "contiguous", "clone", "dropout", "native_dropout", "getitem", "placeholder",
     "output", "mul_", "add_", "alias", "identity",
@@ -84,7 +86,7 @@ def _is_activation(name: str) -> bool:
 
 
 def _passes(name: str, allowed: set[str]) -> bool:
-    return name in allowed or (allowed is _ELEMENTWISE and _is_activation(name))
+    return name in allowed or (allowed is ELEMENTWISE and _is_activation(name))
 
 
 @dataclass
@@ -183,7 +185,7 @@ def _linear_qname(g: nx.DiGraph, nid: str) -> str | None:
     return None
 
 
-def _walk(g: nx.DiGraph, start: str, allowed: set[str], *, forward: bool = False,
+def walk(g: nx.DiGraph, start: str, allowed: set[str], *, forward: bool = False,
           limit: int = 200, visited: set[str] | None = None
           ) -> tuple[list[str], dict[str, list[str]]]:
     """Walk from ``start`` through ``allowed`` ops; return linear layers reached and paths.
@@ -365,7 +367,7 @@ def find_roles(model: nn.Module, dataflow: nx.DiGraph | None = None) -> ModelRol
             for role, arg in (("query", q), ("key", k), ("value", v)):
                 if arg is None:
                     continue
-                found, paths = _walk(g, arg, _QKV_OPS)
+                found, paths = walk(g, arg, _QKV_OPS)
                 # the walk starts at the argument itself: it may be the linear output directly
                 direct = _linear_qname(g, arg)
                 if direct is not None:
@@ -375,7 +377,7 @@ def find_roles(model: nn.Module, dataflow: nx.DiGraph | None = None) -> ModelRol
                     ri = info(qname)
                     ri.roles.add(role)
                     role_paths.setdefault(qname, {}).setdefault(role, paths[qname])
-        out, _ = _walk(g, nid, _FORWARD_OPS, forward=True)
+        out, _ = walk(g, nid, _FORWARD_OPS, forward=True)
         op.out = out
         for qname in out:
             info(qname).roles.add("attn_out")
@@ -393,7 +395,7 @@ def find_roles(model: nn.Module, dataflow: nx.DiGraph | None = None) -> ModelRol
         if _linear_qname(g, start) is not None:
             continue
         region: set[str] = {start}
-        sources, paths = _walk(g, start, _ELEMENTWISE, visited=region)
+        sources, paths = walk(g, start, ELEMENTWISE, visited=region)
         sources = [s for s in sources if not (s in modules and modules[s].roles & attn_roles)]
         if not sources:
             continue

@@ -1,0 +1,748 @@
+"""Bottleneck adapters as graph rewrites: serial (Houlsby et al. 2019, "Parameter-Efficient
+Transfer Learning for NLP"; Pfeiffer et al. 2021, "AdapterFusion") and parallel (He et al.
+2022, "Towards a Unified View of Parameter-Efficient Transfer Learning").
+
+Serial, on the output ``h`` of an anchor layer (an attention output projection, a
+feed-forward down projection), before anything the model does with it. Before::
+
+    h = o_proj(y)
+    ...                                    # the model's code reads h
+
+After::
+
+    h  = o_proj(y)
+    z  = o_proj.adapter.default.down(h)    # (..., d) -> (..., m)
+    a  = o_proj.adapter.default.act(z)
+    u  = o_proj.adapter.default.up(a)      # (..., m) -> (..., d), zero at init
+    h2 = h + u                             # the adapter's own residual
+    ...                                    # the model's code reads h2
+
+Parallel, reading the input ``x`` of a sub-layer and adding to its output. Before::
+
+    g = act(up_proj(x))
+    y = down_proj(g)
+
+After::
+
+    g  = act(up_proj(x))
+    y  = down_proj(g)
+    z  = down_proj.parallel_adapter.default.down(x)
+    a  = down_proj.parallel_adapter.default.act(z)
+    u  = down_proj.parallel_adapter.default.up(a)     # zero at init
+    s  = u * scaling
+    y2 = y + s
+
+``up`` starts with zero weight and bias, so both are bitwise identities at init.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import networkx as nx
+from torch import fx, nn
+
+from passes.bottleneck import BottleneckAdapter, make_activation
+from passes.lora import lora_features
+from surgery.dataflow import build_dataflow, node_id
+from surgery.errors import ConfigError, NoMatchError, UnsupportedSiteError, near_matches
+from surgery.graphs import CallSite, call_sites, graph_modules, qualified
+from surgery.pass_base import Change, Pass, PassResult
+from surgery.rewrite import (
+    call_input,
+    editable_graph,
+    freeze_site,
+    insert_chain,
+    mark,
+    register_adapter,
+    relative_target,
+    replace_uses_after,
+    site_output,
+)
+from surgery.roles import ModelRoles, find_roles
+from surgery.select import Selector, as_patterns, matches
+from surgery.sites import Site, candidate_sites, resolve_sites
+from surgery.trace import is_hf_conv1d
+
+__all__ = ["SerialAdapterPass", "ParallelAdapterPass", "SubLayer", "find_sublayers"]
+
+_DEFAULT_REDUCTION = 16
+_PLACEMENTS: dict[str, tuple[str, ...]] = {"houlsby": ("attn_out", "ffn_down"),
+                                           "pfeiffer": ("ffn_down",)}
+_SUBLAYER_ROLES = {"ffn": "ffn", "feedforward": "ffn", "attention": "attention",
+                   "attn": "attention"}
+_BRANCH = ("down", "act", "up")
+
+
+def _accept(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_hf_conv1d(module)
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_common(who: str, bottleneck: Any, reduction_factor: Any, activation: Any,
+                  adapter_name: Any) -> None:
+    """Validate the settings both adapter passes share.
+
+    Raises:
+        ConfigError: both or an invalid one of ``bottleneck`` / ``reduction_factor``, an
+            unknown activation, or a name that is not a Python identifier.
+    """
+    if bottleneck is not None and reduction_factor is not None:
+        raise ConfigError(f"{who}: give bottleneck= or reduction_factor=, not both (got "
+                          f"bottleneck={bottleneck!r}, reduction_factor={reduction_factor!r}).")
+    if bottleneck is not None and not _positive_int(bottleneck):
+        raise ConfigError(f"{who}: bottleneck must be a positive int, got {bottleneck!r}")
+    if reduction_factor is not None and not _positive_int(reduction_factor):
+        raise ConfigError(f"{who}: reduction_factor must be a positive int, got "
+                          f"{reduction_factor!r}")
+    make_activation(activation, who=who)
+    if not isinstance(adapter_name, str) or not adapter_name.isidentifier():
+        raise ConfigError(f"{who}: name must be a Python identifier (it becomes part of "
+                          f"parameter names), got {adapter_name!r}")
+
+
+def _width(who: str, bottleneck: int | None, reduction_factor: int | None, features: int,
+           site: str) -> int:
+    """The bottleneck width for a layer of ``features`` input features.
+
+    Raises:
+        ConfigError: ``features // reduction_factor`` is 0.
+    """
+    if bottleneck is not None:
+        return bottleneck
+    factor = reduction_factor if reduction_factor is not None else _DEFAULT_REDUCTION
+    width = features // factor
+    if width < 1:
+        raise ConfigError(f"{who}: reduction_factor={factor} leaves no bottleneck at {site} "
+                          f"({features} features // {factor} = 0). Way out: a smaller "
+                          f"reduction_factor, or bottleneck=<width>.")
+    return width
+
+
+def _param_changes(pass_name: str, site: str, slot: str, adapter: BottleneckAdapter,
+                   role: str | None) -> list[Change]:
+    changes = []
+    for pname, param in adapter.named_parameters():
+        changes.append(Change("param_added", pass_name, site,
+                              f"{site}.{slot}.{adapter.adapter_name}.{pname}",
+                              adapter=adapter.adapter_name, role=role, shape=tuple(param.shape),
+                              numel=param.numel(), trainable=True))
+    return changes
+
+
+def _insert_branch(graph: fx.Graph, call: CallSite, slot: str, adapter_name: str, source: fx.Node,
+                   last: fx.Node, scaling: float | None, tag: dict[str, Any]) -> fx.Node:
+    """Insert ``last + [scaling ·] up(act(down(source)))`` right after ``last``; return the sum."""
+
+    def target(part: str) -> str:
+        return relative_target(call, slot, adapter_name, part)
+
+    def build() -> fx.Node:
+        z = mark(graph.call_module(target("down"), (source,)), part="down", **tag)
+        a = mark(graph.call_module(target("act"), (z,)), part="act", **tag)
+        u = mark(graph.call_module(target("up"), (a,)), part="up", like=last, **tag)
+        if scaling is not None:
+            u = mark(graph.call_function(operator.mul, (u, scaling)), part="scale", like=last,
+                     **tag)
+        return mark(graph.call_function(operator.add, (last, u)), part="add", like=last, **tag)
+
+    out = insert_chain(graph, last, build)
+    replace_uses_after(last, out)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Serial
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class SerialAdapterPass(Pass):
+    """Insert a bottleneck ``h + up(act(down(h)))`` on the output ``h`` of anchor layers.
+
+    Where the adapter sits:
+
+    - **Pre-LayerNorm blocks** (LLaMA, GPT-2, the built-in TinyTransformer:
+      ``x + proj(f(norm(x)))``): on the projection's output, before the model's residual add
+      (and before GPT-2's residual dropout): ``x + adapter(proj(...))``.
+    - **Post-LayerNorm blocks** (BERT: ``LayerNorm(x + dropout(proj(f(x))))``): on the
+      projection's output, before dropout, the residual add and the LayerNorm:
+      ``LayerNorm(x + dropout(adapter(proj(...))))``.
+
+    Either way the model's own residual and norm are left as they are and the adapter adds
+    exactly one residual of its own, ``h + up(act(down(h)))``; nothing is added on top of the
+    model's residual. If the anchor already carries LoRA or an IA³ output scaling, the adapter
+    reads the layer's output as adapted (``W x + s · B A x``, then scaled).
+
+    Args:
+        pattern: qualified-name glob(s) or ``re:`` regex of the anchor layers.
+        role: structural role(s) of the anchor layers (``"attn_out"``, ``"ffn_down"``, ...).
+            ``pattern`` and ``role`` replace the placement's selection.
+        exclude: patterns removed from the selection.
+        bottleneck: the bottleneck width ``m`` (``down`` is ``d → m``, ``up`` is ``m → d``).
+        reduction_factor: ``m = d // reduction_factor`` per anchor; give this or
+            ``bottleneck``, not both. With neither, ``reduction_factor=16``.
+        activation: ``"gelu"`` (default), ``"relu"``, ``"silu"`` or ``"tanh"``.
+        placement: ``"houlsby"``: after every attention output projection (role
+            ``attn_out``) and every feed-forward down projection (``ffn_down``);
+            ``"pfeiffer"``: after every feed-forward down projection only.
+        name: adapter name; modules live at ``<anchor>.adapter.<name>`` (state-dict keys
+            ``layers.0.attn.o_proj.adapter.default.down.weight``).
+
+    Anchors are ``nn.Linear`` and transformers' ``Conv1D`` layers; ``d`` is their
+    ``out_features``. ``down`` starts as ``nn.Linear`` does, ``up`` at zero (weight and
+    bias), so outputs are bitwise unchanged at init; parameters take the anchor weight's
+    dtype and device.
+
+    Raises:
+        ConfigError: both ``bottleneck`` and ``reduction_factor``, an invalid width, an
+            unknown activation or placement, an invalid name (at construction); a reduction
+            factor larger than an anchor's width (when run).
+        NoMatchError: the selection matches nothing (when run).
+        UnsupportedSiteError: ``placement="houlsby"`` (without ``pattern`` / ``role``) on a
+            model whose attention is ``nn.MultiheadAttention``, which never calls its output
+            projection.
+        AlreadyAdaptedError: an anchor already has a serial adapter of this name.
+    """
+
+    name: ClassVar[str] = "serial_adapter"
+    slot: ClassVar[str] = "adapter"
+
+    pattern: Selector = None
+    role: str | Sequence[str] | None = None
+    exclude: Selector = None
+    bottleneck: int | None = None
+    reduction_factor: int | None = None
+    activation: str = "gelu"
+    placement: str = "houlsby"
+    adapter_name: str = "default"
+
+    def __init__(self, *, pattern: Selector = None, role: str | Sequence[str] | None = None,
+                 exclude: Selector = None, bottleneck: int | None = None,
+                 reduction_factor: int | None = None, activation: str = "gelu",
+                 placement: str = "houlsby", name: str = "default") -> None:
+        for key, val in (("pattern", pattern), ("role", role), ("exclude", exclude),
+                         ("bottleneck", bottleneck), ("reduction_factor", reduction_factor),
+                         ("activation", activation), ("placement", placement),
+                         ("adapter_name", name)):
+            object.__setattr__(self, key, tuple(val) if isinstance(val, list) else val)
+        self.__post_init__()
+
+    def __post_init__(self) -> None:
+        as_patterns(self.pattern)
+        as_patterns(self.exclude)
+        _check_common("SerialAdapterPass", self.bottleneck, self.reduction_factor,
+                      self.activation, self.adapter_name)
+        if self.placement not in _PLACEMENTS:
+            near = near_matches(str(self.placement), _PLACEMENTS)
+            raise ConfigError(f"SerialAdapterPass: unknown placement {self.placement!r}; "
+                              f"nearest: {', '.join(near)}. Valid placements: "
+                              f"{', '.join(_PLACEMENTS)}.")
+
+    def sites(self, model: nn.Module) -> list[Site]:
+        """The anchor layers this pass would adapt in the traced ``model``, in graph order.
+
+        Raises:
+            NoMatchError: the selection matches nothing.
+            UnsupportedSiteError: ``placement="houlsby"`` on a model whose attention is
+                ``nn.MultiheadAttention`` (it has no output projection call to follow).
+        """
+        roles = find_roles(model)
+        if self.pattern is None and self.role is None and "attn_out" in _PLACEMENTS[self.placement]:
+            mha = roles.with_role(["attention"])
+            if mha:
+                raise UnsupportedSiteError(
+                    f"SerialAdapterPass: placement={self.placement!r} puts an adapter after every "
+                    f"attention output projection, but the attention of this model is "
+                    f"nn.MultiheadAttention ({', '.join(mha[:5])}), which reads out_proj.weight "
+                    f"directly instead of calling out_proj, so there is no output to adapt. Way "
+                    f"out: placement='pfeiffer' (feed-forward only), or choose anchors with "
+                    f"pattern=... / role=....")
+        return resolve_sites(model, pass_name="SerialAdapterPass", pattern=self.pattern,
+                             role=self.role, exclude=self.exclude,
+                             default_roles=_PLACEMENTS[self.placement], accept=_accept,
+                             accepted_types="nn.Linear / Conv1D", roles=roles)
+
+    def run(self, model: nn.Module) -> PassResult:
+        changes: list[Change] = []
+        for site in self.sites(model):
+            changes.extend(self._adapt(site))
+        return PassResult(model, bool(changes), tuple(changes), self.name)
+
+    def _adapt(self, site: Site) -> list[Change]:
+        module, qname = site.module, site.qname
+        role = site.role.label if site.role else None
+        _, d = lora_features(module)
+        width = _width("SerialAdapterPass", self.bottleneck, self.reduction_factor, d, qname)
+        adapter = BottleneckAdapter(d, width, d, activation=self.activation, scaling=1.0,
+                                    pass_name=self.name, site=qname,
+                                    adapter_name=self.adapter_name, role=role,
+                                    dtype=module.weight.dtype, device=module.weight.device)
+        register_adapter(module, self.slot, self.adapter_name, adapter,
+                         pass_name="SerialAdapterPass", site=qname)
+        tag = dict(pass_name=self.name, site=qname, role=role, adapter=self.adapter_name)
+        changes = []
+        for call in site.calls:
+            graph = editable_graph(call)
+            last = site_output(call.node, qname)  # after LoRA's add / IA³'s scaling, if any
+            _insert_branch(graph, call, self.slot, self.adapter_name, last, last, None, tag)
+            for part in _BRANCH + ("add",):
+                changes.append(Change("node_added", self.name, qname, f"{call.prefix}/{part}",
+                                      adapter=self.adapter_name, role=role,
+                                      detail=f"bottleneck {d} -> {width} -> {d}"))
+        changes.extend(_param_changes(self.name, qname, self.slot, adapter, role))
+        changes.extend(freeze_site(module, pass_name=self.name, site=qname, role=role))
+        return changes
+
+
+# --------------------------------------------------------------------------------------
+# Sub-layers: which layer's input a parallel adapter reads, which layer's output it joins
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SubLayer:
+    """A span of the graph a parallel adapter bridges.
+
+    Attributes:
+        kind: ``"ffn"`` (a feed-forward block), ``"attention"`` (query projection to output
+            projection) or ``"layer"`` (one selected layer).
+        output: the layer whose output the adapter joins; the adapter is registered under it.
+        inputs: qualified names of the layers whose input the adapter reads (the ``ffn_up``
+            and ``ffn_gate`` of a block, the query projection, or the layer itself).
+        calls: ``(input call, output call)`` pairs, one per call of ``output``.
+    """
+
+    kind: str
+    output: Site
+    inputs: tuple[str, ...]
+    calls: tuple[tuple[CallSite, CallSite], ...]
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        """Every layer of the span: inputs, then the output layer."""
+        return tuple(dict.fromkeys(self.inputs + (self.output.qname,)))
+
+
+def _call_at(g: nx.DiGraph, nid: str, qname: str) -> CallSite:
+    ref = g.nodes[nid]["ref"]
+    return CallSite(qname, ref.prefix, ref.owner, ref.node)
+
+
+def _nearest(g: nx.DiGraph, ids: list[str], *, before: str | None = None,
+             after: str | None = None) -> str | None:
+    """Of the call ids that reach ``before`` (or are reached from ``after``), the nearest.
+
+    A layer shared by several blocks has one call per block; every earlier call reaches a
+    later attention op through the residual stream, so the nearest is the one no other
+    candidate lies between.
+    """
+    if before is not None:
+        hits = [i for i in ids if nx.has_path(g, i, before)]
+        return next((i for i in hits
+                     if not any(j != i and nx.has_path(g, i, j) for j in hits)), None)
+    hits = [i for i in ids if nx.has_path(g, after, i)]
+    return next((i for i in hits
+                 if not any(j != i and nx.has_path(g, j, i) for j in hits)), None)
+
+
+def _ffn_sublayers(g: nx.DiGraph, roles: ModelRoles, cands: dict[str, list[CallSite]]
+                   ) -> list[SubLayer]:
+    """One :class:`SubLayer` per feed-forward down projection, paired with its up / gate
+    projections by the backward walk role discovery uses."""
+    from surgery.roles import ELEMENTWISE, walk  # the same walk find_roles pairs them with
+
+    out = []
+    for qname, calls in cands.items():
+        info = roles.role_of(qname)
+        if info is None or "ffn_down" not in info.roles:
+            continue
+        pairs, inputs = [], []
+        for call in calls:
+            x = call_input(call.node)
+            if not isinstance(x, fx.Node):
+                continue
+            sources, paths = walk(g, node_id(call.prefix, x), ELEMENTWISE)
+            ups = [s for s in sources
+                   if (r := roles.role_of(s)) and r.roles & {"ffn_up", "ffn_gate"}]
+            if not ups:
+                continue
+            ups.sort(key=lambda s: "ffn_up" not in roles.role_of(s).roles)  # ffn_up first
+            pairs.append((_call_at(g, paths[ups[0]][-1], ups[0]), call))
+            inputs.extend(ups)
+        if pairs:
+            site = Site(qname, calls[0].owner.get_submodule(str(calls[0].node.target)),
+                        tuple(calls), info)
+            out.append(SubLayer("ffn", site, tuple(dict.fromkeys(inputs)), tuple(pairs)))
+    return out
+
+
+def _attention_sublayers(g: nx.DiGraph, roles: ModelRoles, cands: dict[str, list[CallSite]]
+                         ) -> list[SubLayer]:
+    """One :class:`SubLayer` per attention op with a query and an output projection."""
+    out = []
+    order = {q: i for i, q in enumerate(cands)}
+    for op in roles.attention:
+        query = [q for q in op.query if q in cands]
+        outs = [q for q in op.out if q in cands]
+        if op.kind == "mha" or not query or not outs:
+            continue
+        q_name, o_name = query[0], outs[0]
+        q_ids = [node_id(c.prefix, c.node) for c in cands[q_name]]
+        o_ids = [node_id(c.prefix, c.node) for c in cands[o_name]]
+        q_id = q_ids[0] if len(q_ids) == 1 else _nearest(g, q_ids, before=op.node)
+        o_id = o_ids[0] if len(o_ids) == 1 else _nearest(g, o_ids, after=op.node)
+        if q_id is None or o_id is None:
+            continue
+        site = Site(o_name, cands[o_name][0].owner.get_submodule(str(cands[o_name][0].node.target)),
+                    tuple(cands[o_name]), roles.role_of(o_name))
+        out.append(SubLayer("attention", site, (q_name,),
+                            ((_call_at(g, q_id, q_name), _call_at(g, o_id, o_name)),)))
+    merged: dict[str, SubLayer] = {}
+    for sub in out:  # an output projection shared by several attention ops: one entry
+        prev = merged.get(sub.output.qname)
+        if prev is not None:
+            sub = SubLayer("attention", sub.output, tuple(dict.fromkeys(prev.inputs + sub.inputs)),
+                           prev.calls + sub.calls)
+        merged[sub.output.qname] = sub
+    return sorted(merged.values(), key=lambda s: order[s.output.qname])
+
+
+def find_sublayers(model: nn.Module, kind: str, *, dataflow: nx.DiGraph | None = None,
+                   roles: ModelRoles | None = None) -> list[SubLayer]:
+    """The feed-forward blocks (``kind="ffn"``) or attention sub-layers
+    (``kind="attention"``) of a traced ``model``, in graph order.
+
+    A feed-forward block reads the input of its ``ffn_up`` (and ``ffn_gate``) projection and
+    ends at the output of its ``ffn_down`` projection; an attention sub-layer reads the input
+    of its query projection (a fused qkv projection counts) and ends at the output of its
+    ``attn_out`` projection. ``nn.MultiheadAttention`` computes its projections inside one
+    opaque call and has no such span.
+
+    Args:
+        model: a traced model.
+        kind: ``"ffn"`` or ``"attention"``.
+        dataflow / roles: prebuilt :func:`surgery.dataflow.build_dataflow` /
+            :func:`surgery.roles.find_roles` results, to share work.
+    """
+    g = dataflow if dataflow is not None else build_dataflow(model)
+    roles = roles if roles is not None else find_roles(model, g)
+    cands = candidate_sites(model, _accept)
+    if kind == "ffn":
+        return _ffn_sublayers(g, roles, cands)
+    if kind == "attention":
+        return _attention_sublayers(g, roles, cands)
+    raise ConfigError(f"find_sublayers: kind must be 'ffn' or 'attention', got {kind!r}")
+
+
+# --------------------------------------------------------------------------------------
+# Passing a value across module boundaries (torch.export graphs)
+# --------------------------------------------------------------------------------------
+
+
+def _within(inner: str, outer: str) -> bool:
+    return outer == "" or inner == outer or inner.startswith(outer + ".")
+
+
+def _argument(call: fx.Node, index: int, placeholder: fx.Node) -> Any:
+    """What a ``call_module`` node passes to the callee's ``index``-th placeholder."""
+    if index < len(call.args):
+        return call.args[index]
+    return call.kwargs.get(str(placeholder.target))
+
+
+def _carry(model: nn.Module, value: fx.Node, src: str, dst: str, *, who: str, what: str,
+           tag: dict[str, Any]) -> tuple[fx.Node, list[str]]:
+    """Make ``value`` (a node of the graph owned by ``src``) available in ``dst``'s graph.
+
+    On the export front end each submodule owns a graph; a value produced in one is read in
+    another through the call arguments. This goes up from ``src`` through placeholders to a
+    graph that (transitively) calls ``dst``, then down, reusing a placeholder already fed
+    with the value or adding one (and the matching argument to the call).
+
+    Returns:
+        The node carrying the value in ``dst``'s graph, and the qualified names of the
+        graphs that got a new placeholder.
+
+    Raises:
+        UnsupportedSiteError: the value is computed inside a module that does not return it,
+            or a module on the way is called more than once.
+    """
+    if src == dst:
+        return value, []
+    owners = dict(graph_modules(model))
+    callers = call_sites(model)
+    where = lambda p: f"'{p}'" if p else "the root graph"  # noqa: E731
+    while not _within(dst, src):
+        if value.op != "placeholder":
+            raise UnsupportedSiteError(
+                f"{who}: {what} is computed inside {where(src)} ({value.name!r}), but the layer "
+                f"whose output the adapter joins is called in {where(dst)}, and {src} does not "
+                f"return that value, so the adapter cannot read it there. Way out: select "
+                f"single layers with pattern=... (a layer's input and output are in one graph).")
+        calls = callers.get(src, [])
+        if len(calls) != 1:
+            raise UnsupportedSiteError(
+                f"{who}: {src} is called {len(calls)} times, so {what} has no "
+                f"single source to pass on to {dst}. Way out: select a single layer with "
+                f"pattern=....")
+        index = [n for n in owners[src].graph.nodes if n.op == "placeholder"].index(value)
+        arg = _argument(calls[0].node, index, value)
+        if not isinstance(arg, fx.Node):
+            raise UnsupportedSiteError(f"{who}: {what} is a constant argument of {src}, not a "
+                                       f"graph value.")
+        value, src = arg, calls[0].prefix
+    added = []
+    while src != dst:
+        steps = [(n, qualified(src, str(n.target))) for n in owners[src].graph.nodes
+                 if n.op == "call_module" and qualified(src, str(n.target)) in owners
+                 and _within(dst, qualified(src, str(n.target)))]
+        if len(steps) != 1:
+            raise UnsupportedSiteError(
+                f"{who}: {where(src)} calls the module holding {dst} {len(steps)} times, so the "
+                f"input cannot be passed to it unambiguously. Way out: select a single layer "
+                f"with pattern=....")
+        call, child_name = steps[0]
+        child = owners[child_name].graph
+        placeholders = [n for n in child.nodes if n.op == "placeholder"]
+        fed = [ph for i, ph in enumerate(placeholders) if _argument(call, i, ph) is value]
+        if fed:
+            value, src = fed[0], child_name
+            continue
+        taken = {str(ph.target) for ph in placeholders}
+        target = f"carry_{value.name}"
+        while target in taken:
+            target += "_"
+        if placeholders:
+            ctx = child.inserting_after(placeholders[-1])
+        else:
+            ctx = child.inserting_before(next(iter(child.nodes), None))
+        with ctx:
+            ph = child.placeholder(target)
+        mark(ph, part="carry", like=value, **tag)
+        if call.kwargs:
+            call.kwargs = {**call.kwargs, target: value}
+        else:
+            call.args = tuple(call.args) + (value,)
+        added.append(child_name)
+        value, src = ph, child_name
+    return value, added
+
+
+# --------------------------------------------------------------------------------------
+# Parallel
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelAdapterPass(Pass):
+    """Add ``scaling · up(act(down(x)))`` of a sub-layer's input ``x`` to its output.
+
+    ``sublayer(x) + scaling · up(act(down(x)))`` (He et al. 2022). Which sub-layer:
+
+    - default, or ``role="ffn"``: every feed-forward block (He et al.'s best placement). The
+      adapter reads the input of the block's up (and gate) projection and joins the output
+      of its down projection, before the model's residual add (and, post-LN, before the
+      dropout, residual and LayerNorm).
+    - ``role="attention"`` (or ``"attn"``): every attention sub-layer: the input of the query
+      projection (a fused qkv projection counts) to the output of the output projection.
+    - ``pattern=...`` without ``role``: each selected linear layer on its own, from its input
+      to its output.
+    - ``pattern=...`` with ``role``: the sub-layers of that role that have a layer matching
+      the pattern (``pattern="layers.0.**"`` takes block 0 only); ``exclude`` removes
+      sub-layers the same way.
+
+    On the export front end the input and the output may live in different graphs (BERT's
+    ``intermediate.dense`` and ``output.dense``); the input is passed across the module
+    boundary through the call arguments (an existing argument that carries it is reused).
+
+    Args:
+        pattern: qualified-name glob(s) or ``re:`` regex (see above).
+        role: ``"ffn"`` / ``"feedforward"`` or ``"attention"`` / ``"attn"``.
+        exclude: patterns removing sites or sub-layers.
+        bottleneck: the bottleneck width ``m``.
+        reduction_factor: ``m = d_in // reduction_factor``; give this or ``bottleneck``, not
+            both. With neither, ``reduction_factor=16``.
+        scaling: the factor ``s`` on the branch (He et al.: 4).
+        activation: ``"relu"`` (default, as He et al.), ``"gelu"``, ``"silu"`` or ``"tanh"``.
+        name: adapter name; modules live at ``<output layer>.parallel_adapter.<name>``.
+
+    ``down`` maps the input width to ``m``, ``up`` maps ``m`` to the output layer's
+    ``out_features``; ``up`` starts at zero (weight and bias), so outputs are bitwise
+    unchanged at init.
+
+    Raises:
+        ConfigError: invalid settings (at construction); a reduction factor larger than a
+            width (when run).
+        NoMatchError: the selection matches nothing, or the model has no sub-layer of the
+            role asked for.
+        UnsupportedSiteError: the attention is ``nn.MultiheadAttention`` (no projection
+            calls), or the input cannot be passed to the output's graph.
+        AlreadyAdaptedError: an output layer already has a parallel adapter of this name.
+    """
+
+    name: ClassVar[str] = "parallel_adapter"
+    slot: ClassVar[str] = "parallel_adapter"
+
+    pattern: Selector = None
+    role: str | Sequence[str] | None = None
+    exclude: Selector = None
+    bottleneck: int | None = None
+    reduction_factor: int | None = None
+    scaling: float = 4.0
+    activation: str = "relu"
+    adapter_name: str = "default"
+
+    def __init__(self, *, pattern: Selector = None, role: str | Sequence[str] | None = None,
+                 exclude: Selector = None, bottleneck: int | None = None,
+                 reduction_factor: int | None = None, scaling: float = 4.0,
+                 activation: str = "relu", name: str = "default") -> None:
+        for key, val in (("pattern", pattern), ("role", role), ("exclude", exclude),
+                         ("bottleneck", bottleneck), ("reduction_factor", reduction_factor),
+                         ("scaling", scaling), ("activation", activation),
+                         ("adapter_name", name)):
+            object.__setattr__(self, key, tuple(val) if isinstance(val, list) else val)
+        self.__post_init__()
+
+    def __post_init__(self) -> None:
+        as_patterns(self.pattern)
+        as_patterns(self.exclude)
+        _check_common("ParallelAdapterPass", self.bottleneck, self.reduction_factor,
+                      self.activation, self.adapter_name)
+        if (not isinstance(self.scaling, (int, float)) or isinstance(self.scaling, bool)
+                or self.scaling != self.scaling or abs(self.scaling) == float("inf")):
+            raise ConfigError(f"ParallelAdapterPass: scaling must be a finite number, got "
+                              f"{self.scaling!r}")
+        self._kinds()
+
+    def _kinds(self) -> tuple[str, ...]:
+        """The sub-layer kinds asked for (``("ffn",)`` by default; ``()`` for single layers).
+
+        Raises:
+            ConfigError: an unknown role.
+        """
+        if self.role is None:
+            return () if self.pattern is not None else ("ffn",)
+        items = (self.role,) if isinstance(self.role, str) else tuple(self.role)
+        out = []
+        for item in items:
+            if item not in _SUBLAYER_ROLES:
+                near = near_matches(str(item), _SUBLAYER_ROLES)
+                raise ConfigError(
+                    f"ParallelAdapterPass: role must name a sub-layer, 'ffn' or 'attention', "
+                    f"got {item!r} (nearest: {', '.join(near)}). To span a single layer, select "
+                    f"it with pattern=... and no role.")
+            out.append(_SUBLAYER_ROLES[item])
+        return tuple(dict.fromkeys(out))
+
+    def sublayers(self, model: nn.Module) -> list[SubLayer]:
+        """The sub-layers this pass would adapt in the traced ``model``, in graph order.
+
+        Raises:
+            NoMatchError: the selection matches nothing, or no sub-layer of the role exists.
+            UnsupportedSiteError: attention sub-layers asked of ``nn.MultiheadAttention``.
+        """
+        g = build_dataflow(model)
+        roles = find_roles(model, g)
+        if not self._kinds():
+            sites = resolve_sites(model, pass_name="ParallelAdapterPass", pattern=self.pattern,
+                                  role=None, exclude=self.exclude, default_roles=(),
+                                  accept=_accept, accepted_types="nn.Linear / Conv1D",
+                                  roles=roles)
+            return [SubLayer("layer", s, (s.qname,), tuple((c, c) for c in s.calls)) for s in sites]
+        found: list[SubLayer] = []
+        for kind in self._kinds():
+            subs = find_sublayers(model, kind, dataflow=g, roles=roles)
+            if not subs:
+                found_roles = sorted({r for i in roles.modules.values() for r in i.roles})
+                if kind == "attention" and "attention" in found_roles:
+                    raise UnsupportedSiteError(
+                        f"ParallelAdapterPass: the attention of this model is "
+                        f"nn.MultiheadAttention ({', '.join(roles.with_role(['attention'])[:5])}), "
+                        f"which computes its projections inside one call: there is no query "
+                        f"projection input or output projection call to bridge. Way out: "
+                        f"role='ffn', or select single layers with pattern=....")
+                what = "feed-forward block" if kind == "ffn" else "attention sub-layer"
+                raise NoMatchError(
+                    f"ParallelAdapterPass: no {what} was found (roles found: "
+                    f"{', '.join(found_roles) or 'none'}). Way out: select single layers with "
+                    f"pattern=..., see surgery.list_targets(model).")
+            found.extend(subs)
+        return self._filter(found)
+
+    def _filter(self, subs: list[SubLayer]) -> list[SubLayer]:
+        members = [m for s in subs for m in s.members]
+        for what, pats in (("pattern", as_patterns(self.pattern)), ("exclude pattern",
+                                                                  as_patterns(self.exclude))):
+            for pat in pats:
+                if not any(matches(pat, m) for m in members):
+                    raise NoMatchError(
+                        f"ParallelAdapterPass: {what} {pat!r} matches no layer of the "
+                        f"{'/'.join(self._kinds())} sub-layers; nearest: "
+                        f"{', '.join(near_matches(pat, members))}.")
+        keep = subs
+        if self.pattern is not None:
+            keep = [s for s in keep if any(matches(p, m) for p in as_patterns(self.pattern)
+                                           for m in s.members)]
+        if self.exclude is not None:
+            keep = [s for s in keep if not any(matches(p, m) for p in as_patterns(self.exclude)
+                                               for m in s.members)]
+        if not keep:
+            raise NoMatchError("ParallelAdapterPass: exclude= removes every selected sub-layer.")
+        return keep
+
+    def run(self, model: nn.Module) -> PassResult:
+        changes: list[Change] = []
+        for sub in self.sublayers(model):
+            changes.extend(self._adapt(model, sub))
+        return PassResult(model, bool(changes), tuple(changes), self.name)
+
+    def _adapt(self, model: nn.Module, sub: SubLayer) -> list[Change]:
+        site = sub.output
+        module, qname = site.module, site.qname
+        role = sub.kind if sub.kind != "layer" else (site.role.label if site.role else None)
+        widths = {lora_features(model.get_submodule(q))[0] for q in sub.inputs}
+        if len(widths) != 1:
+            raise UnsupportedSiteError(
+                f"ParallelAdapterPass: the input layers of {qname} ({', '.join(sub.inputs)}) "
+                f"read different widths {sorted(widths)}.")
+        d_in = widths.pop()
+        d_out = lora_features(module)[1]
+        width = _width("ParallelAdapterPass", self.bottleneck, self.reduction_factor, d_in, qname)
+        adapter = BottleneckAdapter(d_in, width, d_out, activation=self.activation,
+                                    scaling=float(self.scaling), pass_name=self.name, site=qname,
+                                    adapter_name=self.adapter_name, role=role,
+                                    dtype=module.weight.dtype, device=module.weight.device)
+        register_adapter(module, self.slot, self.adapter_name, adapter,
+                         pass_name="ParallelAdapterPass", site=qname)
+        tag = dict(pass_name=self.name, site=qname, role=role, adapter=self.adapter_name)
+        changes = []
+        detail = f"reads the input of {sub.inputs[0]}; bottleneck {d_in} -> {width} -> {d_out}"
+        for in_call, out_call in sub.calls:
+            x = call_input(in_call.node)
+            if not isinstance(x, fx.Node):
+                raise UnsupportedSiteError(f"ParallelAdapterPass: the input of {in_call.qname} is "
+                                           f"a constant, not a graph value.")
+            x, carried = _carry(model, x, in_call.prefix, out_call.prefix,
+                                who="ParallelAdapterPass", what=f"the input of {in_call.qname}",
+                                tag=tag)
+            for prefix in carried:
+                changes.append(Change("node_added", self.name, qname, f"{prefix}/carry",
+                                      adapter=self.adapter_name, role=role,
+                                      detail=f"passes the input of {in_call.qname} into {prefix}"))
+            graph = editable_graph(out_call)
+            last = site_output(out_call.node, qname)
+            _insert_branch(graph, out_call, self.slot, self.adapter_name, x, last,
+                           float(self.scaling), tag)
+            for part in _BRANCH + ("scale", "add"):
+                changes.append(Change("node_added", self.name, qname, f"{out_call.prefix}/{part}",
+                                      adapter=self.adapter_name, role=role, detail=detail))
+        changes.extend(_param_changes(self.name, qname, self.slot, adapter, role))
+        changes.extend(freeze_site(module, pass_name=self.name, site=qname, role=role))
+        return changes
