@@ -1,0 +1,659 @@
+"""Tests of passes/prefix.py (with prefix_modules.py and prefix_masks.py): the math, masks,
+causality, the zero-init gate, reparameterisation and eject, GQA, nn.MultiheadAttention,
+the sequence form, and both front ends."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from passes.prefix import CHANGES_OUTPUTS, IDENTITY, EjectPrefixPass, PrefixPass, attention_owners
+from passes.prefix_masks import extend_sdpa_mask, prepend_columns
+from passes.prefix_modules import AttentionPrefix, LearnedPrefix, MHAPrefix, PrefixGate
+from surgery import (
+    AlreadyAdaptedError,
+    ConfigError,
+    NoMatchError,
+    apply_passes,
+    named_trainable_parameters,
+)
+from surgery.graphs import graph_modules
+from surgery.zoo import TinyConfig, TinyTransformer
+
+TOL = 1e-6  # float32 against a float64 hand computation, relative to the output's size
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> None:
+    err = (got.double() - want.double()).abs().max().item()
+    assert err <= TOL * max(1.0, want.abs().max().item()), f"error {err:.3g}"
+
+
+def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    with torch.no_grad():
+        getattr(module, name).copy_(value)
+
+
+def _prefix(model: nn.Module, owner: str, name: str = "default") -> LearnedPrefix:
+    return model.get_submodule(f"{owner}.prefix.{name}" if owner else f"prefix.{name}")
+
+
+def _result(adapted: nn.Module):
+    return next(r for r in adapted._surgery.history if r.pass_name == "prefix")
+
+
+# ---- small hand-written models ----------------------------------------------------------------
+
+
+class Bare(nn.Module):
+    """``sdpa(q, k, v)`` and nothing else, so the output is the attention itself."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+class BareGQA(nn.Module):
+    """Grouped-query attention in the op itself: fewer key/value heads, ``enable_gqa``."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+
+class _Heads(nn.Module):
+    def __init__(self, d: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(d, d)
+        self.k = nn.Linear(d, d)
+        self.v = nn.Linear(d, d)
+        self.o = nn.Linear(d, d)
+
+    def split(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+        b, n, _ = x.shape
+        return layer(x).view(b, n, self.heads, -1).transpose(1, 2)
+
+    def merge(self, y: torch.Tensor) -> torch.Tensor:
+        b, _, n, _ = y.shape
+        return self.o(y.transpose(1, 2).reshape(b, n, -1))
+
+
+class CausalSDPA(_Heads):
+    """``F.scaled_dot_product_attention(q, k, v, is_causal=True)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (self.split(x, m) for m in (self.q, self.k, self.v))
+        return self.merge(F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+class MaskedSDPA(_Heads):
+    """SDPA with a mask given by the caller (boolean or additive)."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q, k, v = (self.split(x, m) for m in (self.q, self.k, self.v))
+        return self.merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
+class EagerAttention(_Heads):
+    """``softmax(q @ k^T / sqrt(d) + mask) @ v`` written out, with an additive mask."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q, k, v = (self.split(x, m) for m in (self.q, self.k, self.v))
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        probs = torch.softmax(scores + mask, dim=-1)
+        return self.merge(torch.matmul(probs, v))
+
+
+class MHAModel(nn.Module):
+    """A batch-first (or sequence-first) ``nn.MultiheadAttention`` with a padding mask."""
+
+    def __init__(self, batch_first: bool = True) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, 32)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=batch_first)
+        self.out = nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        a, _ = self.attn(h, h, h, key_padding_mask=pad)
+        return self.out(a)
+
+
+class Mixer(nn.Module):
+    """A position-mixing leaf: ``x + mean over positions``, then a projection."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x + x.mean(dim=1, keepdim=True))
+
+
+class WithMixer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 16)
+        self.mixer = Mixer()
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.mixer(self.embed(x)))
+
+
+def _padding(batch: int = 2, seq: int = 6, pad: int = 2) -> torch.Tensor:
+    """``True`` on the last ``pad`` positions of sample 0 (``nn.MultiheadAttention`` style)."""
+    mask = torch.zeros(batch, seq, dtype=torch.bool)
+    mask[0, seq - pad:] = True
+    return mask
+
+
+@pytest.fixture(scope="module")
+def hand() -> dict:
+    """The hand-written models with inputs, seeded."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 32)
+    pad = _padding()
+    additive = torch.zeros(2, 1, 1, 6).masked_fill(pad[:, None, None, :], float("-inf"))
+    return {
+        "causal": (CausalSDPA().eval(), (x,)),
+        "eager": (EagerAttention().eval(), (x, additive)),
+        "masked_bool": (MaskedSDPA().eval(), (x, ~pad[:, None, None, :])),
+        "mha": (MHAModel().eval(), (torch.randn(2, 6, 8), pad)),
+    }
+
+
+# ---- the math ---------------------------------------------------------------------------------
+
+
+def test_single_head_matches_hand_computation() -> None:
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(1, 1, 5, 8) for _ in range(3))
+    adapted = apply_passes(Bare(), [PrefixPass(length=3)], example_inputs=(q, k, v))
+    prefix = _prefix(adapted, "")
+    assert isinstance(prefix, AttentionPrefix) and prefix.key.shape == (1, 3, 8)
+    pk, pv = torch.randn(1, 3, 8), torch.randn(1, 3, 8)
+    _set(prefix, "key", pk)
+    _set(prefix, "value", pv)
+    qd = q[0, 0].double()
+    kk, vv = torch.cat([pk[0], k[0, 0]]).double(), torch.cat([pv[0], v[0, 0]]).double()
+    want = torch.softmax(qd @ kk.T / math.sqrt(8), dim=-1) @ vv  # softmax([q·pk, q·k]) @ [pv; v]
+    _close(adapted(q, k, v)[0, 0], want)
+
+
+def test_zero_gate_math_and_gradients() -> None:
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(2, 2, 5, 8) for _ in range(3))
+    adapted = apply_passes(Bare(), [PrefixPass(length=3, gate="zero")], example_inputs=(q, k, v))
+    adapted.train()
+    gate = adapted.get_submodule("prefix_gate.default")
+    assert isinstance(gate, PrefixGate) and torch.equal(gate.weight, torch.zeros(2))
+    out = adapted(q, k, v)
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v)), "bitwise identity at init"
+    out.pow(2).sum().backward()
+    assert gate.weight.grad is not None
+    assert gate.weight.grad.abs().min() > 0, "the gate learns at init"
+    prefix = _prefix(adapted, "")
+    assert prefix.key.grad is None or prefix.key.grad.abs().sum() == 0
+    _set(gate, "weight", torch.tensor([0.5, -2.0]))
+    adapted.zero_grad()
+    out = adapted(q, k, v)
+    g = gate.weight.detach().double().view(1, 2, 1, 1)
+    pk, pv = prefix.key.detach().double(), prefix.value.detach().double()
+    qd = q.double()
+    side = torch.softmax(qd @ pk.transpose(-1, -2) / math.sqrt(8), dim=-1) @ pv  # its own softmax
+    _close(out, F.scaled_dot_product_attention(qd, k.double(), v.double()) + g * side)
+    out.pow(2).sum().backward()
+    assert prefix.key.grad.abs().sum() > 0 and prefix.value.grad.abs().sum() > 0
+
+
+def test_gqa_in_the_op_uses_key_value_heads() -> None:
+    torch.manual_seed(3)
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    adapted = apply_passes(BareGQA(), [PrefixPass(length=3)], example_inputs=(q, k, v))
+    prefix = _prefix(adapted, "")
+    assert prefix.key.shape == (2, 3, 8), "(kv heads, P, head_dim)"
+    pk, pv = prefix.key.detach().expand(2, 2, 3, 8), prefix.value.detach().expand(2, 2, 3, 8)
+    want = F.scaled_dot_product_attention(q, torch.cat([pk, k], 2), torch.cat([pv, v], 2),
+                                          enable_gqa=True)
+    assert torch.equal(adapted(q, k, v), want)
+
+
+def test_gqa_in_the_op_with_zero_gate() -> None:
+    torch.manual_seed(3)
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    adapted = apply_passes(BareGQA(), [PrefixPass(length=3, gate="zero")], example_inputs=(q, k, v))
+    base = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    assert torch.equal(adapted(q, k, v), base)
+    gate = adapted.get_submodule("prefix_gate.default")
+    assert gate.weight.shape == (4,), "one gate per query head"
+    _set(gate, "weight", torch.tensor([1.0, 0.0, -1.0, 0.5]))
+    prefix = _prefix(adapted, "")
+    pk, pv = prefix.key.detach().expand(2, 2, 3, 8), prefix.value.detach().expand(2, 2, 3, 8)
+    side = F.scaled_dot_product_attention(q, pk, pv, enable_gqa=True)
+    _close(adapted(q, k, v), base + gate.weight.detach().view(1, 4, 1, 1) * side)
+
+
+def test_gqa_llama_prefix_has_heads_of_the_attention_key_input(zoo, run_model) -> None:
+    traced = zoo.traced("hf:llama")
+    k_proj = traced.get_submodule("model.layers.0.self_attn.k_proj")
+    assert k_proj.out_features == 32, "2 key/value heads of 16 for 4 query heads"
+    adapted = apply_passes(traced, [PrefixPass(length=3, pattern="self_attn")])
+    prefix = _prefix(adapted, "model.layers.0.self_attn")
+    assert prefix.key.shape == (4, 3, 16), "keys reach the op expanded to 4 heads (repeat_kv)"
+    spec = zoo.spec("hf:llama")
+    assert not torch.equal(run_model(adapted, spec), run_model(spec.model, spec))
+
+
+# ---- masks ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 5, 6), (1, 1, 5, 6), (2, 1, 1, 6), (5, 6), (2, 4, 5, 1)])
+def test_prepend_columns_bool_and_additive(shape: tuple[int, ...]) -> None:
+    torch.manual_seed(4)
+    keep = torch.rand(shape) > 0.3
+    ext = prepend_columns(keep, 3, 6, "keep")
+    assert ext.shape == (*shape[:-1], 9) and ext.dtype == torch.bool
+    assert ext[..., :3].all(), "prefix columns visible"
+    assert torch.equal(ext[..., 3:], keep.expand(*shape[:-1], 6)), "original part unchanged"
+    additive = torch.zeros(shape).masked_fill(~keep, float("-inf"))
+    ext = prepend_columns(additive, 3, 6, "keep")
+    assert torch.equal(ext[..., :3], torch.zeros(*shape[:-1], 3))
+    assert torch.equal(ext[..., 3:], additive.expand(*shape[:-1], 6))
+    drop = prepend_columns(~keep, 3, 6, "drop")
+    assert not drop[..., :3].any() and torch.equal(drop[..., 3:], (~keep).expand(*shape[:-1], 6))
+    assert prepend_columns(keep, 0, 6, "keep") is keep
+
+
+def test_is_causal_becomes_explicit_mask_with_visible_prefix() -> None:
+    q, k = torch.randn(1, 1, 4, 2), torch.randn(1, 1, 4, 2)
+    mask = extend_sdpa_mask(None, torch.zeros(1, 1, 2, 2), k, q, True)
+    want = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0],
+                         [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(mask, want)
+    assert extend_sdpa_mask(None, torch.zeros(1, 1, 2, 2), k, q, False) is None
+
+
+def test_is_causal_call_rewritten(hand) -> None:
+    model, args = hand["causal"]
+    adapted = apply_passes(model, [PrefixPass(length=2)], example_inputs=args)
+    sdpa = next(n for n in adapted.graph.nodes if n.target is F.scaled_dot_product_attention)
+    assert sdpa.kwargs["is_causal"] is False
+    assert sdpa.kwargs["attn_mask"].meta["surgery"]["part"] == "mask"
+    prefix = _prefix(adapted, "")  # the model's own forward holds the op
+    (x,) = args
+    q, k, v = (model.split(x, m) for m in (model.q, model.k, model.v))
+    pk, pv = prefix.key.detach().expand(2, 4, 2, 8), prefix.value.detach().expand(2, 4, 2, 8)
+    ones = torch.ones(6, 8, dtype=torch.bool)
+    mask = torch.cat([ones[:, :2], ones[:, 2:].tril()], 1)  # prefix visible, causal part intact
+    want = model.merge(F.scaled_dot_product_attention(
+        q, torch.cat([pk, k], 2), torch.cat([pv, v], 2), attn_mask=mask))
+    assert torch.equal(adapted(x), want)
+
+
+def test_bool_and_additive_masks_give_the_same_result(hand) -> None:
+    model, (x, keep) = hand["masked_bool"]
+    additive = torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    adapted = apply_passes(model, [PrefixPass(length=3)], example_inputs=(x, keep))
+    _close(adapted(x, additive), adapted(x, keep))
+    assert not torch.equal(adapted(x, keep), model(x, keep))
+
+
+def test_eager_attention_zero_gate_math(hand) -> None:
+    model, (x, additive) = hand["eager"]
+    adapted = apply_passes(model, [PrefixPass(length=3, gate="zero")], example_inputs=(x, additive))
+    gate = adapted.get_submodule("prefix_gate.default")
+    assert gate.kind == "eager"
+    _set(gate, "weight", torch.tensor([0.5, -1.0, 2.0, 0.0]))
+    prefix = _prefix(adapted, "")
+    q, k, v = (model.split(x, m) for m in (model.q, model.k, model.v))
+    pk, pv = prefix.key.detach().expand(2, 4, 3, 8), prefix.value.detach().expand(2, 4, 3, 8)
+    base = F.scaled_dot_product_attention(q, k, v, attn_mask=additive)
+    side = F.scaled_dot_product_attention(q, pk, pv)  # its own softmax, same 1/sqrt(8) scale
+    _close(adapted(x, additive), model.merge(base + gate.weight.detach().view(1, 4, 1, 1) * side))
+
+
+def test_eager_attention_matches_sdpa_with_prefix(hand) -> None:
+    model, (x, additive) = hand["eager"]
+    adapted = apply_passes(model, [PrefixPass(length=3)], example_inputs=(x, additive))
+    prefix = _prefix(adapted, "")
+    assert prefix.key.shape == (4, 3, 8)
+    q, k, v = (model.split(x, m) for m in (model.q, model.k, model.v))
+    pk, pv = prefix.key.detach().expand(2, 4, 3, 8), prefix.value.detach().expand(2, 4, 3, 8)
+    want = model.merge(F.scaled_dot_product_attention(
+        q, torch.cat([pk, k], 2), torch.cat([pv, v], 2),
+        attn_mask=torch.cat([torch.zeros(2, 1, 1, 3), additive], -1)))
+    _close(adapted(x, additive), want)
+
+
+# ---- identity: P = 0, the gate, inactive ------------------------------------------------------
+
+
+HF = ["hf:gpt2", "hf:llama", "hf:bert"]
+HAND = ["causal", "eager", "masked_bool", "mha"]
+
+
+def _base_and_adapted(zoo, run_model, hand, which: str, **kw):
+    """``(base output, adapted model, run)`` for a hand-written model or a zoo model."""
+    if which in hand:
+        model, args = hand[which]
+        adapted = apply_passes(model, [PrefixPass(**kw)], example_inputs=args)
+        # nn.MultiheadAttention: PyTorch's matmul picks its kernel from requires_grad, so the
+        # bitwise reference is the model with frozen weights, as in the adapted model.
+        ref = apply_passes(model, []) if which == "mha" else model
+        return ref(*args), adapted, lambda m: m(*args)
+    spec = zoo.spec(which)
+    adapted = apply_passes(zoo.traced(which), [PrefixPass(**kw)])
+    return run_model(spec.model, spec), adapted, lambda m: run_model(m, spec)
+
+
+@pytest.mark.parametrize("which", ["builtin:tiny", *HAND, *HF])
+def test_zero_length_equals_base(zoo, run_model, hand, which: str) -> None:
+    base, adapted, run = _base_and_adapted(zoo, run_model, hand, which, length=0)
+    with torch.no_grad():
+        assert torch.equal(run(adapted), base)
+
+
+@pytest.mark.parametrize("which", ["builtin:tiny", *HAND, *HF])
+def test_zero_gate_identity_at_init_and_no_gate_changes_outputs(zoo, run_model, hand,
+                                                              which: str) -> None:
+    base, gated, run = _base_and_adapted(zoo, run_model, hand, which, length=3,
+                                         gate="zero")
+    with torch.no_grad():
+        assert torch.equal(run(gated), base)
+    assert all(c.detail.endswith(IDENTITY) for c in _result(gated).changes
+               if c.kind in ("node_added", "param_added"))
+    _, plain, _ = _base_and_adapted(zoo, run_model, hand, which, length=3)
+    with torch.no_grad():
+        assert not torch.equal(run(plain), base)
+    details = [c.detail for c in _result(plain).changes if c.kind in ("node_added", "param_added")]
+    assert details and all(d.endswith(CHANGES_OUTPUTS) for d in details)
+
+
+@pytest.mark.parametrize("which", ["builtin:tiny", "mha", "eager", "hf:gpt2"])
+@pytest.mark.parametrize("gate", [None, "zero"])
+def test_inactive_prefix_gives_base_outputs(zoo, run_model, hand, which: str, gate) -> None:
+    base, adapted, run = _base_and_adapted(zoo, run_model, hand, which, length=3, gate=gate)
+    for mod in adapted.modules():
+        if isinstance(mod, PrefixGate):
+            _set(mod, "weight", torch.full_like(mod.weight, 0.5))
+    with torch.no_grad():
+        assert not torch.equal(run(adapted), base)
+    for mod in adapted.modules():
+        if isinstance(mod, (LearnedPrefix, PrefixGate)):
+            mod.active = False
+    with torch.no_grad():
+        assert torch.equal(run(adapted), base)
+
+
+# ---- padding and causality ----------------------------------------------------------------
+
+
+def test_padding_ignored_tiny(zoo) -> None:
+    spec = zoo.spec("builtin:tiny")
+    adapted = apply_passes(zoo.traced("builtin:tiny"), [PrefixPass(length=4)])
+    ids = spec.example_inputs[0].clone()
+    mask = torch.ones_like(ids)
+    mask[0, -3:] = 0
+    other = ids.clone()
+    other[0, -2] = (ids[0, -2] + 7) % 256
+    with torch.no_grad():
+        a, b = adapted(ids, mask), adapted(other, mask)
+    assert torch.equal(a[0, :-3], b[0, :-3]), "real positions ignore padded tokens"
+    assert not torch.equal(a[0, -2], b[0, -2])
+
+
+@pytest.mark.parametrize("model", ["hf:llama", "hf:bert"])
+def test_padding_ignored_hf(zoo, run_model, model: str) -> None:
+    spec = zoo.spec(model)
+    adapted = apply_passes(zoo.traced(model), [PrefixPass(length=4)])
+    ids = spec.example_inputs[0].clone()
+    mask = torch.ones_like(ids)
+    mask[0, -3:] = 0
+    other = ids.clone()
+    other[0, -1] = (ids[0, -1] + 5) % 128
+    with torch.no_grad():
+        a = run_model(adapted, spec, args=(ids,), kwargs={"attention_mask": mask})
+        b = run_model(adapted, spec, args=(other,), kwargs={"attention_mask": mask})
+    assert torch.equal(a[0, :-3], b[0, :-3])
+    assert torch.equal(a[1], b[1])
+
+
+def test_padding_ignored_mha(hand) -> None:
+    model, (x, pad) = hand["mha"]
+    adapted = apply_passes(model, [PrefixPass(length=3)], example_inputs=(x, pad))
+    prefix = _prefix(adapted, "attn")
+    assert isinstance(prefix, MHAPrefix) and prefix.key.shape == (3, 32)
+    other = x.clone()
+    other[0, -1] += 3.0  # a padded position of sample 0
+    with torch.no_grad():
+        a, b = adapted(x, pad), adapted(other, pad)
+    assert torch.equal(a[0, :-2], b[0, :-2]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("which", ["builtin:tiny", "causal", "hf:gpt2", "hf:llama"])
+def test_causality_among_real_tokens(zoo, run_model, hand, which: str) -> None:
+    if which in hand:
+        model, (x,) = hand[which]
+        adapted = apply_passes(model, [PrefixPass(length=3)], example_inputs=(x,))
+        other = x.clone()
+        other[:, -1] += 1.0
+        run = adapted
+        a, b = run(x), run(other)
+    else:
+        spec = zoo.spec(which)
+        adapted = apply_passes(zoo.traced(which), [PrefixPass(length=3)])
+        ids = spec.example_inputs[0]
+        other = ids.clone()
+        other[:, -1] = (ids[:, -1] + 1) % 128
+        with torch.no_grad():
+            a = run_model(adapted, spec, args=(ids,))
+            b = run_model(adapted, spec, args=(other,))
+    assert torch.equal(a[:, :-1], b[:, :-1]), "a later token does not reach earlier outputs"
+    assert not torch.equal(a[:, -1], b[:, -1])
+
+
+# ---- gradients, names, provenance -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("which,owner", [("builtin:tiny", "layers.{i}.attn"),
+                                         ("hf:gpt2", "transformer.h.{i}.attn"),
+                                         ("hf:bert", "encoder.layer.{i}.attention.self")])
+def test_parameters_names_gradients_and_marks(zoo, run_model, which: str, owner: str) -> None:
+    adapted = apply_passes(zoo.traced(which), [PrefixPass(length=2)])
+    names = sorted(n for n, _ in named_trainable_parameters(adapted))
+    assert names == sorted(f"{owner.format(i=i)}.prefix.default.{p}" for i in range(2)
+                           for p in ("key", "value"))
+    adapted.train()
+    run_model(adapted, zoo.spec(which)).pow(2).mean().backward()
+    for name, param in named_trainable_parameters(adapted):
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    marked = [n for _, m in graph_modules(adapted) for n in m.graph.nodes if "surgery" in n.meta]
+    parts = sorted(n.meta["surgery"]["part"] for n in marked)
+    assert parts.count("cat_key") == parts.count("cat_value") == parts.count("prefix_key") == 2
+    assert all(n.meta["surgery"]["pass"] == "prefix" and n.meta["surgery"]["adapter"] == "default"
+               for n in marked)
+
+
+def test_gradients_reach_the_reparameterisation_mlp(zoo, run_model) -> None:
+    adapted = apply_passes(zoo.traced("builtin:tiny"),
+                           [PrefixPass(length=2, reparameterize=True, reparam_hidden=8)])
+    names = {n for n, _ in named_trainable_parameters(adapted)}
+    assert "layers.0.attn.prefix.default.encoder.mlp.0.weight" in names
+    assert not any(n.endswith((".key", ".value")) for n in names)
+    run_model(adapted, zoo.spec("builtin:tiny")).pow(2).mean().backward()
+    for name, param in named_trainable_parameters(adapted):
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("which", ["builtin:tiny", "hf:gpt2"])
+def test_eject_is_bitwise(zoo, run_model, which: str) -> None:
+    spec = zoo.spec(which)
+    adapted = apply_passes(zoo.traced(which),
+                           [PrefixPass(length=3, reparameterize=True, reparam_hidden=8, gate=None)])
+    with torch.no_grad():
+        before = run_model(adapted, spec)
+    ejected = apply_passes(adapted, [EjectPrefixPass()])
+    with torch.no_grad():
+        assert torch.equal(run_model(ejected, spec), before)
+    names = {n for n, _ in named_trainable_parameters(ejected)}
+    assert not any(".encoder." in n for n in names) and len(names) == 4
+    for mod in adapted.modules():  # the pass left ``adapted`` alone; now eject it in place
+        if isinstance(mod, LearnedPrefix):
+            assert mod.encoder is not None
+            mod.eject()
+    with torch.no_grad():
+        assert torch.equal(run_model(adapted, spec), before)
+    with pytest.raises(NoMatchError, match="no reparameterised prefix"):
+        apply_passes(ejected, [EjectPrefixPass()])
+
+
+def test_mha_gate_identity_and_math(hand) -> None:
+    model, (x, pad) = hand["mha"]
+    adapted = apply_passes(model, [PrefixPass(length=3, gate="zero")], example_inputs=(x, pad))
+    ref = apply_passes(model, [])
+    assert torch.equal(adapted(x, pad), ref(x, pad))
+    gate = adapted.get_submodule("attn.prefix_gate.default")
+    _set(gate, "weight", torch.tensor([0.5, -1.0, 2.0, 0.25]))
+    prefix = _prefix(adapted, "attn")
+    mha = model.attn
+    h = model.inp(x)
+    wq, wk, wv = mha.in_proj_weight.chunk(3)
+    bq, bk, bv = mha.in_proj_bias.chunk(3)
+
+    def heads(t: torch.Tensor) -> torch.Tensor:
+        return t.unflatten(-1, (4, 8)).transpose(-2, -3)
+
+    side = F.scaled_dot_product_attention(heads(F.linear(h, wq, bq)),
+                                          heads(F.linear(prefix.key, wk, bk)).expand(2, 4, 3, 8),
+                                          heads(F.linear(prefix.value, wv, bv)).expand(2, 4, 3, 8))
+    side = side * gate.weight.view(1, 4, 1, 1)
+    want = mha(h, h, h, key_padding_mask=pad)[0] + F.linear(side.transpose(1, 2).flatten(-2),
+                                                           mha.out_proj.weight)
+    _close(adapted(x, pad), model.out(want))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_mha_prefix_is_concatenated_to_key_and_value_inputs(batch_first: bool) -> None:
+    torch.manual_seed(5)
+    model = MHAModel(batch_first).eval()
+    x = torch.randn(2, 6, 8) if batch_first else torch.randn(6, 2, 8)
+    pad = _padding()
+    adapted = apply_passes(model, [PrefixPass(length=3)], example_inputs=(x, pad))
+    prefix = _prefix(adapted, "attn")
+    h = model.inp(x)
+    pk, pv = prefix.key.detach(), prefix.value.detach()
+    if batch_first:
+        kin, vin = torch.cat([pk.expand(2, 3, 32), h], 1), torch.cat([pv.expand(2, 3, 32), h], 1)
+    else:
+        kin = torch.cat([pk[:, None].expand(3, 2, 32), h], 0)
+        vin = torch.cat([pv[:, None].expand(3, 2, 32), h], 0)
+    full_pad = torch.cat([torch.zeros(2, 3, dtype=torch.bool), pad], 1)
+    frozen = copy.deepcopy(model).requires_grad_(False)
+    want = frozen.out(frozen.attn(h, kin, vin, key_padding_mask=full_pad)[0])
+    assert torch.equal(adapted(x, pad), want)
+
+
+# ---- selection, errors, the caller, other sizes ------------------------------------------------
+
+
+def test_selection_by_owner_name(zoo) -> None:
+    traced = zoo.traced("builtin:tiny")
+    assert [o for o, _ in attention_owners(traced)] == ["layers.0.attn", "layers.1.attn"]
+
+    def owners(adapted: nn.Module) -> set[str]:
+        return {n.rsplit(".", 3)[0] for n, _ in named_trainable_parameters(adapted)}
+
+    assert owners(apply_passes(traced, [PrefixPass(length=2, pattern="layers.0.attn")])) == {
+        "layers.0.attn"}
+    assert owners(apply_passes(traced, [PrefixPass(length=2, exclude="layers.0.*")])) == {
+        "layers.1.attn"}
+    bert = [o for o, _ in attention_owners(zoo.traced("hf:bert"))]
+    assert bert == [f"encoder.layer.{i}.attention.self" for i in range(2)]
+
+
+def test_errors(zoo) -> None:
+    traced = zoo.traced("builtin:tiny")
+    with pytest.raises(NoMatchError, match="PrefixPass.*'self_attn'.*layers.0.attn"):
+        apply_passes(traced, [PrefixPass(length=2, pattern="self_attn")])
+    with pytest.raises(NoMatchError, match="no attention op"):
+        apply_passes(WithMixer(), [PrefixPass(length=2)])
+    assert PrefixPass(length=2, role="attention").role == "attention"
+    for bad in (dict(length=-1), dict(length=2, gate="one"), dict(length=2, mode="tokens"),
+                dict(length=2, role="query"), dict(length=2, mode="sequence")):
+        with pytest.raises(ConfigError):
+            PrefixPass(**bad)
+    once = apply_passes(traced, [PrefixPass(length=2)])
+    with pytest.raises(AlreadyAdaptedError, match="prefix adapter named 'default'"):
+        apply_passes(once, [PrefixPass(length=2)])
+    twice = apply_passes(once, [PrefixPass(length=1, name="other")])
+    assert twice.get_submodule("layers.0.attn.prefix.other").key.shape == (4, 1, 16)
+
+
+def test_caller_unchanged(zoo, snapshot, hand) -> None:
+    plain = zoo.fresh("builtin:tiny").model
+    shot = snapshot(plain)
+    apply_passes(plain, [PrefixPass(length=2, gate="zero")])
+    shot.assert_unchanged(plain)
+    traced = zoo.traced("hf:gpt2")
+    shot = snapshot(traced)
+    apply_passes(traced, [PrefixPass(length=2, reparameterize=True, reparam_hidden=8)])
+    shot.assert_unchanged(traced)
+
+
+@pytest.mark.parametrize("model", HF)
+def test_exported_models_accept_other_sizes(zoo, run_model, model: str) -> None:
+    spec = zoo.spec(model)
+    kwargs = lambda b, n: ({"attention_mask": torch.ones(b, n, dtype=torch.long)}  # noqa: E731
+                           if spec.example_kwargs else {})
+    zero = apply_passes(zoo.traced(model), [PrefixPass(length=0)])
+    three = apply_passes(zoo.traced(model), [PrefixPass(length=3)])
+    for b, n in ((3, 7), (1, 20)):
+        ids = torch.randint(0, 128, (b, n))
+        with torch.no_grad():
+            base = run_model(spec.model, spec, args=(ids,), kwargs=kwargs(b, n))
+            assert torch.equal(run_model(zero, spec, args=(ids,), kwargs=kwargs(b, n)), base)
+            out = run_model(three, spec, args=(ids,), kwargs=kwargs(b, n))
+        assert out.shape == base.shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(gate="zero"), dict(reparameterize=True, reparam_hidden=8)])
+def test_parameters_in_the_dtype_of_the_layer(kw: dict) -> None:
+    model = TinyTransformer(TinyConfig(n_layers=1)).to(torch.bfloat16)
+    adapted = apply_passes(model, [PrefixPass(length=2, **kw)])
+    assert {p.dtype for _, p in named_trainable_parameters(adapted)} == {torch.bfloat16}
+    ids = torch.randint(0, 256, (2, 5))
+    assert adapted(ids).dtype == torch.bfloat16
+
+
+def test_tiny_without_recorded_shapes_reads_heads_from_the_graph(zoo) -> None:
+    plain = zoo.spec("builtin:tiny").model
+    adapted = apply_passes(plain, [PrefixPass(length=2)])  # fx, no example inputs
+    assert adapted.get_submodule("layers.1.attn.prefix.default").value.shape == (4, 2, 16)
+
+
+# ---- sequence mode ------------------------------------------------------------------------
+
+
+def test_sequence_mode_shapes_and_values() -> None:
+    torch.manual_seed(6)
+    model = WithMixer().eval()
+    x = torch.randn(2, 5, 4)
+    zero = apply_passes(model, [PrefixPass(length=0, mode="sequence", pattern="mixer")],
+                        leaf_modules=(Mixer,))
+    assert torch.equal(zero(x), model(x))
+    adapted = apply_passes(model, [PrefixPass(length=3, mode="sequence", pattern="mixer")],
+                           example_inputs=(x,), leaf_modules=(Mixer,))
+    vectors = adapted.get_submodule("mixer.prefix.default").vectors
+    assert vectors.shape == (3, 16)
+    out = adapted(x)
+    assert out.shape == (2, 8, 2), "(B, L, d) -> (B, P + L, d) at the mixer's input"
+    h = torch.cat([vectors.detach().expand(2, 3, 16), model.embed(x)], 1)
+    assert torch.equal(out, model.head(model.mixer(h)))
+    out.pow(2).sum().backward()
+    assert vectors.grad.abs().sum() > 0
+    call = next(n for n in adapted.graph.nodes if n.op == "call_module" and n.target == "mixer")
+    assert call.args[0].meta["surgery"]["part"] == "prefix"
