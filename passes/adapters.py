@@ -32,7 +32,9 @@ After::
     s  = u * scaling
     y2 = y + s
 
-``up`` starts with zero weight and bias, so both are bitwise identities at init.
+``up`` starts with zero weight and bias, so both are bitwise identities at init. The spans a
+parallel adapter bridges are found by :func:`passes.sublayers.find_sublayers`; on the export
+front end the input reaches the output's graph through :func:`surgery.rewrite.carry_value`.
 """
 
 from __future__ import annotations
@@ -42,17 +44,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import networkx as nx
 from torch import fx, nn
 
-from passes.bottleneck import BottleneckAdapter, make_activation
+from passes.bottleneck import BottleneckAdapter, bottleneck_width, check_adapter_settings
 from passes.lora import lora_features
-from surgery.dataflow import build_dataflow, node_id
+from passes.sublayers import SubLayer, find_sublayers, is_linear_layer
+from surgery.dataflow import build_dataflow
 from surgery.errors import ConfigError, NoMatchError, UnsupportedSiteError, near_matches
-from surgery.graphs import CallSite, call_sites, graph_modules, qualified
+from surgery.graphs import CallSite
 from surgery.pass_base import Change, Pass, PassResult
 from surgery.rewrite import (
     call_input,
+    carry_value,
     editable_graph,
     freeze_site,
     insert_chain,
@@ -62,67 +65,17 @@ from surgery.rewrite import (
     replace_uses_after,
     site_output,
 )
-from surgery.roles import ModelRoles, find_roles
+from surgery.roles import find_roles
 from surgery.select import Selector, as_patterns, matches
-from surgery.sites import Site, candidate_sites, resolve_sites
-from surgery.trace import is_hf_conv1d
+from surgery.sites import Site, resolve_sites
 
-__all__ = ["SerialAdapterPass", "ParallelAdapterPass", "SubLayer", "find_sublayers"]
+__all__ = ["SerialAdapterPass", "ParallelAdapterPass"]
 
-_DEFAULT_REDUCTION = 16
 _PLACEMENTS: dict[str, tuple[str, ...]] = {"houlsby": ("attn_out", "ffn_down"),
                                            "pfeiffer": ("ffn_down",)}
 _SUBLAYER_ROLES = {"ffn": "ffn", "feedforward": "ffn", "attention": "attention",
                    "attn": "attention"}
 _BRANCH = ("down", "act", "up")
-
-
-def _accept(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_hf_conv1d(module)
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def _check_common(who: str, bottleneck: Any, reduction_factor: Any, activation: Any,
-                  adapter_name: Any) -> None:
-    """Validate the settings both adapter passes share.
-
-    Raises:
-        ConfigError: both or an invalid one of ``bottleneck`` / ``reduction_factor``, an
-            unknown activation, or a name that is not a Python identifier.
-    """
-    if bottleneck is not None and reduction_factor is not None:
-        raise ConfigError(f"{who}: give bottleneck= or reduction_factor=, not both (got "
-                          f"bottleneck={bottleneck!r}, reduction_factor={reduction_factor!r}).")
-    if bottleneck is not None and not _positive_int(bottleneck):
-        raise ConfigError(f"{who}: bottleneck must be a positive int, got {bottleneck!r}")
-    if reduction_factor is not None and not _positive_int(reduction_factor):
-        raise ConfigError(f"{who}: reduction_factor must be a positive int, got "
-                          f"{reduction_factor!r}")
-    make_activation(activation, who=who)
-    if not isinstance(adapter_name, str) or not adapter_name.isidentifier():
-        raise ConfigError(f"{who}: name must be a Python identifier (it becomes part of "
-                          f"parameter names), got {adapter_name!r}")
-
-
-def _width(who: str, bottleneck: int | None, reduction_factor: int | None, features: int,
-           site: str) -> int:
-    """The bottleneck width for a layer of ``features`` input features.
-
-    Raises:
-        ConfigError: ``features // reduction_factor`` is 0.
-    """
-    if bottleneck is not None:
-        return bottleneck
-    factor = reduction_factor if reduction_factor is not None else _DEFAULT_REDUCTION
-    width = features // factor
-    if width < 1:
-        raise ConfigError(f"{who}: reduction_factor={factor} leaves no bottleneck at {site} "
-                          f"({features} features // {factor} = 0). Way out: a smaller "
-                          f"reduction_factor, or bottleneck=<width>.")
-    return width
 
 
 def _param_changes(pass_name: str, site: str, slot: str, adapter: BottleneckAdapter,
@@ -237,7 +190,7 @@ class SerialAdapterPass(Pass):
     def __post_init__(self) -> None:
         as_patterns(self.pattern)
         as_patterns(self.exclude)
-        _check_common("SerialAdapterPass", self.bottleneck, self.reduction_factor,
+        check_adapter_settings("SerialAdapterPass", self.bottleneck, self.reduction_factor,
                       self.activation, self.adapter_name)
         if self.placement not in _PLACEMENTS:
             near = near_matches(str(self.placement), _PLACEMENTS)
@@ -266,7 +219,7 @@ class SerialAdapterPass(Pass):
                     f"pattern=... / role=....")
         return resolve_sites(model, pass_name="SerialAdapterPass", pattern=self.pattern,
                              role=self.role, exclude=self.exclude,
-                             default_roles=_PLACEMENTS[self.placement], accept=_accept,
+                             default_roles=_PLACEMENTS[self.placement], accept=is_linear_layer,
                              accepted_types="nn.Linear / Conv1D", roles=roles)
 
     def run(self, model: nn.Module) -> PassResult:
@@ -279,7 +232,8 @@ class SerialAdapterPass(Pass):
         module, qname = site.module, site.qname
         role = site.role.label if site.role else None
         _, d = lora_features(module)
-        width = _width("SerialAdapterPass", self.bottleneck, self.reduction_factor, d, qname)
+        width = bottleneck_width("SerialAdapterPass", self.bottleneck, self.reduction_factor, d,
+                                 qname)
         adapter = BottleneckAdapter(d, width, d, activation=self.activation, scaling=1.0,
                                     pass_name=self.name, site=qname,
                                     adapter_name=self.adapter_name, role=role,
@@ -299,240 +253,6 @@ class SerialAdapterPass(Pass):
         changes.extend(_param_changes(self.name, qname, self.slot, adapter, role))
         changes.extend(freeze_site(module, pass_name=self.name, site=qname, role=role))
         return changes
-
-
-# --------------------------------------------------------------------------------------
-# Sub-layers: which layer's input a parallel adapter reads, which layer's output it joins
-# --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SubLayer:
-    """A span of the graph a parallel adapter bridges.
-
-    Attributes:
-        kind: ``"ffn"`` (a feed-forward block), ``"attention"`` (query projection to output
-            projection) or ``"layer"`` (one selected layer).
-        output: the layer whose output the adapter joins; the adapter is registered under it.
-        inputs: qualified names of the layers whose input the adapter reads (the ``ffn_up``
-            and ``ffn_gate`` of a block, the query projection, or the layer itself).
-        calls: ``(input call, output call)`` pairs, one per call of ``output``.
-    """
-
-    kind: str
-    output: Site
-    inputs: tuple[str, ...]
-    calls: tuple[tuple[CallSite, CallSite], ...]
-
-    @property
-    def members(self) -> tuple[str, ...]:
-        """Every layer of the span: inputs, then the output layer."""
-        return tuple(dict.fromkeys(self.inputs + (self.output.qname,)))
-
-
-def _call_at(g: nx.DiGraph, nid: str, qname: str) -> CallSite:
-    ref = g.nodes[nid]["ref"]
-    return CallSite(qname, ref.prefix, ref.owner, ref.node)
-
-
-def _nearest(g: nx.DiGraph, ids: list[str], *, before: str | None = None,
-             after: str | None = None) -> str | None:
-    """Of the call ids that reach ``before`` (or are reached from ``after``), the nearest.
-
-    A layer shared by several blocks has one call per block; every earlier call reaches a
-    later attention op through the residual stream, so the nearest is the one no other
-    candidate lies between.
-    """
-    if before is not None:
-        hits = [i for i in ids if nx.has_path(g, i, before)]
-        return next((i for i in hits
-                     if not any(j != i and nx.has_path(g, i, j) for j in hits)), None)
-    hits = [i for i in ids if nx.has_path(g, after, i)]
-    return next((i for i in hits
-                 if not any(j != i and nx.has_path(g, j, i) for j in hits)), None)
-
-
-def _ffn_sublayers(g: nx.DiGraph, roles: ModelRoles, cands: dict[str, list[CallSite]]
-                   ) -> list[SubLayer]:
-    """One :class:`SubLayer` per feed-forward down projection, paired with its up / gate
-    projections by the backward walk role discovery uses."""
-    from surgery.roles import ELEMENTWISE, walk  # the same walk find_roles pairs them with
-
-    out = []
-    for qname, calls in cands.items():
-        info = roles.role_of(qname)
-        if info is None or "ffn_down" not in info.roles:
-            continue
-        pairs, inputs = [], []
-        for call in calls:
-            x = call_input(call.node)
-            if not isinstance(x, fx.Node):
-                continue
-            sources, paths = walk(g, node_id(call.prefix, x), ELEMENTWISE)
-            ups = [s for s in sources
-                   if (r := roles.role_of(s)) and r.roles & {"ffn_up", "ffn_gate"}]
-            if not ups:
-                continue
-            ups.sort(key=lambda s: "ffn_up" not in roles.role_of(s).roles)  # ffn_up first
-            pairs.append((_call_at(g, paths[ups[0]][-1], ups[0]), call))
-            inputs.extend(ups)
-        if pairs:
-            site = Site(qname, calls[0].owner.get_submodule(str(calls[0].node.target)),
-                        tuple(calls), info)
-            out.append(SubLayer("ffn", site, tuple(dict.fromkeys(inputs)), tuple(pairs)))
-    return out
-
-
-def _attention_sublayers(g: nx.DiGraph, roles: ModelRoles, cands: dict[str, list[CallSite]]
-                         ) -> list[SubLayer]:
-    """One :class:`SubLayer` per attention op with a query and an output projection."""
-    out = []
-    order = {q: i for i, q in enumerate(cands)}
-    for op in roles.attention:
-        query = [q for q in op.query if q in cands]
-        outs = [q for q in op.out if q in cands]
-        if op.kind == "mha" or not query or not outs:
-            continue
-        q_name, o_name = query[0], outs[0]
-        q_ids = [node_id(c.prefix, c.node) for c in cands[q_name]]
-        o_ids = [node_id(c.prefix, c.node) for c in cands[o_name]]
-        q_id = q_ids[0] if len(q_ids) == 1 else _nearest(g, q_ids, before=op.node)
-        o_id = o_ids[0] if len(o_ids) == 1 else _nearest(g, o_ids, after=op.node)
-        if q_id is None or o_id is None:
-            continue
-        site = Site(o_name, cands[o_name][0].owner.get_submodule(str(cands[o_name][0].node.target)),
-                    tuple(cands[o_name]), roles.role_of(o_name))
-        out.append(SubLayer("attention", site, (q_name,),
-                            ((_call_at(g, q_id, q_name), _call_at(g, o_id, o_name)),)))
-    merged: dict[str, SubLayer] = {}
-    for sub in out:  # an output projection shared by several attention ops: one entry
-        prev = merged.get(sub.output.qname)
-        if prev is not None:
-            sub = SubLayer("attention", sub.output, tuple(dict.fromkeys(prev.inputs + sub.inputs)),
-                           prev.calls + sub.calls)
-        merged[sub.output.qname] = sub
-    return sorted(merged.values(), key=lambda s: order[s.output.qname])
-
-
-def find_sublayers(model: nn.Module, kind: str, *, dataflow: nx.DiGraph | None = None,
-                   roles: ModelRoles | None = None) -> list[SubLayer]:
-    """The feed-forward blocks (``kind="ffn"``) or attention sub-layers
-    (``kind="attention"``) of a traced ``model``, in graph order.
-
-    A feed-forward block reads the input of its ``ffn_up`` (and ``ffn_gate``) projection and
-    ends at the output of its ``ffn_down`` projection; an attention sub-layer reads the input
-    of its query projection (a fused qkv projection counts) and ends at the output of its
-    ``attn_out`` projection. ``nn.MultiheadAttention`` computes its projections inside one
-    opaque call and has no such span.
-
-    Args:
-        model: a traced model.
-        kind: ``"ffn"`` or ``"attention"``.
-        dataflow / roles: prebuilt :func:`surgery.dataflow.build_dataflow` /
-            :func:`surgery.roles.find_roles` results, to share work.
-    """
-    g = dataflow if dataflow is not None else build_dataflow(model)
-    roles = roles if roles is not None else find_roles(model, g)
-    cands = candidate_sites(model, _accept)
-    if kind == "ffn":
-        return _ffn_sublayers(g, roles, cands)
-    if kind == "attention":
-        return _attention_sublayers(g, roles, cands)
-    raise ConfigError(f"find_sublayers: kind must be 'ffn' or 'attention', got {kind!r}")
-
-
-# --------------------------------------------------------------------------------------
-# Passing a value across module boundaries (torch.export graphs)
-# --------------------------------------------------------------------------------------
-
-
-def _within(inner: str, outer: str) -> bool:
-    return outer == "" or inner == outer or inner.startswith(outer + ".")
-
-
-def _argument(call: fx.Node, index: int, placeholder: fx.Node) -> Any:
-    """What a ``call_module`` node passes to the callee's ``index``-th placeholder."""
-    if index < len(call.args):
-        return call.args[index]
-    return call.kwargs.get(str(placeholder.target))
-
-
-def _carry(model: nn.Module, value: fx.Node, src: str, dst: str, *, who: str, what: str,
-           tag: dict[str, Any]) -> tuple[fx.Node, list[str]]:
-    """Make ``value`` (a node of the graph owned by ``src``) available in ``dst``'s graph.
-
-    On the export front end each submodule owns a graph; a value produced in one is read in
-    another through the call arguments. This goes up from ``src`` through placeholders to a
-    graph that (transitively) calls ``dst``, then down, reusing a placeholder already fed
-    with the value or adding one (and the matching argument to the call).
-
-    Returns:
-        The node carrying the value in ``dst``'s graph, and the qualified names of the
-        graphs that got a new placeholder.
-
-    Raises:
-        UnsupportedSiteError: the value is computed inside a module that does not return it,
-            or a module on the way is called more than once.
-    """
-    if src == dst:
-        return value, []
-    owners = dict(graph_modules(model))
-    callers = call_sites(model)
-    where = lambda p: f"'{p}'" if p else "the root graph"  # noqa: E731
-    while not _within(dst, src):
-        if value.op != "placeholder":
-            raise UnsupportedSiteError(
-                f"{who}: {what} is computed inside {where(src)} ({value.name!r}), but the layer "
-                f"whose output the adapter joins is called in {where(dst)}, and {src} does not "
-                f"return that value, so the adapter cannot read it there. Way out: select "
-                f"single layers with pattern=... (a layer's input and output are in one graph).")
-        calls = callers.get(src, [])
-        if len(calls) != 1:
-            raise UnsupportedSiteError(
-                f"{who}: {src} is called {len(calls)} times, so {what} has no "
-                f"single source to pass on to {dst}. Way out: select a single layer with "
-                f"pattern=....")
-        index = [n for n in owners[src].graph.nodes if n.op == "placeholder"].index(value)
-        arg = _argument(calls[0].node, index, value)
-        if not isinstance(arg, fx.Node):
-            raise UnsupportedSiteError(f"{who}: {what} is a constant argument of {src}, not a "
-                                       f"graph value.")
-        value, src = arg, calls[0].prefix
-    added = []
-    while src != dst:
-        steps = [(n, qualified(src, str(n.target))) for n in owners[src].graph.nodes
-                 if n.op == "call_module" and qualified(src, str(n.target)) in owners
-                 and _within(dst, qualified(src, str(n.target)))]
-        if len(steps) != 1:
-            raise UnsupportedSiteError(
-                f"{who}: {where(src)} calls the module holding {dst} {len(steps)} times, so the "
-                f"input cannot be passed to it unambiguously. Way out: select a single layer "
-                f"with pattern=....")
-        call, child_name = steps[0]
-        child = owners[child_name].graph
-        placeholders = [n for n in child.nodes if n.op == "placeholder"]
-        fed = [ph for i, ph in enumerate(placeholders) if _argument(call, i, ph) is value]
-        if fed:
-            value, src = fed[0], child_name
-            continue
-        taken = {str(ph.target) for ph in placeholders}
-        target = f"carry_{value.name}"
-        while target in taken:
-            target += "_"
-        if placeholders:
-            ctx = child.inserting_after(placeholders[-1])
-        else:
-            ctx = child.inserting_before(next(iter(child.nodes), None))
-        with ctx:
-            ph = child.placeholder(target)
-        mark(ph, part="carry", like=value, **tag)
-        if call.kwargs:
-            call.kwargs = {**call.kwargs, target: value}
-        else:
-            call.args = tuple(call.args) + (value,)
-        added.append(child_name)
-        value, src = ph, child_name
-    return value, added
 
 
 # --------------------------------------------------------------------------------------
@@ -613,7 +333,7 @@ class ParallelAdapterPass(Pass):
     def __post_init__(self) -> None:
         as_patterns(self.pattern)
         as_patterns(self.exclude)
-        _check_common("ParallelAdapterPass", self.bottleneck, self.reduction_factor,
+        check_adapter_settings("ParallelAdapterPass", self.bottleneck, self.reduction_factor,
                       self.activation, self.adapter_name)
         if (not isinstance(self.scaling, (int, float)) or isinstance(self.scaling, bool)
                 or self.scaling != self.scaling or abs(self.scaling) == float("inf")):
@@ -653,7 +373,7 @@ class ParallelAdapterPass(Pass):
         if not self._kinds():
             sites = resolve_sites(model, pass_name="ParallelAdapterPass", pattern=self.pattern,
                                   role=None, exclude=self.exclude, default_roles=(),
-                                  accept=_accept, accepted_types="nn.Linear / Conv1D",
+                                  accept=is_linear_layer, accepted_types="nn.Linear / Conv1D",
                                   roles=roles)
             return [SubLayer("layer", s, (s.qname,), tuple((c, c) for c in s.calls)) for s in sites]
         found: list[SubLayer] = []
@@ -714,7 +434,8 @@ class ParallelAdapterPass(Pass):
                 f"read different widths {sorted(widths)}.")
         d_in = widths.pop()
         d_out = lora_features(module)[1]
-        width = _width("ParallelAdapterPass", self.bottleneck, self.reduction_factor, d_in, qname)
+        width = bottleneck_width("ParallelAdapterPass", self.bottleneck, self.reduction_factor,
+                                 d_in, qname)
         adapter = BottleneckAdapter(d_in, width, d_out, activation=self.activation,
                                     scaling=float(self.scaling), pass_name=self.name, site=qname,
                                     adapter_name=self.adapter_name, role=role,
@@ -729,9 +450,9 @@ class ParallelAdapterPass(Pass):
             if not isinstance(x, fx.Node):
                 raise UnsupportedSiteError(f"ParallelAdapterPass: the input of {in_call.qname} is "
                                            f"a constant, not a graph value.")
-            x, carried = _carry(model, x, in_call.prefix, out_call.prefix,
-                                who="ParallelAdapterPass", what=f"the input of {in_call.qname}",
-                                tag=tag)
+            x, carried = carry_value(model, x, in_call.prefix, out_call.prefix,
+                                     who="ParallelAdapterPass",
+                                     what=f"the input of {in_call.qname}", **tag)
             for prefix in carried:
                 changes.append(Change("node_added", self.name, qname, f"{prefix}/carry",
                                       adapter=self.adapter_name, role=role,

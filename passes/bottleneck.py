@@ -10,12 +10,14 @@ diagram shows each step::
     u = up(a)        # (..., bottleneck) -> (..., out_features), zero at init
 
 The residual (serial) or the scaled sum with the sub-layer's output (parallel) are graph
-nodes too; see :mod:`passes.adapters`.
+nodes too; see :mod:`passes.adapters`. :func:`check_adapter_settings` and
+:func:`bottleneck_width` hold the width rules both adapter passes share.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +26,15 @@ from torch import nn
 from surgery.adapter_base import AdapterModule
 from surgery.errors import ConfigError, near_matches
 
-__all__ = ["ACTIVATIONS", "BottleneckAdapter", "BottleneckProjection", "make_activation"]
+__all__ = [
+    "ACTIVATIONS",
+    "DEFAULT_REDUCTION",
+    "BottleneckAdapter",
+    "BottleneckProjection",
+    "bottleneck_width",
+    "check_adapter_settings",
+    "make_activation",
+]
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "gelu": nn.GELU,
@@ -32,6 +42,8 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "silu": nn.SiLU,
     "tanh": nn.Tanh,
 }
+DEFAULT_REDUCTION = 16
+"""Reduction factor used when neither ``bottleneck`` nor ``reduction_factor`` is given."""
 
 
 def make_activation(name: str, *, who: str = "BottleneckAdapter") -> nn.Module:
@@ -47,6 +59,67 @@ def make_activation(name: str, *, who: str = "BottleneckAdapter") -> nn.Module:
         raise ConfigError(f"{who}: unknown activation {name!r}; nearest: {', '.join(near)}. "
                           f"Valid activations: {', '.join(ACTIVATIONS)}.")
     return ACTIVATIONS[name]()
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def check_adapter_settings(who: str, bottleneck: Any, reduction_factor: Any, activation: Any,
+                           adapter_name: Any) -> None:
+    """Validate the settings the serial and parallel adapter passes share.
+
+    Args:
+        who: the pass, as named in error messages (``"SerialAdapterPass"``).
+        bottleneck: ``None`` or the bottleneck width ``m``, a positive ``int``.
+        reduction_factor: ``None`` or a positive ``int``; not together with ``bottleneck``.
+        activation: a key of :data:`ACTIVATIONS`.
+        adapter_name: a Python identifier (it becomes part of parameter names).
+
+    Raises:
+        ConfigError: both or an invalid one of ``bottleneck`` / ``reduction_factor``, an
+            unknown activation, or a name that is not a Python identifier.
+    """
+    if bottleneck is not None and reduction_factor is not None:
+        raise ConfigError(f"{who}: give bottleneck= or reduction_factor=, not both (got "
+                          f"bottleneck={bottleneck!r}, reduction_factor={reduction_factor!r}).")
+    if bottleneck is not None and not _positive_int(bottleneck):
+        raise ConfigError(f"{who}: bottleneck must be a positive int, got {bottleneck!r}")
+    if reduction_factor is not None and not _positive_int(reduction_factor):
+        raise ConfigError(f"{who}: reduction_factor must be a positive int, got "
+                          f"{reduction_factor!r}")
+    make_activation(activation, who=who)
+    if not isinstance(adapter_name, str) or not adapter_name.isidentifier():
+        raise ConfigError(f"{who}: name must be a Python identifier (it becomes part of "
+                          f"parameter names), got {adapter_name!r}")
+
+
+def bottleneck_width(who: str, bottleneck: int | None, reduction_factor: int | None,
+                     features: int, site: str) -> int:
+    """The bottleneck width ``m`` for a layer of ``features`` features.
+
+    ``bottleneck`` when given, else ``features // reduction_factor`` (with
+    :data:`DEFAULT_REDUCTION` when that is ``None`` too): 768 features and a factor of 16
+    give ``m = 48``.
+
+    Args:
+        who: the pass, as named in error messages.
+        bottleneck / reduction_factor: as validated by :func:`check_adapter_settings`.
+        features: the width the ``down`` projection reads.
+        site: qualified name of the adapted layer, for error messages.
+
+    Raises:
+        ConfigError: ``features // reduction_factor`` is 0.
+    """
+    if bottleneck is not None:
+        return bottleneck
+    factor = reduction_factor if reduction_factor is not None else DEFAULT_REDUCTION
+    width = features // factor
+    if width < 1:
+        raise ConfigError(f"{who}: reduction_factor={factor} leaves no bottleneck at {site} "
+                          f"({features} features // {factor} = 0). Way out: a smaller "
+                          f"reduction_factor, or bottleneck=<width>.")
+    return width
 
 
 class BottleneckProjection(AdapterModule):

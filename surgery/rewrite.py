@@ -2,6 +2,18 @@
 
 Passes edit the graph that holds a site's ``call_module`` node and register their modules
 under the site, so parameters read ``layers.0.attn.q_proj.lora_A.default.weight``.
+
+Every node a pass inserts carries ``node.meta["surgery"] = {"pass", "site", "role",
+"adapter", "part"}`` (see :func:`mark`). The part says where the node sits:
+
+- side-branch parts (:data:`BRANCH_PARTS`: ``lora_dropout``, ``lora_A``, ``lora_B``,
+  ``scale``, ``down``, ``act``, ``up``) read the site's input or output but are not on the
+  path the site's value takes to the rest of the graph; walks never enter them.
+- every other part is on the main path and is see-through: a walk from a layer's output
+  (role discovery, :func:`site_output`) passes it as if the layer were unadapted. Among them:
+  ``add`` (the sum of the layer's output and a branch), ``ia3_l`` (IA³ scaling), and
+  ``carry``, a placeholder :func:`carry_value` adds to pass a value into a submodule's
+  graph on the export front end.
 """
 
 from __future__ import annotations
@@ -11,9 +23,9 @@ from typing import Any
 
 from torch import fx, nn
 
-from surgery.errors import AlreadyAdaptedError
+from surgery.errors import AlreadyAdaptedError, UnsupportedSiteError
+from surgery.graphs import CallSite, call_sites, graph_modules, qualified
 from surgery.pass_base import Change
-from surgery.graphs import CallSite
 
 __all__ = [
     "freeze_site",
@@ -27,6 +39,7 @@ __all__ = [
     "insert_chain",
     "site_output",
     "site_input_users",
+    "carry_value",
 ]
 
 # Parts of an inserted side branch: they read the site's input or output but are not on
@@ -47,9 +60,9 @@ def register_adapter(site_module: nn.Module, slot: str, adapter_name: str, modul
         site_module.add_module(slot, holder)
     if adapter_name in holder:
         raise AlreadyAdaptedError(
-            f"{pass_name}: {site} ({type(site_module).__name__}) already has a {slot} adapter "
-            f"named {adapter_name!r}. Way out: give the pass another name=..., or exclude "
-            f"this site with exclude=[{site!r}].")
+            f"{pass_name}: {site} ({type(site_module).__name__}) already has an adapter named "
+            f"{adapter_name!r} in slot {slot!r}. Way out: give the pass another name=..., or "
+            f"exclude this site with exclude=[{site!r}].")
     holder[adapter_name] = module
 
 
@@ -166,3 +179,112 @@ def site_input_users(base: fx.Node, site: str, value: Any) -> list[fx.Node]:
     users = [u for u in value.users if u is base or _site_meta(u, site) is not None]
     order = {n: i for i, n in enumerate(base.graph.nodes)}
     return sorted(set(users) | {base}, key=order.__getitem__)
+
+
+def _within(inner: str, outer: str) -> bool:
+    return outer == "" or inner == outer or inner.startswith(outer + ".")
+
+
+def _argument(call: fx.Node, index: int, placeholder: fx.Node) -> Any:
+    """What a ``call_module`` node passes to the callee's ``index``-th placeholder."""
+    if index < len(call.args):
+        return call.args[index]
+    return call.kwargs.get(str(placeholder.target))
+
+
+def carry_value(model: nn.Module, value: fx.Node, src: str, dst: str, *, who: str, what: str,
+                pass_name: str, site: str, role: str | None, adapter: str
+                ) -> tuple[fx.Node, list[str]]:
+    """Make ``value`` (a node of the graph owned by ``src``) available in ``dst``'s graph.
+
+    On the export front end each submodule owns a graph, and a value produced in one is
+    read in another only through call arguments. This goes up from ``src`` through
+    placeholders to a graph that (transitively) calls ``dst``, then down to ``dst``,
+    reusing a placeholder already fed with the value or adding one (``carry_<value>``,
+    marked with part ``"carry"``) and the matching argument to the call. Before, with the
+    value ``x`` read in the root graph and wanted inside ``down``::
+
+        root:  y = down(h)                 down:  def forward(self, h): ...
+
+    After::
+
+        root:  y = down(h, x)              down:  def forward(self, h, carry_x): ...
+
+    On the fx front end (one graph, ``src == dst == ""``) this returns ``value`` unchanged.
+
+    Args:
+        model: the traced model owning both graphs.
+        value: the node to carry; a node of ``src``'s graph.
+        src / dst: qualified names of the graph owners (``""`` for the root).
+        who / what: the pass and the value, as named in error messages
+            (``"ParallelAdapterPass"``, ``"the input of up.lin"``).
+        pass_name, site, role, adapter: provenance for new placeholders (see :func:`mark`).
+
+    Returns:
+        The node carrying the value in ``dst``'s graph, and the qualified names of the
+        graphs that got a new placeholder, outermost first.
+
+    Raises:
+        UnsupportedSiteError: the value is computed inside a module that does not return it,
+            or a module on the way is called more than once.
+    """
+    if src == dst:
+        return value, []
+    owners = dict(graph_modules(model))
+    callers = call_sites(model)
+    where = lambda p: f"'{p}'" if p else "the root graph"  # noqa: E731
+    while not _within(dst, src):
+        if value.op != "placeholder":
+            raise UnsupportedSiteError(
+                f"{who}: {what} is computed inside {where(src)} ({value.name!r}), but the layer "
+                f"whose output the adapter joins is called in {where(dst)}, and {src} does not "
+                f"return that value, so the adapter cannot read it there. Way out: select "
+                f"single layers with pattern=... (a layer's input and output are in one graph).")
+        calls = callers.get(src, [])
+        if len(calls) != 1:
+            raise UnsupportedSiteError(
+                f"{who}: {src} is called {len(calls)} times, so {what} has no "
+                f"single source to pass on to {dst}. Way out: select a single layer with "
+                f"pattern=....")
+        index = [n for n in owners[src].graph.nodes if n.op == "placeholder"].index(value)
+        arg = _argument(calls[0].node, index, value)
+        if not isinstance(arg, fx.Node):
+            raise UnsupportedSiteError(f"{who}: {what} is a constant argument of {src}, not a "
+                                       f"graph value.")
+        value, src = arg, calls[0].prefix
+    added = []
+    while src != dst:
+        steps = [(n, qualified(src, str(n.target))) for n in owners[src].graph.nodes
+                 if n.op == "call_module" and qualified(src, str(n.target)) in owners
+                 and _within(dst, qualified(src, str(n.target)))]
+        if len(steps) != 1:
+            raise UnsupportedSiteError(
+                f"{who}: {where(src)} calls the module holding {dst} {len(steps)} times, so the "
+                f"input cannot be passed to it unambiguously. Way out: select a single layer "
+                f"with pattern=....")
+        call, child_name = steps[0]
+        child = owners[child_name].graph
+        placeholders = [n for n in child.nodes if n.op == "placeholder"]
+        fed = [ph for i, ph in enumerate(placeholders) if _argument(call, i, ph) is value]
+        if fed:
+            value, src = fed[0], child_name
+            continue
+        taken = {str(ph.target) for ph in placeholders}
+        target = f"carry_{value.name}"
+        while target in taken:
+            target += "_"
+        if placeholders:
+            ctx = child.inserting_after(placeholders[-1])
+        else:
+            ctx = child.inserting_before(next(iter(child.nodes), None))
+        with ctx:
+            ph = child.placeholder(target)
+        mark(ph, pass_name=pass_name, site=site, role=role, adapter=adapter,
+             part="carry", like=value)
+        if call.kwargs:
+            call.kwargs = {**call.kwargs, target: value}
+        else:
+            call.args = tuple(call.args) + (value,)
+        added.append(child_name)
+        value, src = ph, child_name
+    return value, added

@@ -25,6 +25,7 @@ from torch import nn
 from surgery.dataflow import build_dataflow
 from surgery.errors import ConfigError, near_matches
 from surgery.graphs import node_value
+from surgery.rewrite import BRANCH_PARTS  # side branches: walks must not enter them
 from surgery.trace import is_linear_like
 
 __all__ = [
@@ -68,9 +69,6 @@ ELEMENTWISE = _ACTIVATIONS | {
     "float", "contiguous", "clone", "dropout", "native_dropout", "getitem", "placeholder",
     "output", "mul_", "add_", "alias", "identity",
 }
-# Inserted nodes on the main path (an adapter's output) are see-through; its side branch
-# (which reads the same input as the layer) is not, or walks would go around the layer.
-_BRANCH_PARTS = {"lora_dropout", "lora_A", "lora_B", "scale", "down", "act", "up"}
 _SPLITS = {"split", "split_with_sizes", "chunk", "unbind", "unsafe_split", "tensor_split"}
 _MATMULS = {"matmul", "bmm", "baddbmm", "einsum"}
 
@@ -213,7 +211,7 @@ def walk(g: nx.DiGraph, start: str, allowed: set[str], *, forward: bool = False,
                 continue
             data = g.nodes[other]
             meta = data["ref"].node.meta.get("surgery")
-            if meta is not None and meta.get("part") in _BRANCH_PARTS:
+            if meta is not None and meta.get("part") in BRANCH_PARTS:
                 continue  # never walk into an adapter's side branch
             if data.get("inlined") or meta is not None or _passes(data["name"], allowed):
                 queue.append((other, path + [other]))

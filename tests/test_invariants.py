@@ -201,7 +201,7 @@ def test_failing_pass_leaves_inplace_traced_model_unchanged(zoo, snapshot, model
     row = ROWS[model]
     work = apply_passes(zoo.traced(model), [LoRAPass(pattern=row.lora_pattern)])
     before = snapshot(work)
-    with pytest.raises(AlreadyAdaptedError, match="already has a lora_A adapter named 'default'"):
+    with pytest.raises(AlreadyAdaptedError, match="already has an adapter named 'default' in slot 'lora_A'"):
         apply_passes(work, [IA3Pass(), LoRAPass(pattern=row.lora_pattern)], inplace=True)
     before.assert_unchanged(work)
     patterns = [row.lora_pattern] if isinstance(row.lora_pattern, str) else list(row.lora_pattern)

@@ -1,5 +1,5 @@
-"""Tests of passes/adapters.py and passes/bottleneck.py: serial (Houlsby / Pfeiffer) and
-parallel (He et al.) bottleneck adapters.
+"""Tests of passes/adapters.py, passes/sublayers.py and passes/bottleneck.py: serial
+(Houlsby / Pfeiffer) and parallel (He et al.) bottleneck adapters.
 
 The invariants on the zoo (TinyTransformer by torch.fx; GPT-2, LLaMA, BERT by torch.export),
 the math on small hand-written pre-LN and post-LN blocks, the residual counted once on LLaMA
@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from passes.adapters import ParallelAdapterPass, SerialAdapterPass, find_sublayers
+from passes.adapters import ParallelAdapterPass, SerialAdapterPass
 from passes.bottleneck import BottleneckAdapter, BottleneckProjection
+from passes.sublayers import find_sublayers
 from surgery import (
     AlreadyAdaptedError,
     ConfigError,
@@ -568,7 +569,8 @@ def test_selection_errors(zoo) -> None:
         apply_passes(nn.Sequential(nn.Linear(4, 4)), [ParallelAdapterPass()])
     once = apply_passes(traced, [SerialAdapterPass(bottleneck=4)])
     with pytest.raises(AlreadyAdaptedError, match=r"layers\.0\.attn\.o_proj \(Linear\) already "
-                                                  r"has a adapter adapter named 'default'"):
+                                                  r"has an adapter named 'default' in slot "
+                                                  r"'adapter'"):
         apply_passes(once, [SerialAdapterPass(bottleneck=4)])
     twice = apply_passes(once, [SerialAdapterPass(bottleneck=4, name="other"),
                                 ParallelAdapterPass(bottleneck=4)])

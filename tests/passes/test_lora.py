@@ -225,8 +225,9 @@ def test_same_name_twice_raises_and_changes_nothing(zoo, snapshot) -> None:
     adapted = apply_passes(zoo.traced("builtin:tiny"), [LoRAPass()])
     before = snapshot(adapted)
     with pytest.raises(AlreadyAdaptedError,
-                       match=r"LoRAPass: layers.0.attn.q_proj \(Linear\) already has a lora_A adapter "
-                             r"named 'default'. Way out: give the pass another name=\.\.\."):
+                       match=r"LoRAPass: layers.0.attn.q_proj \(Linear\) already has an adapter named "
+                             r"'default' in slot 'lora_A'. Way out: give the pass another "
+                             r"name=\.\.\."):
         apply_passes(adapted, [LoRAPass()], inplace=True)
     before.assert_unchanged(adapted)
     with pytest.raises(AlreadyAdaptedError):

@@ -587,7 +587,7 @@ def test_errors(zoo) -> None:
         with pytest.raises(ConfigError):
             PrefixPass(**bad)
     once = apply_passes(traced, [PrefixPass(length=2)])
-    with pytest.raises(AlreadyAdaptedError, match="prefix adapter named 'default'"):
+    with pytest.raises(AlreadyAdaptedError, match="adapter named 'default' in slot 'prefix'"):
         apply_passes(once, [PrefixPass(length=2)])
     twice = apply_passes(once, [PrefixPass(length=1, name="other")])
     assert twice.get_submodule("layers.0.attn.prefix.other").key.shape == (4, 1, 16)
