@@ -38,7 +38,7 @@ from surgery.rewrite import (
     replace_uses_after,
 )
 from surgery.select import Selector, as_patterns
-from surgery.sites import Site, resolve_sites
+from surgery.sites import Site, resolve_sites, warn_rank_exceeds
 from surgery.trace import is_hf_conv1d
 
 __all__ = ["LoRAPass", "lora_features"]
@@ -138,7 +138,9 @@ class LoRAPass(Pass):
 
     def run(self, model: nn.Module) -> PassResult:
         changes: list[Change] = []
-        for site in self.sites(model):
+        sites = self.sites(model)
+        warn_rank_exceeds(sites, self.rank, pass_name="LoRAPass")
+        for site in sites:
             changes.extend(self._adapt(site))
         return PassResult(model, bool(changes), tuple(changes), self.name)
 

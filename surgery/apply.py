@@ -14,7 +14,7 @@ from surgery.graphs import call_sites, recompile
 from surgery.params import adapter_parameters, restore, share_weights_copy, snapshot
 from surgery.pass_base import Change, Pass, PassResult, SurgeryState
 from surgery.roles import find_roles
-from surgery.sites import candidate_sites
+from surgery.sites import candidate_sites, layer_features
 from surgery.trace import is_leaf_type, is_traced, trace
 
 __all__ = [
@@ -49,7 +49,7 @@ def _prepare(model: nn.Module, example_inputs: tuple | None, example_kwargs: Map
     return trace(model, example_inputs, example_kwargs, leaf_modules=leaf_modules)
 
 
-def _check_passes(passes: Sequence[Pass]) -> list[Pass]:
+def _check_passes(passes: Sequence[Pass] | Pass) -> list[Pass]:
     if isinstance(passes, Pass):
         passes = [passes]
     out = list(passes)
@@ -58,6 +58,28 @@ def _check_passes(passes: Sequence[Pass]) -> list[Pass]:
             raise ConfigError(f"apply_passes: item {i} is a {type(p).__name__}, not a Pass "
                               f"(LoRAPass(...), IA3Pass(...), ...).")
     return out
+
+
+def _check_in_place_writes(passes: list[Pass], inplace: bool) -> None:
+    """Refuse a pass that writes into existing weights unless it runs, last, on the model
+    itself (``inplace=True``)."""
+    for i, p in enumerate(passes):
+        if not p.writes_in_place:
+            continue
+        what = p.describe()
+        if not inplace:
+            raise ConfigError(
+                f"apply_passes: {what} writes into existing weights, and in-place merges write "
+                f"into the weights shared with the model you passed (apply_passes works on a "
+                f"copy that shares their storage). Way out: call apply_passes(model, passes, "
+                f"inplace=True) on a traced model, or use the pass without its in-place "
+                f"option (it writes new tensors).")
+        if i != len(passes) - 1:
+            later = ", ".join(q.describe() for q in passes[i + 1:])
+            raise ConfigError(
+                f"apply_passes: {what} writes into existing weights, so it must be the last "
+                f"pass: its writes cannot be rolled back if a later pass ({later}) fails. "
+                f"Way out: run it last, or in a separate apply_passes call.")
 
 
 def freeze_base(model: nn.Module) -> PassResult:
@@ -72,6 +94,11 @@ def freeze_base(model: nn.Module) -> PassResult:
     return PassResult(model, bool(changes), tuple(changes), "freeze")
 
 
+def _adapted_before(model: nn.Module) -> bool:
+    """True when passes already ran on this traced model (its history is not empty)."""
+    return bool(history(model))
+
+
 def apply_passes(
     model: nn.Module,
     passes: Sequence[Pass] | Pass,
@@ -80,13 +107,17 @@ def apply_passes(
     inplace: bool = False,
     *,
     leaf_modules: Collection[str | type] = (),
-    freeze: bool = True,
+    freeze: bool | None = None,
 ) -> nn.Module:
     """Trace ``model`` if needed and run ``passes`` in order.
 
     Each pass edits the graphs; after each one every graph is linted and recompiled, and its
-    :class:`PassResult` is appended to ``adapted._surgery.history``. Finally every base
-    parameter is frozen, so exactly the adapter parameters train.
+    :class:`PassResult` is appended to ``adapted._surgery.history``. Each pass freezes the
+    base parameters of the layers it adapts. The first time a model is adapted, every other
+    base parameter is frozen as well (a ``"freeze"`` step in the history), so exactly the
+    adapter parameters train; on a model adapted before, other parameters keep their
+    ``requires_grad``, so a base parameter you chose to train (``head.weight``) stays
+    trainable through later passes (merge, unmerge, more adapters).
 
     Args:
         model: a plain ``nn.Module`` (traced first; it is never changed) or a model returned
@@ -94,9 +125,15 @@ def apply_passes(
         passes: the passes, run in order.
         example_inputs: positional inputs, a tuple; needed where torch.fx cannot trace.
         example_kwargs: keyword inputs (``attention_mask``); the adapted model accepts them.
-        inplace: rewrite an already traced ``model`` itself instead of a copy.
+        inplace: rewrite an already traced ``model`` itself instead of a copy. Required for
+            a pass that :attr:`~surgery.pass_base.Pass.writes_in_place` (an in-place merge),
+            which must also be the last pass.
         leaf_modules: extra modules to keep opaque when tracing.
-        freeze: freeze base parameters (default ``True``).
+        freeze: ``None`` (default): freeze every non-adapter parameter when ``model`` has not
+            been adapted before (a plain module, or a model fresh from :func:`trace`), and
+            otherwise leave parameters the passes do not touch alone. ``True``: freeze every
+            non-adapter parameter, whatever the model's history. ``False``: freeze nothing
+            beyond what the passes freeze at their own sites.
 
     Returns:
         The adapted model (a new object unless ``inplace``); it shares the base weights'
@@ -104,10 +141,15 @@ def apply_passes(
 
     Raises:
         TraceError: the model could not be traced.
+        ConfigError: a pass that writes into existing weights was given without
+            ``inplace=True``, or not as the last pass (checked before anything runs).
         NoMatchError, AlreadyAdaptedError, ConfigError, UnsupportedSiteError: from a pass;
             the model given is left exactly as it was.
     """
     todo = _check_passes(passes)
+    _check_in_place_writes(todo, inplace)
+    if freeze is None:
+        freeze = not _adapted_before(model)
     work = _prepare(model, example_inputs, example_kwargs, leaf_modules, inplace)
     snap = snapshot(work) if inplace else None
     state: SurgeryState = work._surgery
@@ -132,18 +174,28 @@ def plan(model: nn.Module, passes: Sequence[Pass] | Pass, example_inputs: tuple 
          leaf_modules: Collection[str | type] = ()) -> list[PassResult]:
     """Dry run: what :func:`apply_passes` would do, without changing ``model``.
 
-    The passes run on a private copy that shares ``model``'s weights and is then dropped.
+    The passes run on a private copy that shares ``model``'s weights and is then dropped. A
+    pass that :attr:`~surgery.pass_base.Pass.writes_in_place` is not run: its own
+    :meth:`~surgery.pass_base.Pass.plan` (a dry run that writes nothing) says what it would
+    do, so it must be the last pass, as in :func:`apply_passes`.
 
     Returns:
         One :class:`PassResult` per pass (its ``module`` is the discarded copy).
 
     Raises:
+        ConfigError: a pass that writes into existing weights is not the last one, or has
+            no dry run of its own (:meth:`Pass.plan` would run it on the shared weights).
         the same errors as :func:`apply_passes`.
     """
     todo = _check_passes(passes)
+    _check_in_place_writes(todo, inplace=True)  # only the order matters for a dry run
     work = _prepare(model, example_inputs, example_kwargs, leaf_modules, inplace=False)
     results = []
     for p in todo:
+        if p.writes_in_place:  # the last pass: its dry run leaves the weights alone
+            changes = tuple(p.plan(work))
+            results.append(PassResult(work, bool(changes), changes, p.name))
+            break
         results.append(p.run(work))
         recompile(work)
     return results
@@ -157,9 +209,14 @@ class Target:
         qname: qualified module name.
         type: class name (``"Linear"``, ``"Conv1D"``).
         role: role label (``"query"``, ``"qkv (fused)"``) or ``""``.
-        shape: weight shape as stored.
+        shape: weight shape as stored, which depends on the layer type: ``(out, in)`` for
+            ``nn.Linear``, ``(in, out)`` for transformers' ``Conv1D``,
+            ``(3 * embed_dim, embed_dim)`` (``in_proj_weight``) for ``nn.MultiheadAttention``.
         calls: number of call sites (more than one when weights are shared).
         adapters: adapters already attached (``"lora:default"``).
+        in_features / out_features: the layer's input and output sizes, the same way round
+            for every type (channels for convolutions, vocabulary and dimension for
+            embeddings); ``None`` when unknown.
     """
 
     qname: str
@@ -168,37 +225,50 @@ class Target:
     shape: tuple[int, ...]
     calls: int
     adapters: tuple[str, ...]
+    in_features: int | None = None
+    out_features: int | None = None
+
+    @property
+    def features(self) -> str:
+        """``"64 → 192"``: input and output size, or ``""`` when unknown."""
+        if self.in_features is None or self.out_features is None:
+            return ""
+        return f"{self.in_features} → {self.out_features}"
 
 
 class TargetList(list):
-    """A list of :class:`Target` that prints as a table."""
+    """A list of :class:`Target` that prints as a table.
+
+    The ``in → out`` column reads the same for every layer type; the markdown and rich
+    tables also show the weight shape as stored.
+    """
 
     def to_markdown(self) -> str:
         """The targets as a GitHub-flavoured markdown table."""
-        rows = ["| name | type | role | weight shape | calls | adapters |",
-                "|---|---|---|---|---|---|"]
+        rows = ["| name | type | role | in → out | weight shape | calls | adapters |",
+                "|---|---|---|---|---|---|---|"]
         for t in self:
-            rows.append(f"| {t.qname} | {t.type} | {t.role} | {tuple(t.shape)} | {t.calls} | "
-                        f"{', '.join(t.adapters)} |")
+            rows.append(f"| {t.qname} | {t.type} | {t.role} | {t.features} | {tuple(t.shape)} | "
+                        f"{t.calls} | {', '.join(t.adapters)} |")
         return "\n".join(rows)
 
     def __str__(self) -> str:
         width = max([len(t.qname) for t in self] + [4])
-        lines = [f"{'name':<{width}}  {'type':<20} {'role':<14} {'shape':<16} calls"]
+        lines = [f"{'name':<{width}}  {'type':<20} {'role':<14} {'in → out':<14} calls"]
         for t in self:
             lines.append(f"{t.qname:<{width}}  {t.type:<20} {t.role:<14} "
-                         f"{str(tuple(t.shape)):<16} {t.calls}")
+                         f"{t.features:<14} {t.calls}")
         return "\n".join(lines)
 
     def __rich__(self) -> Any:
         from rich.table import Table
 
         table = Table(title="candidate sites")
-        for col in ("name", "type", "role", "weight shape", "calls", "adapters"):
+        for col in ("name", "type", "role", "in → out", "weight shape", "calls", "adapters"):
             table.add_column(col)
         for t in self:
-            table.add_row(t.qname, t.type, t.role, str(tuple(t.shape)), str(t.calls),
-                          ", ".join(t.adapters))
+            table.add_row(t.qname, t.type, t.role, t.features, str(tuple(t.shape)),
+                          str(t.calls), ", ".join(t.adapters))
         return table
 
 
@@ -217,7 +287,7 @@ def _adapters_on(module: nn.Module) -> tuple[str, ...]:
 def list_targets(model: nn.Module, example_inputs: tuple | None = None,
                  example_kwargs: Mapping[str, Any] | None = None, *,
                  leaf_modules: Collection[str | type] = ()) -> TargetList:
-    """Every candidate site of ``model``: name, type, role and weight shape.
+    """Every candidate site of ``model``: name, type, role, ``in → out`` sizes and weight shape.
 
     Candidates are the linear-like layers and attention modules called from the graph, in
     graph order. ``model`` may be plain (it is traced, not changed) or already traced.
@@ -233,9 +303,11 @@ def list_targets(model: nn.Module, example_inputs: tuple | None = None,
         if weight is None:
             weight = getattr(mod, "in_proj_weight", None)
         info = roles.role_of(qname)
+        feats = layer_features(mod)
         out.append(Target(qname, type(mod).__name__, info.label if info else "",
                           tuple(weight.shape) if weight is not None else (),
-                          len(calls[qname]), _adapters_on(mod)))
+                          len(calls[qname]), _adapters_on(mod),
+                          feats[0] if feats else None, feats[1] if feats else None))
     return out
 
 

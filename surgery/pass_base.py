@@ -10,9 +10,11 @@ recompiling and atomicity, so a pass only edits graphs and registers modules.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from torch import nn
+
+from surgery.errors import ConfigError
 
 __all__ = ["Change", "ChangeKind", "PassResult", "Pass"]
 
@@ -91,6 +93,18 @@ class Pass:
 
     name: ClassVar[str] = "pass"
 
+    @property
+    def writes_in_place(self) -> bool:
+        """``True`` when :meth:`run` writes into the storage of existing weights.
+
+        Such a pass cannot run on the private copy :func:`surgery.apply_passes` makes (that
+        copy shares the weights of the model it was given), and what it wrote cannot be
+        rolled back if a later pass fails, so ``apply_passes`` accepts it only with
+        ``inplace=True`` and as the last pass. ``False`` here; a pass with an in-place
+        option returns that option.
+        """
+        return False
+
     def run(self, model: nn.Module) -> PassResult:
         """Rewrite the traced ``model`` in place and return what changed.
 
@@ -104,10 +118,21 @@ class Pass:
 
         The default runs the pass on a private copy of the traced ``model`` (sharing its
         weights' storage) and drops the copy.
+
+        Raises:
+            ConfigError: the pass :attr:`writes_in_place`: run on a copy sharing the weights,
+                it would change them.
         """
         import copy
 
         from surgery.params import share_weights_copy
+
+        if self.writes_in_place:
+            raise ConfigError(
+                f"{type(self).__name__}.plan: this pass writes into existing weights "
+                f"(in place), and a dry run shares the model's weights, so it would change "
+                f"them. Way out: plan the same pass without its in-place option; it makes the "
+                f"same changes into new tensors.")
 
         work = share_weights_copy(model)
         state = getattr(model, "_surgery", None)
@@ -137,6 +162,11 @@ class SurgeryState:
         active: adapter names in use (``None`` = all).
         source: an eager copy of the traced model (same class, sharing its weights' storage),
             from which :func:`surgery.unload` builds a plain model.
+        fixed_inputs: forward parameters that tracing fixed to their default value (they were
+            not among the example inputs), name -> value. The traced model raises
+            :class:`surgery.errors.InputMismatchError` when one is given another value.
+        notes: what tracing changed on its private copy of the model, one sentence each
+            (``config.use_cache`` switched off, ...).
     """
 
     frontend: str
@@ -146,3 +176,5 @@ class SurgeryState:
     example_kwargs: dict | None = None
     active: set[str] | None = None
     source: nn.Module | None = None
+    fixed_inputs: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)

@@ -7,7 +7,9 @@
   one segment after ``a``).
 - ``"re:<regex>"``: a Python regex matched with ``fullmatch`` against the whole name.
 - A list means any of them; ``exclude=`` removes matches. Every pattern, in a list or in
-  ``exclude``, must match something, or :class:`NoMatchError` says which one did not.
+  ``exclude``, must match something, or :class:`NoMatchError` says which one did not; so must
+  the selection left after ``exclude``. An empty list is a :class:`ConfigError` (``None``
+  means "no pattern").
 """
 
 from __future__ import annotations
@@ -27,11 +29,27 @@ def as_patterns(selector: Selector) -> tuple[str, ...]:
     """Normalise ``None`` / a string / a sequence of strings to a tuple of patterns.
 
     Raises:
-        ConfigError: an element is not a non-empty string.
+        ConfigError: ``selector`` is neither ``None``, a string nor a list (or tuple, set) of
+            strings (``3``, ``True``); it is an empty list; or an element is not a non-empty
+            string.
     """
     if selector is None:
         return ()
-    items = (selector,) if isinstance(selector, str) else tuple(selector)
+    if isinstance(selector, str):
+        items: tuple = (selector,)
+    elif isinstance(selector, (list, tuple, set, frozenset)):
+        items = tuple(sorted(selector) if isinstance(selector, (set, frozenset)) else selector)
+        if not items:
+            raise ConfigError(
+                "a pattern list must hold at least one pattern, got an empty list; an empty "
+                "list would select nothing. Way out: give patterns, or None for the default "
+                "(the pass's default selection, no exclusion).")
+    else:
+        raise ConfigError(
+            f"a pattern must be a string or a list of strings, got {selector!r} "
+            f"({type(selector).__name__}). Way out: a glob such as 'attn.*', a list such as "
+            f"['q_proj', 'v_proj'], or 're:<regex>'; surgery.list_targets(model) lists the "
+            f"names.")
     for item in items:
         if not isinstance(item, str) or not item:
             raise ConfigError(f"a pattern must be a non-empty string, got {item!r}")
@@ -130,7 +148,9 @@ def select_names(
 
     Raises:
         NoMatchError: a pattern (in ``pattern`` or ``exclude``) matches no candidate; the
-            message lists up to five nearest candidates and any non-candidate it matched.
+            message lists up to five nearest candidates and any non-candidate it matched. Or
+            ``exclude`` removed every name that was selected.
+        ConfigError: a pattern is not a string, or a pattern list is empty.
     """
     pool = list(dict.fromkeys(names))
     include = as_patterns(pattern)
@@ -146,12 +166,26 @@ def select_names(
         selected = [n for n in pool if n in chosen_set]
     else:
         selected = list(pool)
+    before = list(selected)
     for pat in excl:
         hit = [n for n in selected if matches(pat, n)]
         if not hit:
             raise _no_match(pat, selected, pass_name, all_names, kind, "exclude pattern")
         selected = [n for n in selected if n not in set(hit)]
+    if before and not selected:
+        shown = ", ".join(before[:5]) + (f", ... ({len(before)} in all)" if len(before) > 5 else "")
+        chosen = f"pattern {_show(include)} selected" if include else "was selected"
+        raise NoMatchError(
+            f"{pass_name}: the selection is empty after exclude={_show(excl)}: "
+            f"it removed every {kind} that {chosen} ({shown}). Way out: narrow "
+            f"exclude, or widen the pattern"
+            + ("; surgery.list_targets(model) lists every candidate." if kind == "module" else "."))
     return selected
+
+
+def _show(patterns: tuple[str, ...]) -> str:
+    """One pattern as its repr, several as a list."""
+    return repr(list(patterns)) if len(patterns) > 1 else repr(patterns[0])
 
 
 def _no_match(pat: str, pool: list[str], pass_name: str, all_names: Iterable[str], kind: str,

@@ -7,18 +7,22 @@ language and raises the same errors.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import os
+import sys
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from torch import fx, nn
 
 from surgery.adapter_base import AdapterModule
-from surgery.errors import NoMatchError, UnsupportedSiteError
+from surgery.errors import ConfigError, NoMatchError, UnsupportedSiteError
 from surgery.graphs import CallSite, call_sites
+from surgery.leaves import is_hf_conv1d
 from surgery.roles import ModelRoles, RoleInfo, find_roles, normalize_roles
 from surgery.select import Selector, as_patterns, matches, select_names
 
-__all__ = ["Site", "resolve_sites", "candidate_sites"]
+__all__ = ["Site", "resolve_sites", "candidate_sites", "layer_features", "warn_rank_exceeds"]
 
 
 @dataclass(frozen=True)
@@ -76,26 +80,34 @@ def resolve_sites(
     playing ``default_roles`` are selected.
 
     Raises:
-        NoMatchError: a pattern or role selects nothing; the message lists near matches.
+        NoMatchError: a pattern or a role (each one of a list) selects nothing, or
+            ``exclude`` leaves nothing; the message lists near matches.
         UnsupportedSiteError: a pattern names a module the pass cannot adapt.
+        ConfigError: ``pattern``, ``exclude`` or ``role`` is not a string or a list of
+            strings, or is an empty list.
     """
     roles = roles if roles is not None else find_roles(model)
     cands = candidate_sites(model, accept)
     all_called = call_sites(model)
     all_names = [n for n, _ in model.named_modules() if n]
     patterns = as_patterns(pattern)
-    wanted_roles = normalize_roles(role) if role is not None else ()
+    as_patterns(exclude)
+    wanted_roles = _wanted_roles(role, pass_name)
     if patterns:
         for pat in patterns:
             if not any(matches(pat, n) for n in cands):
                 _explain_unsupported(model, pat, all_called, all_names, pass_name, accepted_types)
         names = select_names(cands, patterns, exclude, pass_name=pass_name, all_names=all_names)
         if wanted_roles:
-            names = [n for n in names if roles.role_of(n) and roles.role_of(n).roles & set(wanted_roles)]
-            if not names:
-                raise NoMatchError(
-                    f"{pass_name}: no module matched by {list(patterns)} plays role(s) "
-                    f"{list(wanted_roles)}. {_roles_found(roles)}")
+            for wanted in wanted_roles:  # each role must select something, like each pattern
+                if not any(_plays(roles, n, wanted) for n in names):
+                    raise NoMatchError(
+                        f"{pass_name}: role {wanted!r} matches no module selected by "
+                        f"pattern {list(patterns) if len(patterns) > 1 else patterns[0]!r}"
+                        + (f" and exclude={exclude!r}" if exclude is not None else "")
+                        + f". {_roles_found(roles)} Way out: drop {wanted!r} from role=, or "
+                        f"widen the pattern; see surgery.list_targets(model).")
+            names = [n for n in names if any(_plays(roles, n, r) for r in wanted_roles)]
     else:
         use = wanted_roles or normalize_roles(tuple(default_roles))
         names = [n for n in cands if roles.role_of(n) and roles.role_of(n).roles & set(use)]
@@ -111,10 +123,95 @@ def resolve_sites(
                 f"{pass_name}: no {accepted_types} module plays {how}(s) {list(use)}. "
                 f"{_roles_found(roles)} Way out: select sites by name with pattern=..., "
                 f"see surgery.list_targets(model).")
+        if len(wanted_roles) > 1:
+            for wanted in wanted_roles:  # each role in a list must select something
+                if not any(_plays(roles, n, wanted) for n in names):
+                    raise NoMatchError(
+                        f"{pass_name}: role {wanted!r} (of role={list(wanted_roles)}) matches "
+                        f"no {accepted_types} module. {_roles_found(roles)} Way out: drop "
+                        f"{wanted!r} from role=, or select sites by name with pattern=...; see "
+                        f"surgery.list_targets(model).")
         if exclude is not None:
             names = select_names(names, None, exclude, pass_name=pass_name, all_names=all_names)
     return [Site(n, cands[n][0].owner.get_submodule(str(cands[n][0].node.target)),
                  tuple(cands[n]), roles.role_of(n)) for n in names]
+
+
+def _wanted_roles(role: str | Sequence[str] | None, pass_name: str) -> tuple[str, ...]:
+    """Canonical role names of ``role``; ``()`` for ``None``."""
+    if role is None:
+        return ()
+    if not isinstance(role, (str, list, tuple, set, frozenset)) or (
+            not isinstance(role, str) and not all(isinstance(r, str) for r in role)):
+        raise ConfigError(f"{pass_name}: role must be a role name or a list of role names "
+                          f"(role='query', role=['query', 'value']), got {role!r}.")
+    if not isinstance(role, str) and not role:
+        raise ConfigError(f"{pass_name}: role=[] names no role. Way out: give at least one "
+                          f"role, or role=None for the pass's default roles.")
+    return normalize_roles(role)
+
+
+def _plays(roles: ModelRoles, qname: str, role: str) -> bool:
+    info = roles.role_of(qname)
+    return info is not None and role in info.roles
+
+
+def layer_features(module: nn.Module) -> tuple[int, int] | None:
+    """``(in_features, out_features)`` of a layer, whatever its weight layout.
+
+    ``nn.Linear`` stores its weight ``(out, in)``, transformers' ``Conv1D`` ``(in, out)``,
+    ``nn.Conv*`` ``(out, in / groups, *kernel)``, ``nn.Embedding`` ``(num_embeddings, dim)``
+    (in = the vocabulary); ``nn.MultiheadAttention`` maps ``embed_dim`` to ``embed_dim``.
+    Returns ``None`` for a module without a recognisable weight.
+    """
+    if is_hf_conv1d(module):
+        return int(module.weight.shape[0]), int(module.weight.shape[1])
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.in_channels, module.out_channels
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    if isinstance(module, nn.MultiheadAttention):
+        return module.embed_dim, module.embed_dim
+    weight = getattr(module, "weight", None)
+    if weight is not None and getattr(weight, "dim", lambda: 0)() == 2:
+        return int(weight.shape[1]), int(weight.shape[0])
+    return None
+
+
+def warn_rank_exceeds(sites: Iterable[Site], rank: int, *, pass_name: str) -> None:
+    """Warn when ``rank`` is larger than ``min(in_features, out_features)`` of a site.
+
+    A low-rank update ``B A`` of such a layer cannot have a rank above that minimum, so the
+    extra rank only adds parameters. This is a warning, not an error: the result is still a
+    correct (if wasteful) adapter.
+    """
+    over = []
+    for site in sites:
+        feats = layer_features(site.module)
+        if feats is not None and rank > min(feats):
+            over.append(f"{site.qname} ({type(site.module).__name__}, {feats[0]} -> {feats[1]})")
+    if over:
+        shown = ", ".join(over[:5]) + (f", ... ({len(over)} layers)" if len(over) > 5 else "")
+        warnings.warn(
+            f"{pass_name}: rank {rank} is larger than min(in_features, out_features) of {shown}; "
+            f"the update B A there cannot have a rank above that minimum, so the extra rank only "
+            f"adds parameters. Way out: a smaller rank, or exclude=... those layers.",
+            UserWarning, stacklevel=_user_stacklevel())
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning raised in the caller at the first frame
+    outside this package and ``passes`` (the user's ``apply_passes(...)`` line)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    roots = (here + os.sep, os.path.join(os.path.dirname(here), "passes") + os.sep)
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(roots):
+        frame = frame.f_back
+        level += 1
+    return level
 
 
 _PROJECTION_ROLES = {"query", "key", "value", "attn_out"}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 import torch
@@ -21,6 +23,7 @@ from surgery import (
     plan,
     trainable_parameters,
 )
+from surgery.pass_base import Pass
 
 
 def test_history_records_every_pass_and_the_freeze(zoo) -> None:
@@ -89,14 +92,18 @@ def test_list_targets_of_the_builtin_model(zoo) -> None:
     assert [t.qname for t in targets][:3] == ["embed", "pos_embed", "layers.0.attn.q_proj"]
     q = by_name["layers.0.attn.q_proj"]
     assert (q.type, q.role, q.shape, q.calls, q.adapters) == ("Linear", "query", (64, 64), 1, ())
-    assert by_name["layers.1.mlp.up_proj"].shape == (256, 64)
+    up = by_name["layers.1.mlp.up_proj"]
+    assert (up.shape, up.in_features, up.out_features, up.features) == ((256, 64), 64, 256, "64 → 256")
     assert by_name["layers.1.mlp.down_proj"].role == "ffn_down"
     assert by_name["lm_head"].role == ""
+    embed = by_name["embed"]
+    assert (embed.shape, embed.features) == ((256, 64), "256 → 64")
     text = str(targets)
-    assert text.splitlines()[0].split() == ["name", "type", "role", "shape", "calls"]
+    assert text.splitlines()[0].split() == ["name", "type", "role", "in", "→", "out", "calls"]
+    assert "layers.1.mlp.up_proj    Linear               ffn_up         64 → 256       1" in text
     md = targets.to_markdown()
-    assert md.splitlines()[0] == "| name | type | role | weight shape | calls | adapters |"
-    assert "| layers.0.attn.q_proj | Linear | query | (64, 64) | 1 |  |" in md
+    assert md.splitlines()[0] == "| name | type | role | in → out | weight shape | calls | adapters |"
+    assert "| layers.1.mlp.up_proj | Linear | ffn_up | 64 → 256 | (256, 64) | 1 |  |" in md
 
 
 def test_list_targets_shows_adapters_fused_roles_and_attention_modules(zoo) -> None:
@@ -104,11 +111,20 @@ def test_list_targets_shows_adapters_fused_roles_and_attention_modules(zoo) -> N
     by_name = {t.qname: t for t in list_targets(adapted)}
     c_attn = by_name["transformer.h.0.attn.c_attn"]
     assert (c_attn.type, c_attn.role, c_attn.shape) == ("Conv1D", "qkv (fused)", (64, 192))
+    # Conv1D stores (in, out), Linear (out, in): the in → out column reads the same way
+    c_fc, head = by_name["transformer.h.0.mlp.c_fc"], by_name["lm_head"]
+    assert (c_fc.type, c_fc.shape, c_fc.features) == ("Conv1D", (64, 128), "64 → 128")
+    assert (head.type, head.shape, head.features) == ("Linear", (128, 64), "64 → 128")
+    assert c_attn.features == "64 → 192"
     assert c_attn.adapters == ("lora:default", "lora:b", "ia3:default")
     assert not any("lora" in q or "ia3" in q for q in by_name)
     encoder = {t.qname: t for t in list_targets(zoo.traced("builtin:encoder"))}
     mha = encoder["layers.0.self_attn"]
     assert (mha.type, mha.role, mha.shape) == ("MultiheadAttention", "attention", (192, 64))
+    assert (mha.in_features, mha.out_features) == (64, 64)
+    rich_table = list_targets(zoo.traced("builtin:encoder")).__rich__()
+    assert [c.header for c in rich_table.columns] == ["name", "type", "role", "in → out",
+                                                      "weight shape", "calls", "adapters"]
 
 
 def test_trainable_parameters_are_exactly_the_adapters_without_duplicates(zoo) -> None:
@@ -190,3 +206,98 @@ def test_mha_that_export_must_decompose_is_still_explained(no_mha_fastpath) -> N
     adapted = apply_passes(traced, [LoRAPass(pattern="fc")])
     frozen = copy.deepcopy(model).requires_grad_(False)  # same kernels as the frozen base
     assert torch.equal(adapted(x, pad), frozen(x, pad))
+
+
+# ---- freezing: only the first time a model is adapted ---------------------------------------
+
+
+def test_a_base_parameter_chosen_to_train_stays_trainable_through_later_passes(zoo) -> None:
+    from surgery import MergeLoRAPass, UnmergeLoRAPass
+
+    adapted = apply_passes(zoo.spec("builtin:tiny").model, [LoRAPass()])
+    assert not adapted.get_submodule("lm_head").weight.requires_grad, "first time: all frozen"
+    adapted.get_submodule("lm_head").weight.requires_grad_(True)
+    merged = apply_passes(adapted, [MergeLoRAPass()])
+    assert merged.get_submodule("lm_head").weight.requires_grad
+    assert [r.pass_name for r in history(merged)] == ["lora", "freeze", "merge_lora"]
+    apply_passes(adapted, [IA3Pass()], inplace=True)
+    apply_passes(adapted, [MergeLoRAPass()], inplace=True)
+    apply_passes(adapted, [UnmergeLoRAPass()], inplace=True)
+    assert adapted.get_submodule("lm_head").weight.requires_grad
+    assert not adapted.get_submodule("layers.0.attn.k_proj").weight.requires_grad, \
+        "IA3Pass freezes the layers it adapts"
+    assert not adapted.get_submodule("layers.0.mlp.up_proj").weight.requires_grad
+    apply_passes(adapted, [LoRAPass(pattern="up_proj")], inplace=True, freeze=True)
+    assert not adapted.get_submodule("lm_head").weight.requires_grad, "freeze=True: all again"
+
+
+def test_a_model_fresh_from_trace_is_frozen_like_a_plain_one(zoo) -> None:
+    traced = zoo.traced("builtin:tiny")
+    assert all(p.requires_grad for p in traced.parameters())
+    adapted = apply_passes(traced, [LoRAPass()])
+    assert {n for n, _ in named_trainable_parameters(adapted)} == {
+        f"layers.{i}.attn.{p}_proj.lora_{f}.default.weight"
+        for i in range(2) for p in "qv" for f in "AB"}
+
+
+# ---- passes that write into existing weights -----------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScaleHeadInPlace(Pass):
+    """Doubles ``lm_head.weight`` in its own storage (as an in-place merge does)."""
+
+    name: ClassVar[str] = "scale_head"
+
+    @property
+    def writes_in_place(self) -> bool:
+        return True
+
+    def run(self, model: nn.Module) -> PassResult:
+        with torch.no_grad():
+            model.get_submodule("lm_head").weight.mul_(2)
+        return PassResult(model, True, (), self.name)
+
+
+def test_in_place_writes_need_inplace_true_and_the_last_place(zoo, snapshot) -> None:
+    model = zoo.fresh("builtin:tiny").model
+    adapted = apply_passes(model, [LoRAPass()])
+    before, before_model = snapshot(adapted), snapshot(model)
+    with pytest.raises(ConfigError, match=r"ScaleHeadInPlace\(\) writes into existing weights, "
+                                          r"and in-place merges write into the weights shared "
+                                          r"with the model you passed.*call apply_passes\(model, "
+                                          r"passes, inplace=True\) on a traced model"):
+        apply_passes(adapted, [ScaleHeadInPlace()])
+    with pytest.raises(ConfigError, match=r"so it must be the last pass: its writes cannot be "
+                                          r"rolled back if a later pass \(IA3Pass\(\)\) fails"):
+        apply_passes(adapted, [ScaleHeadInPlace(), IA3Pass()], inplace=True)
+    for dry_run in (lambda: plan(adapted, [ScaleHeadInPlace()]),
+                    lambda: ScaleHeadInPlace().plan(adapted)):
+        with pytest.raises(ConfigError, match=r"ScaleHeadInPlace.plan: this pass writes into "
+                                              r"existing weights"):
+            dry_run()
+    with pytest.raises(ConfigError, match="must be the last pass"):
+        plan(adapted, [ScaleHeadInPlace(), IA3Pass()])
+    with pytest.raises(ConfigError, match="must be the last pass"):
+        apply_passes(model, [ScaleHeadInPlace(), LoRAPass()], inplace=True)  # before the trace check
+    before.assert_unchanged(adapted)
+    before_model.assert_unchanged(model)
+    weight = adapted.get_submodule("lm_head").weight.detach().clone()
+    out = apply_passes(adapted, [IA3Pass(), ScaleHeadInPlace()], inplace=True)
+    assert out is adapted and [r.pass_name for r in history(adapted)] == ["lora", "freeze", "ia3",
+                                                                           "scale_head"]
+    assert torch.equal(adapted.get_submodule("lm_head").weight, 2 * weight)
+    assert not LoRAPass().writes_in_place
+
+
+def test_plan_of_an_in_place_merge_uses_its_dry_run(zoo, snapshot) -> None:
+    from surgery import MergeLoRAPass
+
+    adapted = apply_passes(zoo.spec("builtin:tiny").model, [LoRAPass()])
+    for p in trainable_parameters(adapted):
+        torch.nn.init.normal_(p.data)  # a merge that changes the weights
+    before = snapshot(adapted)
+    results = plan(adapted, [IA3Pass(), MergeLoRAPass(inplace=True)])
+    assert [r.pass_name for r in results] == ["ia3", "merge_lora"]
+    assert results[1].sites == [f"layers.{i}.attn.{p}_proj" for i in range(2) for p in "qv"]
+    before.assert_unchanged(adapted)

@@ -164,7 +164,7 @@ def test_targets_llama_table(capsys: pytest.CaptureFixture) -> None:
     assert lines[0].startswith("hf:llama: transformers LlamaForCausalLM")
     k_proj = next(line.split() for line in lines
                   if line.startswith("model.layers.0.self_attn.k_proj "))
-    assert k_proj == ["model.layers.0.self_attn.k_proj", "Linear", "key", "(32,", "64)", "1"]
+    assert k_proj == ["model.layers.0.self_attn.k_proj", "Linear", "key", "64", "→", "32", "1"]
 
 
 @pytest.mark.parametrize(("argv", "needles"), [

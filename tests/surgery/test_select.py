@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from surgery import ConfigError, LoRAPass, NoMatchError, apply_passes
+from surgery import ConfigError, LoRAPass, NoMatchError, apply_passes, history
 from surgery.select import as_patterns, matches, select_names
 
 NAMES = [
@@ -116,6 +116,51 @@ def test_patterns_must_be_non_empty_strings(bad: object) -> None:
         as_patterns(["attn.*", bad])  # type: ignore[list-item]
 
 
+def test_excluding_the_whole_selection_says_so(zoo) -> None:
+    with pytest.raises(NoMatchError) as info:
+        apply_passes(zoo.traced("builtin:tiny"), [LoRAPass(pattern="attn.*", exclude="attn.*")])
+    assert str(info.value).startswith(
+        "LoRAPass: the selection is empty after exclude='attn.*': it removed every module that "
+        "pattern 'attn.*' selected (layers.0.attn.q_proj, layers.0.attn.k_proj, "
+        "layers.0.attn.v_proj, layers.0.attn.o_proj, layers.1.attn.q_proj, ... (8 in all)).")
+    with pytest.raises(NoMatchError, match=r"empty after exclude=\['q_proj', 'v_proj'\]: it "
+                                           r"removed every module that was selected \(layers.0.attn.q_proj, "):
+        apply_passes(zoo.traced("builtin:tiny"), [LoRAPass(exclude=["q_proj", "v_proj"])])
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"pattern": []}, "a pattern list must hold at least one pattern, got an empty list"),
+    ({"exclude": ()}, "a pattern list must hold at least one pattern, got an empty list"),
+    ({"pattern": 3}, r"a pattern must be a string or a list of strings, got 3 \(int\)"),
+    ({"pattern": True}, r"a pattern must be a string or a list of strings, got True \(bool\)"),
+])
+def test_empty_lists_and_non_strings_are_config_errors(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        LoRAPass(**kwargs)
+
+
+def test_ia3_feedforward_must_be_patterns() -> None:
+    from surgery import IA3Pass
+
+    with pytest.raises(ConfigError, match=r"got True \(bool\)"):
+        IA3Pass(feedforward=True)
+
+
+def test_each_role_of_a_list_must_match(zoo) -> None:
+    traced = zoo.traced("builtin:tiny")  # no gated feed-forward: no ffn_gate
+    with pytest.raises(NoMatchError, match=r"LoRAPass: role 'ffn_gate' \(of role=\['query', "
+                                           r"'ffn_gate'\]\) matches no nn.Linear / Conv1D module. "
+                                           r"Roles found in this model: .*Way out: drop 'ffn_gate'"):
+        apply_passes(traced, [LoRAPass(role=["query", "ffn_gate"])])
+    with pytest.raises(NoMatchError, match=r"role 'value' matches no module selected by pattern "
+                                           r"'q_proj'"):
+        apply_passes(traced, [LoRAPass(role=["query", "value"], pattern="q_proj")])
+    with pytest.raises(ConfigError, match=r"role=\[\] names no role"):
+        apply_passes(traced, [LoRAPass(role=[])])
+    adapted = apply_passes(traced, [LoRAPass(role=["query", "value"])])
+    assert history(adapted)[0].sites == [f"layers.{i}.attn.{p}_proj" for i in range(2) for p in "qv"]
+
+
 def test_invalid_regex_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"invalid regular expression in pattern 're:\(q'"):
         matches("re:(q", "q")
@@ -147,12 +192,14 @@ def test_a_literal_never_matches_inside_a_segment(qname: str, other: str) -> Non
 
 @settings(max_examples=50, deadline=None)
 @given(st.lists(name, min_size=1, max_size=8, unique=True), st.data())
-def test_excluding_everything_selected_leaves_nothing(names: list[str], data: st.DataObject) -> None:
+def test_excluding_everything_selected_is_an_error(names: list[str], data: st.DataObject) -> None:
     pattern = data.draw(st.sampled_from(names))
     selected = select_names(names, pattern)
     assert pattern in selected and selected == [n for n in names if n in set(selected)]
-    assert select_names(names, pattern, exclude=pattern) == []
-    assert select_names(names, None, exclude="**") == []
+    with pytest.raises(NoMatchError, match="the selection is empty after exclude="):
+        select_names(names, pattern, exclude=pattern)
+    with pytest.raises(NoMatchError, match="the selection is empty after exclude='\\*\\*'"):
+        select_names(names, None, exclude="**")
 
 
 @settings(max_examples=50, deadline=None)

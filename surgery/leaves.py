@@ -1,0 +1,63 @@
+"""The module types both front ends keep as real ``call_module`` nodes.
+
+Linear-like layers (where adapters attach) and ``nn.MultiheadAttention`` stay opaque on both
+front ends; dropout and normalisation layers are also called as real modules on the export
+front end, so ``train()`` / ``eval()`` keep switching them.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+__all__ = [
+    "LINEAR_TYPES",
+    "MODE_TYPES",
+    "SIGNATURE_TYPES",
+    "is_hf_conv1d",
+    "is_linear_like",
+    "is_leaf_type",
+]
+
+LINEAR_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+    nn.Embedding,
+)
+
+# Modules that export would otherwise bake into their graph with the training flag of the
+# moment (dropout, batch statistics); they are called as real modules on both front ends.
+MODE_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.modules.batchnorm._BatchNorm,
+    nn.LayerNorm,
+    nn.GroupNorm,
+)
+
+# Modules that export keeps whole (``preserve_module_call_signature``) and that are then
+# called as the real module object, as on the fx front end.
+SIGNATURE_TYPES: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """True for transformers' ``Conv1D`` (a linear layer storing its weight as ``(in, out)``)."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """True for the layers adapters attach to: Linear, Conv, Embedding, transformers' Conv1D."""
+    return isinstance(module, LINEAR_TYPES) or is_hf_conv1d(module)
+
+
+def is_leaf_type(module: nn.Module) -> bool:
+    """True for modules both front ends keep as opaque ``call_module`` nodes."""
+    return is_linear_like(module) or isinstance(module, nn.MultiheadAttention)
