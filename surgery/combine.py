@@ -6,7 +6,10 @@
 
 The same two methods as PEFT's ``add_weighted_adapter`` (``"linear"`` and ``"cat"``), with
 the same formulas; the new adapter is an ordinary LoRA adapter (its own ``lora_A`` /
-``lora_B`` and branch nodes) that trains, merges and unloads like any other.
+``lora_B`` and branch nodes) that trains, merges and unloads like any other. As after PEFT's
+``add_weighted_adapter`` followed by ``set_adapter``, the new adapter is the only one left
+active (:func:`surgery.set_active`), so the model computes the base plus the combined update,
+not the sources' updates a second time.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from surgery.errors import AdapterNotFoundError, ConfigError, NoMatchError
+from surgery.errors import AdapterNotFoundError, ConfigError, MergeError, NoMatchError
 from surgery.pass_base import Change, Pass, PassResult
 
 __all__ = ["combine_adapters", "combine_factors"]
@@ -84,7 +87,8 @@ class _CombineLoRAPass(Pass):
 
     def run(self, model: nn.Module) -> PassResult:
         from passes.lora import LoRAPass
-        from passes.merge import adapter_inventory
+        from passes.merge_records import adapter_inventory
+        from surgery.active import merged_names
 
         inv = adapter_inventory(model)
         lora_names = sorted(n for n, kinds in inv.items() if "lora" in kinds)
@@ -96,6 +100,14 @@ class _CombineLoRAPass(Pass):
             if "lora" not in inv[source]:
                 raise ConfigError(f"combine_adapters: {source!r} is a {'/'.join(inv[source])} "
                                   f"adapter; only LoRA adapters combine.")
+        merged = merged_names(model)
+        for source, _ in self.weights:
+            if source in merged:
+                raise MergeError(
+                    f"combine_adapters: source adapter {source!r} is merged into the weights "
+                    f"({merged[source][0].partition('@')[2]}, ...), so the combined adapter "
+                    f"would add its update a second time. Way out: unmerge it first, "
+                    f"apply_passes(model, [UnmergeLoRAPass(names=[{source!r}])]).")
         if self.adapter_name in inv:
             raise ConfigError(f"combine_adapters: the model already has an adapter named "
                               f"{self.adapter_name!r}. Way out: name=... another name.")
@@ -144,6 +156,12 @@ def combine_adapters(model: nn.Module, weights: Mapping[str, float], method: str
     everywhere it exists. With a single source the method is ``"linear"`` (as in PEFT; both
     give ``w · s · B A``).
 
+    Afterwards the new adapter is the only active one (:func:`surgery.set_active`; adapters
+    merged into the weights stay, being part of them): the sources, and any other adapter,
+    are switched off, so the model computes the base plus the combined update exactly once,
+    as PEFT's ``add_weighted_adapter`` followed by ``set_adapter(name)`` does. Switch
+    others back on with ``surgery.set_active(model, [...])``; their parameters are unchanged.
+
     Args:
         model: an adapted model (from :func:`surgery.apply_passes`).
         weights: source adapter name → weight, in the order the ranks are stacked.
@@ -152,15 +170,18 @@ def combine_adapters(model: nn.Module, weights: Mapping[str, float], method: str
         inplace: add to ``model`` itself instead of a copy sharing its base weights.
 
     Returns:
-        The model with the new adapter (a new object unless ``inplace``); its parameters
-        train, the sources are unchanged.
+        The model with the new adapter, active alone (a new object unless ``inplace``; the
+        ``active`` flags of ``model`` change only with ``inplace``); its parameters train,
+        the sources' parameters are unchanged.
 
     Raises:
         AdapterNotFoundError: a source name the model does not carry.
         ConfigError: bad method, weights or name, a non-LoRA source, ranks that differ under
             ``"linear"``.
         NoMatchError: no layer carries every source adapter.
+        MergeError: a source adapter is merged into the weights (unmerge it first).
     """
+    from surgery.active import merged_names, set_active
     from surgery.apply import apply_passes
 
     if method not in _METHODS:
@@ -177,4 +198,5 @@ def combine_adapters(model: nn.Module, weights: Mapping[str, float], method: str
     if not isinstance(name, str) or not name.isidentifier():
         raise ConfigError(f"combine_adapters: name must be a Python identifier, got {name!r}")
     step = _CombineLoRAPass(weights=tuple(pairs), method=method, adapter_name=name)
-    return apply_passes(model, [step], inplace=inplace)
+    out = apply_passes(model, [step], inplace=inplace)
+    return set_active(out, [name, *merged_names(out)])  # merged ones cannot be switched off

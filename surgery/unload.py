@@ -37,9 +37,10 @@ def unload(model: nn.Module) -> nn.Module:
     with no adapter module, parameter or node: its ``state_dict`` loads with ``strict=True``
     into a fresh instance of that class, and its forward computes what the model merged by
     ``apply_passes(model, [MergeLoRAPass(), MergeIA3Pass()])`` computes (LoRA dropout
-    counts as off). Adapters merged already stay folded. Where a layer carries several
-    adapters they fold innermost first (LoRA, then an IA³ vector wrapping it), each in at
-    least float32 and cast once to the weight's dtype.
+    counts as off). Adapters merged already stay folded; adapters switched off
+    (:func:`surgery.set_active`) contribute nothing and are left out. Where a layer carries
+    several adapters they fold innermost first (LoRA, then an IA³ vector wrapping it), each
+    in at least float32 and cast once to the weight's dtype.
 
     Parameters that no merge changes share storage with ``model`` (and so with the model
     originally traced); merged weights are new tensors; buffers are copied from ``model``.
@@ -58,7 +59,9 @@ def unload(model: nn.Module) -> nn.Module:
             where no weight can absorb it, a merged weight would be non-finite, or a merged
             weight is tied to another parameter of the model.
     """
-    from passes.merge import MERGED_KEY, fold_steps, layout, not_mergeable_error, plan_site
+    from passes.merge_edit import fold_steps
+    from passes.merge_layout import layout, plan_site
+    from passes.merge_records import MERGED_KEY, inactive_adapters, not_mergeable_error
 
     if not is_traced(model):
         raise ConfigError(f"unload takes a model from surgery.apply_passes or surgery.trace; got a "
@@ -69,6 +72,7 @@ def unload(model: nn.Module) -> nn.Module:
                           "(model._surgery.source), so there is no plain class to rebuild.")
     _check_mergeable(model, not_mergeable_error)
 
+    off = {(kind, name) for kind in _MERGEABLE for name in inactive_adapters(model, kind)}
     expected = _adapters_by_site(model)
     finals: dict[str, Tensor] = {}
     for site, calls in call_sites(model).items():
@@ -82,7 +86,9 @@ def unload(model: nn.Module) -> nn.Module:
         if not wanted:
             continue
         module = calls[0].owner.get_submodule(str(calls[0].node.target))
-        steps = plan_site(calls, site, wanted)
+        steps = [s for s in plan_site(calls, site, wanted) if s not in off]  # off: adds nothing
+        if not steps:
+            continue
         weight, bias = fold_steps(module, steps, module.weight,
                                   module._parameters.get("bias"))[-1]
         for pname, value in (("weight", weight), ("bias", bias)):

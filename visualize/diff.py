@@ -17,7 +17,7 @@ from surgery.adapter_base import AdapterModule
 from surgery.errors import RenderError
 from surgery.trace import trace
 from visualize.dot import default_title
-from visualize.graph import is_traced_like, traced_to_networkx
+from visualize.graph import is_traced_like, param_totals, traced_to_networkx
 from visualize.html import diff_html
 from visualize.options import RenderOptions
 from visualize.render import MissingRendererWarning, write_diagram
@@ -104,7 +104,9 @@ def node_diff(before: nx.DiGraph, after: nx.DiGraph) -> tuple[NodeChange, ...]:
     """Nodes added and removed between two graphs of :func:`visualize.to_networkx`.
 
     A node is *added* when its id is new, or when a pass marked it (``pass_name``) and the
-    node of that id in ``before`` carries no such mark; *removed* when its id is gone.
+    node of that id in ``before`` carries no such mark; *removed*, the other way round, when
+    its id is gone, or when a pass marked it and the node of that id in ``after`` carries no
+    such mark (a merge takes a branch out; a re-traced plain model may reuse its node names).
 
     Returns:
         Added nodes (in after's graph order), then removed ones (in before's).
@@ -122,17 +124,13 @@ def node_diff(before: nx.DiGraph, after: nx.DiGraph) -> tuple[NodeChange, ...]:
             out.append(NodeChange("added", nid, attrs["op"], str(attrs["label"]),
                                   attrs.get("pass_name"), prov.get("site")))
     for nid in sorted(before.nodes, key=lambda n: key(before, n)):
-        if nid not in after:
-            attrs = before.nodes[nid]
+        attrs = before.nodes[nid]
+        gone = nid not in after
+        if gone or (attrs.get("pass_name") and not after.nodes[nid].get("pass_name")):
             prov = attrs.get("provenance") or {}
             out.append(NodeChange("removed", nid, attrs["op"], str(attrs["label"]),
                                   attrs.get("pass_name"), prov.get("site")))
     return tuple(out)
-
-
-def _param_totals(model: nn.Module) -> tuple[int, int]:
-    params = list(model.parameters())
-    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
 
 def _source_name(model: nn.Module) -> str:
@@ -163,7 +161,10 @@ def render_diff(
     ``before.dot``, ``after.dot``, ``before.svg`` and ``after.svg`` (when a Graphviz
     renderer exists, see :func:`visualize.render`), ``diff.md`` and ``diff.html`` (one
     self-contained page with both diagrams inline and the tables). In the after diagram the
-    added nodes are drawn with a thick border in their pass's colour.
+    added nodes are drawn with a thick border in their pass's colour; in the before diagram
+    the removed ones (a merged branch, say) with a thick dashed border, and both legends
+    say so. Each title counts the parameters of its whole model as :func:`surgery.audit`
+    does (each tensor once; trainable by ``requires_grad``).
 
     Args:
         before: usually the caller's plain model (traced on a private copy, with the front
@@ -207,6 +208,9 @@ def render_diff(
     g_after = traced_to_networkx(after_traced, source=after_source, depth=options.depth)
     nodes = node_diff(g_before, g_after)
     added = frozenset(n.id for n in nodes if n.kind == "added")
+    for change in nodes:
+        if change.kind == "removed":
+            g_before.nodes[change.id]["diff"] = "removed"  # drawn dashed, see visualize.dot
     before_opts = replace(options, highlight=frozenset(),
                           title=options.title or f"before: {default_title(g_before)}")
     after_opts = replace(options, highlight=added,
@@ -231,8 +235,8 @@ def render_diff(
         else:
             svgs.append(None)
     files += [out / "diff.md", out / "diff.html"]
-    before_total, before_trainable = _param_totals(before)
-    after_total, after_trainable = _param_totals(after)
+    before_total, before_trainable = param_totals(before)
+    after_total, after_trainable = param_totals(after)
     report = DiffReport(
         out_dir=out,
         files=tuple(files),

@@ -8,6 +8,7 @@ node, edges by their endpoints' order), every string is escaped, and no memory a
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 import networkx as nx
@@ -15,7 +16,11 @@ import networkx as nx
 from visualize.options import RenderOptions
 from visualize.style import LEGEND_BASE, node_category, node_style
 
-__all__ = ["to_dot", "default_title", "quote", "format_count", "format_shape"]
+__all__ = ["to_dot", "default_title", "quote", "format_count", "format_shape", "REMOVED_BORDER"]
+
+REMOVED_BORDER = "#333333"
+"""Border of nodes a diff found removed (``diff="removed"``), drawn thick and dashed, unless
+the palette has a ``removed`` colour."""
 
 
 def quote(text: str) -> str:
@@ -77,6 +82,8 @@ def _detail_lines(attrs: dict[str, Any], options: RenderOptions) -> list[str]:
         lines.append("adapted: " + ", ".join(attrs["adapted"]))
     if attrs.get("rewritten"):
         lines.append("rewritten by " + ", ".join(attrs["rewritten"]))
+    if _is_removed(attrs):
+        lines.append("− removed")
     if op == "output" and options.show_shapes and attrs.get("shape") is not None:
         lines.append(format_shape(attrs["shape"], attrs.get("dtype")))
     return lines
@@ -108,8 +115,20 @@ def _tooltip(nid: str, attrs: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _removed_border(palette: Any) -> str:
+    return getattr(palette, "removed", REMOVED_BORDER)
+
+
+def _is_removed(attrs: dict[str, Any]) -> bool:
+    return attrs.get("diff") == "removed"
+
+
 def _node_line(nid: str, attrs: dict[str, Any], options: RenderOptions, indent: str) -> str:
     style = node_style(attrs, options.palette, highlighted=nid in options.highlight)
+    if _is_removed(attrs):  # gone from the other model of a diff: thick dashed border
+        dashed = style.style if "dashed" in style.style.split(",") else f"{style.style},dashed"
+        style = replace(style, border=_removed_border(options.palette), penwidth=3.0,
+                        style=dashed if "bold" in dashed.split(",") else f"{dashed},bold")
     parts = [
         f"label={_label(attrs, options)}",
         f"shape={style.shape}",
@@ -216,6 +235,8 @@ def _legend_lines(graph: nx.DiGraph, options: RenderOptions) -> list[str]:
         entries.append((f"legend:pass:{name}", f"added by {name}", fill, border))
     if options.highlight:
         entries.append(("legend:highlight", "added (diff)", palette.op, palette.added))
+    if any(_is_removed(a) for _, a in graph.nodes(data=True)):
+        entries.append(("legend:removed", "removed (diff)", palette.op, _removed_border(palette)))
     lines = [
         "  subgraph \"cluster_legend\" {",
         f"    graph [label=\"legend\", style={quote('rounded')}, color={quote(palette.cluster)}, "
@@ -223,7 +244,9 @@ def _legend_lines(graph: nx.DiGraph, options: RenderOptions) -> list[str]:
         f"    node [shape=box, style={quote('rounded,filled')}, fontsize={max(options.fontsize - 1, 4)}];",
     ]
     for nid, text, fill, border in entries:
-        width = ", penwidth=3" if nid == "legend:highlight" else ""
+        width = {"legend:highlight": ", penwidth=3",
+                 "legend:removed": f", penwidth=3, style={quote('rounded,filled,dashed,bold')}"
+                 }.get(nid, "")
         lines.append(f"    {quote(nid)} [label={quote(text)}, fillcolor={quote(fill)}, "
                      f"color={quote(border)}{width}];")
     ids = [quote(e[0]) for e in entries]
@@ -234,13 +257,22 @@ def _legend_lines(graph: nx.DiGraph, options: RenderOptions) -> list[str]:
 
 
 def default_title(graph: nx.DiGraph) -> str:
-    """``"TinyTransformer · traced by fx · 141.3K params, 141.3K trainable"``."""
-    params: dict[str, dict] = {}
-    for _, attrs in graph.nodes(data=True):
-        for p in attrs.get("params", ()):
-            params.setdefault(p["name"], p)
-    total = sum(p["numel"] for p in params.values())
-    trainable = sum(p["numel"] for p in params.values() if p["trainable"])
+    """``"TinyTransformer · traced by fx · 150.3K params, 9.0K trainable"``.
+
+    The counts are the graph's ``param_total`` / ``param_trainable`` (every parameter of
+    the model, each once, trainable by ``requires_grad``: the totals of
+    :func:`surgery.audit`); a graph without them counts the parameters of its nodes.
+    """
+    if "param_total" in graph.graph:
+        total = int(graph.graph["param_total"])
+        trainable = int(graph.graph.get("param_trainable", 0))
+    else:
+        params: dict[str, dict] = {}
+        for _, attrs in graph.nodes(data=True):
+            for p in attrs.get("params", ()):
+                params.setdefault(p["name"], p)
+        total = sum(p["numel"] for p in params.values())
+        trainable = sum(p["numel"] for p in params.values() if p["trainable"])
     parts = [str(graph.graph.get("name") or "model")]
     if graph.graph.get("frontend"):
         parts.append(f"traced by {graph.graph['frontend']}")
@@ -256,8 +288,10 @@ def to_dot(graph: nx.DiGraph, options: RenderOptions | None = None) -> str:
     Nodes are coloured by one rule (see :mod:`visualize.style`): nodes a pass inserted take
     that pass's hue (LoRA pink, IA³ purple, adapters cyan, prefix yellow, ...); modules with
     frozen parameters are grey-blue, trainable ones green, both light green; weights a pass
-    rewrote (merge) orange. Edges carry tensor shapes (``2×16×64``) when known, modules are
-    grouped into nested clusters by qualified path, and a legend lists the colours used.
+    rewrote (merge) orange. Nodes a diff marked ``diff="removed"`` get a thick dashed dark
+    border and a "− removed" line. Edges carry tensor shapes (``2×16×64``) when known,
+    modules are grouped into nested clusters by qualified path, and a legend lists the
+    colours used (with "added (diff)" / "removed (diff)" entries when those are drawn).
 
     Args:
         graph: the graph; node attributes as documented in :func:`visualize.to_networkx`

@@ -42,7 +42,8 @@ from visualize.nodeinfo import (
     value_shape,
 )
 
-__all__ = ["to_networkx", "traced_to_networkx", "is_traced_like", "rewritten_params"]
+__all__ = ["to_networkx", "traced_to_networkx", "is_traced_like", "rewritten_params",
+           "param_totals"]
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,17 @@ def _fetch_attr(owner: nn.Module, target: str) -> Any:
     return obj
 
 
+def param_totals(model: nn.Module) -> tuple[int, int]:
+    """``(all parameter elements, trainable ones)`` of ``model``, as :func:`surgery.audit` counts.
+
+    Every parameter of the model counts, called from the graph or not (a merged adapter's
+    unused modules included); a parameter shared by several modules counts once; trainable
+    means ``requires_grad``.
+    """
+    params = list(model.parameters())  # distinct Parameter objects, each once
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
 def rewritten_params(model: nn.Module) -> dict[str, str]:
     """Map parameter names a pass rewrote (``param_rewritten`` changes) to that pass's name."""
     state = getattr(model, "_surgery", None)
@@ -132,6 +144,9 @@ class _Builder:
         self.walked: dict[str, int] = {}
         self.order = 0
         state = getattr(traced, "_surgery", None)
+        # a plain model traced on a private copy is counted as given (tracing may drop
+        # modules the forward never calls); a traced model as it is
+        total, trainable = param_totals(source if source is not None else traced)
         if source is None:  # the eager copy tracing keeps knows the original module classes
             source = getattr(state, "source", None)
         types = module_types(traced, self.graphs, source)
@@ -141,6 +156,8 @@ class _Builder:
             module_types=types,
             rewritten=dict(sorted(self.rewritten.items())),
             depth=None,
+            param_total=total,
+            param_trainable=trainable,
         )
 
     def build(self) -> nx.DiGraph:
@@ -358,9 +375,11 @@ def to_networkx(
         ``provenance`` (the ``meta["surgery"]`` dict) and ``pass_name``, ``adapter`` (inserted
         by a pass), ``adapted`` (passes that adapted something inside a collapsed module),
         ``collapsed`` (how many nodes a collapsed module stands for), ``cluster`` (the qualified module path the node is drawn in) and ``order`` (graph
-        order). Edge attributes: ``shape`` and ``dtype`` of the value. Graph attributes:
+        order); :func:`visualize.render_diff` adds ``diff="removed"`` to the nodes of its
+        ``before`` graph that are gone from ``after``. Edge attributes: ``shape`` and ``dtype`` of the value. Graph attributes:
         ``name``, ``frontend``, ``module_types`` (path → class name), ``rewritten``,
-        ``depth``.
+        ``depth``, ``param_total`` and ``param_trainable`` (every parameter of the model,
+        drawn or not, each once, as :func:`param_totals` and :func:`surgery.audit` count).
 
     Raises:
         ValueError: ``depth`` is not a positive int.

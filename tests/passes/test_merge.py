@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import fx, nn
 
+from helpers import projection_roles, randomize_adapters
 from passes.merge import (
     MERGED_KEY,
     MergeIA3Pass,
@@ -32,25 +33,16 @@ from surgery import (
     Pass,
     PassResult,
     apply_passes,
+    audit,
+    set_active,
+    trainable_parameters,
 )
 from surgery.graphs import call_sites, graph_modules
 from surgery.rewrite import insert_chain, mark, register_adapter, replace_uses_after
 
 TABLE = ["builtin:tiny", "hf:gpt2", "hf:llama", "hf:bert"]
-ROLES = ["query", "key", "value", "attn_out", "ffn_up", "ffn_gate", "ffn_down"]
 MERGE_ALL = [MergeLoRAPass(), MergeIA3Pass()]  # IA³ scales the layer as LoRA adapted it
 UNMERGE_ALL = [UnmergeIA3Pass(), UnmergeLoRAPass()]
-
-
-def randomize(model: nn.Module, seed: int = 0) -> None:
-    """LoRA factors ~ N(0, 0.1²) (so B ≠ 0), IA³ vectors ~ U(0.5, 1.5)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".lora_A." in name or ".lora_B." in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
-            elif ".ia3_l." in name:
-                param.copy_(torch.rand(param.shape, generator=gen) + 0.5)
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -105,9 +97,10 @@ def adapted(zoo):
 
     def get(name: str) -> nn.Module:
         if name not in cache:
-            model = apply_passes(zoo.traced(name), [LoRAPass(role=ROLES, rank=4, alpha=8),
-                                                    IA3Pass()])
-            randomize(model)
+            traced = zoo.traced(name)
+            model = apply_passes(traced, [LoRAPass(role=projection_roles(traced), rank=4, alpha=8),
+                                          IA3Pass()])
+            randomize_adapters(model)
             cache[name] = model
         return cache[name]
 
@@ -191,7 +184,7 @@ def test_non_square_and_transposed_layers(ia3_mode: str) -> None:
     plain = _Mixed()
     ia3 = IA3Pass(pattern=["fc", "proj"], feedforward="proj" if ia3_mode == "input" else None)
     model = apply_passes(plain, [LoRAPass(pattern=["fc", "proj"], rank=3, alpha=6), ia3])
-    randomize(model, seed=1)
+    randomize_adapters(model, seed=1)
     assert tuple(model.proj.weight.shape) == (24, 8)
     x = torch.randn(5, 16)
     y = model(x)
@@ -222,7 +215,11 @@ def test_cycles_with_training_restore_base_weights_exactly(zoo, run_model, dtype
         opt.step()  # the adapters move between cycles
         last = cycle == 2
         y = run_model(model, spec) if last else None
-        merged = apply_passes(model, [MergeLoRAPass(inplace=inplace), MergeIA3Pass(inplace=inplace)])
+        if inplace:  # an in-place pass runs alone, on the traced model itself
+            merged = apply_passes(model, [MergeLoRAPass(inplace=True)], inplace=True)
+            apply_passes(merged, [MergeIA3Pass(inplace=True)], inplace=True)
+        else:
+            merged = apply_passes(model, MERGE_ALL)
         q = merged.get_submodule("layers.0.attn.q_proj").weight
         # in place: written into the storage shared with the caller, an exact copy kept
         assert (q.data_ptr() == ptrs[q_name]) == inplace
@@ -230,7 +227,11 @@ def test_cycles_with_training_restore_base_weights_exactly(zoo, run_model, dtype
         if last:
             tol = (1e-5 if dtype == torch.float32 else 5e-2) * (1 + y.abs().max())
             assert (run_model(merged, spec) - y).abs().max() <= tol
-        model = apply_passes(merged, [UnmergeIA3Pass(), UnmergeLoRAPass()])
+        if inplace:
+            apply_passes(merged, [UnmergeIA3Pass(inplace=True)], inplace=True)
+            model = apply_passes(merged, [UnmergeLoRAPass(inplace=True)], inplace=True)
+        else:
+            model = apply_passes(merged, UNMERGE_ALL)
         for n, p in base_params(model).items():
             assert torch.equal(p, originals[n]), (cycle, n)
         for n, p in caller.named_parameters():
@@ -249,8 +250,78 @@ def test_inplace_merge_keeps_storage_and_records_a_copy(adapted) -> None:
     (record,) = call_sites(model)["layers.0.attn.q_proj"][0].node.meta[MERGED_KEY]
     assert record.inplace and torch.equal(record.weight, original)
     assert record.weight.data_ptr() != ptr  # the exact copy that unmerge writes back
-    apply_passes(model, [UnmergeLoRAPass()], inplace=True)
+    apply_passes(model, [UnmergeLoRAPass(inplace=True)], inplace=True)
     assert q.weight.data_ptr() == ptr and torch.equal(q.weight, original)
+
+
+@pytest.mark.parametrize("cls", [MergeLoRAPass, MergeIA3Pass, UnmergeLoRAPass, UnmergeIA3Pass])
+def test_writes_in_place_is_the_inplace_setting(cls: type) -> None:
+    assert cls().writes_in_place is False
+    assert cls(inplace=True).writes_in_place is True
+
+
+def test_unmerging_an_inplace_merge_needs_inplace(adapted, snapshot) -> None:
+    model = apply_passes(adapted("builtin:tiny"), [])
+    original = model.get_submodule("layers.0.attn.q_proj").weight.detach().clone()
+    apply_passes(model, [MergeLoRAPass(inplace=True)], inplace=True)
+    before = snapshot(model)
+    with pytest.raises(MergeError, match=r"LoRA 'default' was merged into layers\.\d\.\S+ in "
+                                         r"place .*apply_passes\(model, \[UnmergeLoRAPass\("
+                                         r"inplace=True\)\], inplace=True\)"):
+        apply_passes(model, [UnmergeLoRAPass()])  # would write the storage `model` computes with
+    before.assert_unchanged(model)
+    apply_passes(model, [UnmergeLoRAPass(inplace=True)], inplace=True)
+    assert torch.equal(model.get_submodule("layers.0.attn.q_proj").weight, original)
+
+
+def test_plan_of_an_inplace_merge_writes_nothing(adapted, snapshot) -> None:
+    model = adapted("builtin:tiny")
+    before = snapshot(model)
+    changes = MergeLoRAPass(inplace=True).plan(model)
+    before.assert_unchanged(model)
+    rewritten = [c for c in changes if c.kind == "param_rewritten"]
+    assert len(rewritten) == 12 and all(c.detail.endswith("(in place)") for c in rewritten)
+
+
+def test_switched_off_adapters_are_left_out(zoo) -> None:
+    model = apply_passes(zoo.traced("builtin:tiny"), [LoRAPass(rank=2, name="a"),
+                                                      LoRAPass(rank=2, name="b")])
+    set_active(model, "b")  # a adds nothing now; merging it would add its update
+    merged = apply_passes(model, [MergeLoRAPass()])
+    assert set(merged_adapters(merged).values()) == {("lora:b",)}
+    with pytest.raises(MergeError, match=r"LoRA adapter 'a' is switched off .*set_active"):
+        apply_passes(model, [MergeLoRAPass(names=["a"])])
+    set_active(model, [])
+    with pytest.raises(MergeError, match="nothing to merge: every LoRA adapter is switched off"):
+        apply_passes(model, [MergeLoRAPass()])
+
+
+def test_merge_freezes_merged_adapters_and_unmerge_gives_their_flags_back(zoo) -> None:
+    model = apply_passes(zoo.traced("builtin:tiny"), [
+        LoRAPass(role="query", rank=2, name="a"), LoRAPass(role="query", rank=2, name="b"),
+        IA3Pass(name="v")])
+    model.get_submodule("layers.0.attn.q_proj.lora_B.a").weight.requires_grad_(False)  # by hand
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    merged_names = {n for n in flags if ".lora_A.a." in n or ".lora_B.a." in n or ".ia3_l.v." in n}
+    assert len(merged_names) == 2 * 2 + 6 and flags["layers.1.attn.q_proj.lora_B.a.weight"]
+
+    merged = apply_passes(model, [MergeLoRAPass(names="a"), MergeIA3Pass()])
+    after = {n: p.requires_grad for n, p in merged.named_parameters()}
+    assert after == {n: flag and n not in merged_names for n, flag in flags.items()}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == \
+        {n for n, flag in flags.items() if flag}  # the model given is left alone
+    trainable = {id(p) for p in trainable_parameters(merged)}
+    b_params = [p for n, p in merged.named_parameters() if ".lora_A.b." in n or ".lora_B.b." in n]
+    assert trainable == {id(p) for p in b_params}
+    assert audit(merged).totals.trainable == sum(p.numel() for p in b_params)
+    frozen = [c.name for r in merged._surgery.history[-2:] for c in r.changes
+              if c.kind == "param_frozen" and c.pass_name in ("merge_lora", "merge_ia3")]
+    assert sorted(frozen) == sorted(n for n in merged_names if flags[n])
+    (record,) = call_sites(merged)["layers.0.attn.q_proj"][0].node.meta[MERGED_KEY][:1]
+    assert dict(record.adapter_grads) == {"lora_A.a.weight": True, "lora_B.a.weight": False}
+
+    back = apply_passes(merged, [UnmergeIA3Pass(), UnmergeLoRAPass()])
+    assert {n: p.requires_grad for n, p in back.named_parameters()} == flags
 
 
 def test_train_and_eval_never_merge_or_unmerge(adapted) -> None:
@@ -284,7 +355,7 @@ def test_names_select_adapters_and_unmerge_is_last_in_first_out(zoo, run_model) 
     spec = zoo.spec("builtin:tiny")
     model = apply_passes(zoo.traced("builtin:tiny"), [LoRAPass(rank=4, name="a"),
                                                       LoRAPass(rank=2, name="b")])
-    randomize(model, seed=2)
+    randomize_adapters(model, seed=2)
     only_a = apply_passes(model, [MergeLoRAPass(names=["a"])])
     assert merged_adapters(only_a)["layers.0.attn.q_proj"] == ("lora:a",)
     assert {n.meta["surgery"]["adapter"] for n in only_a.graph.nodes if "surgery" in n.meta} == {"b"}
@@ -332,7 +403,7 @@ class FakeAdapterPass(Pass):
 @pytest.fixture(scope="module")
 def lora_and_fake(zoo) -> nn.Module:
     model = apply_passes(zoo.traced("builtin:tiny"), [LoRAPass(rank=4), FakeAdapterPass()])
-    randomize(model)
+    randomize_adapters(model)
     return model
 
 

@@ -6,19 +6,22 @@ import pytest
 import torch
 from torch import nn
 
-from passes.merge import MergeLoRAPass
-from surgery import AdapterNotFoundError, ConfigError, LoRAPass, NoMatchError, apply_passes
+from helpers import randomize_adapters
+from passes.merge import MergeLoRAPass, merged_adapters
+from surgery import (
+    AdapterModule,
+    AdapterNotFoundError,
+    ConfigError,
+    LoRAPass,
+    MergeError,
+    NoMatchError,
+    active_adapters,
+    apply_passes,
+)
 from surgery.combine import combine_adapters
+from surgery.unload import unload
 
 SITES = [f"layers.{i}.attn.{p}_proj" for i in range(2) for p in "qv"]
-
-
-def randomize(model: nn.Module, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".lora_A." in name or ".lora_B." in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
 
 
 def factors(model: nn.Module, site: str, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -33,7 +36,7 @@ def three(zoo) -> nn.Module:
     model = apply_passes(zoo.traced("builtin:tiny"), [
         LoRAPass(rank=4, alpha=8, name="a"), LoRAPass(rank=4, alpha=4, name="b"),
         LoRAPass(pattern="layers.0.attn.q_proj", rank=2, alpha=2, name="c")])
-    randomize(model)
+    randomize_adapters(model)
     return model
 
 
@@ -126,3 +129,47 @@ def test_no_layer_carrying_all_sources(zoo) -> None:
         LoRAPass(pattern="layers.1.attn.q_proj", name="b")])
     with pytest.raises(NoMatchError, match=r"no layer carries all of \['a', 'b'\]"):
         combine_adapters(model, {"a": 0.5, "b": 0.5}, method="cat")
+
+
+def test_only_the_combined_adapter_stays_active_so_its_update_counts_once(three, zoo,
+                                                                          run_model) -> None:
+    spec = zoo.spec("builtin:tiny")
+    flags = {n: m.active for n, m in three.named_modules() if isinstance(m, AdapterModule)}
+    mixed = combine_adapters(three, {"a": 0.7, "b": -0.3}, method="cat", name="ab")
+    assert active_adapters(mixed) == ["ab"]
+    assert {n: m.active for n, m in three.named_modules() if isinstance(m, AdapterModule)} == flags
+    y = run_model(mixed, spec)
+
+    # base + combined delta: the base model with W + Σ w_i s_i B_i A_i at every site
+    base = apply_passes(zoo.traced("builtin:tiny"), [])
+    with torch.no_grad():
+        for site in SITES:
+            (a1, b1, s1), (a2, b2, s2) = factors(three, site, "a"), factors(three, site, "b")
+            layer = base.get_submodule(site)
+            layer.weight = nn.Parameter(layer.weight + 0.7 * s1 * b1 @ a1 - 0.3 * s2 * b2 @ a2)
+    want = run_model(base, spec)
+    assert (y - want).abs().max() <= 1e-5 * (1 + want.abs().max())
+    # and bit for bit what a model carrying the combined adapter alone computes
+    alone = apply_passes(zoo.traced("builtin:tiny"), [LoRAPass(rank=8, alpha=8, name="ab")])
+    with torch.no_grad():
+        for site in SITES:
+            a_new, b_new, _ = factors(mixed, site, "ab")
+            alone.get_submodule(site).lora_A["ab"].weight.copy_(a_new)
+            alone.get_submodule(site).lora_B["ab"].weight.copy_(b_new)
+    assert torch.equal(run_model(alone, spec), y)
+
+    # merging and unloading leave the switched-off sources out too
+    merged = apply_passes(mixed, [MergeLoRAPass()])
+    assert set(merged_adapters(merged).values()) == {("lora:ab",)}
+    with pytest.raises(MergeError, match="LoRA adapter 'a' is switched off"):
+        apply_passes(mixed, [MergeLoRAPass(names=["a"])])
+    assert (run_model(unload(mixed), spec) - y).abs().max() <= 1e-5 * (1 + y.abs().max())
+
+
+def test_a_merged_source_cannot_be_combined(three, snapshot) -> None:
+    merged = apply_passes(three, [MergeLoRAPass(names=["a"])])
+    before = snapshot(merged)
+    with pytest.raises(MergeError, match=r"source adapter 'a' is merged into the weights .*"
+                                         r"UnmergeLoRAPass\(names=\['a'\]\)"):
+        combine_adapters(merged, {"a": 0.5, "b": 0.5}, name="ab", inplace=True)
+    before.assert_unchanged(merged)

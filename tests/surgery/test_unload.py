@@ -6,23 +6,12 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import projection_roles, randomize_adapters
 from passes.merge import MergeIA3Pass, MergeLoRAPass
 from surgery import AdapterModule, ConfigError, IA3Pass, LoRAPass, MergeError, apply_passes
 from surgery.unload import unload
 
 TABLE = ["builtin:tiny", "hf:gpt2", "hf:llama", "hf:bert"]
-ROLES = ["query", "key", "value", "attn_out", "ffn_up", "ffn_gate", "ffn_down"]
-
-
-def randomize(model: nn.Module, seed: int = 0) -> None:
-    """LoRA factors ~ N(0, 0.1²), IA³ vectors ~ U(0.5, 1.5)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".lora_A." in name or ".lora_B." in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
-            elif ".ia3_l." in name:
-                param.copy_(torch.rand(param.shape, generator=gen) + 0.5)
 
 
 def fresh_instance(spec) -> nn.Module:
@@ -35,8 +24,10 @@ def fresh_instance(spec) -> nn.Module:
 def test_unload_loads_strictly_into_the_original_class_and_matches(zoo, run_model, snapshot,
                                                                     name: str) -> None:
     spec = zoo.spec(name)
-    adapted = apply_passes(zoo.traced(name), [LoRAPass(role=ROLES, rank=4, alpha=8), IA3Pass()])
-    randomize(adapted)
+    traced = zoo.traced(name)
+    adapted = apply_passes(traced, [LoRAPass(role=projection_roles(traced), rank=4, alpha=8),
+                                    IA3Pass()])
+    randomize_adapters(adapted)
     caller, given = snapshot(spec.model), snapshot(adapted)
     plain = unload(adapted)
 
@@ -62,7 +53,7 @@ def test_unload_loads_strictly_into_the_original_class_and_matches(zoo, run_mode
 def test_unload_shares_unmerged_weights_and_keeps_merged_ones(zoo) -> None:
     spec = zoo.spec("builtin:tiny")
     adapted = apply_passes(zoo.traced("builtin:tiny"), [LoRAPass(rank=4)])
-    randomize(adapted)
+    randomize_adapters(adapted)
     merged_q = apply_passes(adapted, [MergeLoRAPass()])
     plain = unload(adapted)
     caller = dict(spec.model.named_parameters())

@@ -16,6 +16,7 @@ from surgery.pass_base import Change, PassResult
 from surgery.trace import trace
 from visualize import DiffReport, MissingRendererWarning, ParamChange, RenderOptions, render_diff
 from visualize.diff import param_diff
+from visualize.dot import format_count
 from visualize.html import diff_html, inline_svg
 from visualize.report import NodeChange
 
@@ -209,3 +210,37 @@ def test_inline_svg_drops_prolog() -> None:
     svg = ('<?xml version="1.0"?>\n<!DOCTYPE svg PUBLIC "x" "y">\n<!-- Generated -->\n'
            '<svg width="1"><g/></svg>\n')
     assert inline_svg(svg) == '<svg width="1"><g/></svg>'
+
+
+def test_diff_of_a_merge_marks_removed_nodes_and_counts_like_the_audit(tiny: TinyNet,
+                                                                       tmp_path: Path) -> None:
+    from surgery import LoRAPass, MergeLoRAPass, apply_passes, audit
+    from visualize.graph import traced_to_networkx
+
+    sites = [f"blocks.{i}.attn.{p}_proj" for i in range(2) for p in "qv"]
+    adapted = apply_passes(tiny, [LoRAPass(pattern=sites, rank=8)])
+    merged = apply_passes(adapted, [MergeLoRAPass()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MissingRendererWarning)
+        rep = render_diff(adapted, merged, tmp_path)
+    removed = [n.id for n in rep.nodes_removed]
+    assert len(removed) == 5 * 4 and rep.added == () and len(rep.rewritten) == 4
+    before = (tmp_path / "before.dot").read_text(encoding="utf-8")
+    after = (tmp_path / "after.dot").read_text(encoding="utf-8")
+    for nid in removed:
+        line = next(l for l in before.splitlines() if l.strip().startswith(f'"{nid}" ['))
+        assert 'color="#333333"' in line and "penwidth=3" in line and "dashed,bold" in line
+        assert "\\n− removed" in line
+    assert '"legend:removed" [label="removed (diff)"' in before
+    assert "removed" not in after  # nothing of after is gone from after
+
+    # the titles count what the audit counts: every parameter once, trainable by flag
+    for model, text, word in ((adapted, before, "before"), (merged, after, "after")):
+        totals = audit(model).totals
+        graph = traced_to_networkx(model)
+        assert (graph.graph["param_total"], graph.graph["param_trainable"]) == \
+            (totals.total, totals.trainable)
+        assert f'label="{word}: TinyNet · traced by fx · {format_count(totals.total)} params, ' \
+               f'{format_count(totals.trainable)} trainable"' in text
+    assert audit(merged).totals.total == 1184 + 4 * 2 * 8 * 8  # the unused lora_A/lora_B too
+    assert "1.7K params, 0 trainable" in after

@@ -171,6 +171,23 @@ def test_highlight_and_title_and_legend_options(tiny_adapted: nn.Module) -> None
     assert 'label="TinyNet · traced by fx · 1.2K params, 32 trainable"' in default
 
 
+def test_removed_nodes_and_title_counts_of_the_whole_model(tiny: TinyNet) -> None:
+    g = to_networkx(tiny, (example_ids(),))
+    params = list(tiny.parameters())
+    assert (g.graph["param_total"], g.graph["param_trainable"]) == (1184, 1184)
+    assert sum(p.numel() for p in params) == 1184
+    g.graph["param_trainable"] = 12_345  # the title reads the model's totals, not the nodes'
+    g.nodes["/head"]["diff"] = "removed"
+    dot = to_dot(g)
+    assert 'label="TinyNet · traced by fx · 1.2K params, 12.3K trainable"' in dot
+    head = _attrs_of(dot, "/head")
+    assert 'style="rounded,filled,dashed,bold"' in head and 'color="#333333"' in head
+    assert "penwidth=3" in head and "\\n− removed" in head
+    assert '"legend:removed" [label="removed (diff)"' in dot
+    del g.nodes["/head"]["diff"]
+    assert "removed" not in to_dot(g)
+
+
 def test_formatting_helpers() -> None:
     assert [format_count(n) for n in (999, 1000, 141_312, 7_000_000, 1_240_000_000)] == [
         "999", "1.0K", "141.3K", "7.0M", "1.24B"]
