@@ -271,7 +271,8 @@ def set_trainable(model: nn.Module, names: str | Collection[str] | None) -> nn.M
     (frozen by :func:`surgery.apply_passes`), nor are the ``active`` flags.
     :func:`surgery.trainable_parameters` then returns exactly the named adapters'
     parameters, ready for an optimizer. A merged adapter's parameters take no part in the
-    forward pass until it is unmerged, whatever their flag.
+    forward pass until it is unmerged: they stay frozen, and unmerging gives back the flags
+    they had when merged.
 
     Args:
         model: an adapted model.
@@ -286,7 +287,10 @@ def set_trainable(model: nn.Module, names: str | Collection[str] | None) -> nn.M
         ConfigError: ``names`` is not a name, a list of names or ``None``.
     """
     keep = set(resolve_names("set_trainable", model, names))
+    merged = merged_names(model)
     for _, mod in adapter_modules(model):
+        if f"{mod.pass_name}@{mod.site}" in merged.get(mod.adapter_name, ()):
+            continue  # frozen while merged; unmerge gives back the flags it had
         flag = mod.adapter_name in keep
         for param in mod.parameters():
             param.requires_grad_(flag)

@@ -265,3 +265,15 @@ def test_inactive_modules_contribute_exactly_nothing() -> None:
     assert not torch.equal(torch.get_rng_state(), rng)  # active dropout does draw
     adapted.eval()
     assert not torch.equal(adapted(x), model(x))
+
+
+def test_set_trainable_leaves_merged_adapters_frozen() -> None:
+    from surgery.apply import named_trainable_parameters
+    from surgery.zoo import load_model
+
+    spec = load_model("builtin")
+    adapted = apply_passes(spec.model, [LoRAPass(name="x"), LoRAPass(pattern="up_proj", name="y")])
+    merged = apply_passes(adapted, [MergeLoRAPass(names=["x"])])
+    set_trainable(merged, None)
+    names = {n.split(".")[-2] for n, _ in named_trainable_parameters(merged)}
+    assert names == {"y"}
