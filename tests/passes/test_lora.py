@@ -99,7 +99,8 @@ def test_adapted_output_is_base_plus_scaled_low_rank_update(kind: str, use_rslor
 
 def test_b_starts_at_zero_and_kaiming_a_follows_linear_init() -> None:
     torch.manual_seed(0)
-    adapted = apply_passes(One(nn.Linear(1024, 16)), [LoRAPass(pattern="layer", rank=64)])
+    with pytest.warns(UserWarning, match="rank 64 is larger than"):
+        adapted = apply_passes(One(nn.Linear(1024, 16)), [LoRAPass(pattern="layer", rank=64)])
     lora_a, lora_b = _lora(adapted, "layer")
     assert torch.equal(lora_b.weight, torch.zeros(16, 64))
     bound = 1 / math.sqrt(1024)  # kaiming_uniform with a=sqrt(5)
