@@ -110,6 +110,47 @@ def _insert_branch(graph: fx.Graph, call: CallSite, slot: str, adapter_name: str
     return out
 
 
+def _store_settings(adapter_pass: SerialAdapterPass | ParallelAdapterPass,
+                    settings: dict[str, Any]) -> None:
+    """Set the frozen fields of ``adapter_pass`` (lists kept as tuples), then validate them."""
+    for key, val in settings.items():
+        object.__setattr__(adapter_pass, key, tuple(val) if isinstance(val, list) else val)
+    adapter_pass.__post_init__()
+
+
+def _check_common_settings(who: str,
+                           adapter_pass: SerialAdapterPass | ParallelAdapterPass) -> None:
+    """Validate the selection and bottleneck settings both adapter passes share.
+
+    Raises:
+        ConfigError: an invalid pattern, width, reduction factor, activation or name.
+    """
+    as_patterns(adapter_pass.pattern)
+    as_patterns(adapter_pass.exclude)
+    check_adapter_settings(who, adapter_pass.bottleneck, adapter_pass.reduction_factor,
+                           adapter_pass.activation, adapter_pass.adapter_name)
+
+
+def _attach_adapter(who: str, adapter_pass: SerialAdapterPass | ParallelAdapterPass,
+                    module: nn.Module, qname: str, role: str | None, d_in: int, width: int,
+                    d_out: int, scaling: float) -> tuple[BottleneckAdapter, dict[str, Any]]:
+    """Build a ``d_in → width → d_out`` bottleneck in ``module``'s weight dtype and device and
+    register it as ``<qname>.<slot>.<name>``; return it and the tag for its graph nodes.
+
+    Raises:
+        AlreadyAdaptedError: ``module`` already has an adapter of this name in this slot.
+    """
+    adapter = BottleneckAdapter(d_in, width, d_out, activation=adapter_pass.activation,
+                                scaling=scaling, pass_name=adapter_pass.name, site=qname,
+                                adapter_name=adapter_pass.adapter_name, role=role,
+                                dtype=module.weight.dtype, device=module.weight.device)
+    register_adapter(module, adapter_pass.slot, adapter_pass.adapter_name, adapter,
+                     pass_name=who, site=qname)
+    tag = dict(pass_name=adapter_pass.name, site=qname, role=role,
+               adapter=adapter_pass.adapter_name)
+    return adapter, tag
+
+
 # --------------------------------------------------------------------------------------
 # Serial
 # --------------------------------------------------------------------------------------
@@ -180,18 +221,13 @@ class SerialAdapterPass(Pass):
                  exclude: Selector = None, bottleneck: int | None = None,
                  reduction_factor: int | None = None, activation: str = "gelu",
                  placement: str = "houlsby", name: str = "default") -> None:
-        for key, val in (("pattern", pattern), ("role", role), ("exclude", exclude),
-                         ("bottleneck", bottleneck), ("reduction_factor", reduction_factor),
-                         ("activation", activation), ("placement", placement),
-                         ("adapter_name", name)):
-            object.__setattr__(self, key, tuple(val) if isinstance(val, list) else val)
-        self.__post_init__()
+        _store_settings(self, dict(pattern=pattern, role=role, exclude=exclude,
+                                   bottleneck=bottleneck, reduction_factor=reduction_factor,
+                                   activation=activation, placement=placement,
+                                   adapter_name=name))
 
     def __post_init__(self) -> None:
-        as_patterns(self.pattern)
-        as_patterns(self.exclude)
-        check_adapter_settings("SerialAdapterPass", self.bottleneck, self.reduction_factor,
-                      self.activation, self.adapter_name)
+        _check_common_settings("SerialAdapterPass", self)
         if self.placement not in _PLACEMENTS:
             near = near_matches(str(self.placement), _PLACEMENTS)
             raise ConfigError(f"SerialAdapterPass: unknown placement {self.placement!r}; "
@@ -234,13 +270,8 @@ class SerialAdapterPass(Pass):
         _, d = lora_features(module)
         width = bottleneck_width("SerialAdapterPass", self.bottleneck, self.reduction_factor, d,
                                  qname)
-        adapter = BottleneckAdapter(d, width, d, activation=self.activation, scaling=1.0,
-                                    pass_name=self.name, site=qname,
-                                    adapter_name=self.adapter_name, role=role,
-                                    dtype=module.weight.dtype, device=module.weight.device)
-        register_adapter(module, self.slot, self.adapter_name, adapter,
-                         pass_name="SerialAdapterPass", site=qname)
-        tag = dict(pass_name=self.name, site=qname, role=role, adapter=self.adapter_name)
+        adapter, tag = _attach_adapter("SerialAdapterPass", self, module, qname, role, d, width,
+                                       d, 1.0)
         changes = []
         for call in site.calls:
             graph = editable_graph(call)
@@ -323,18 +354,12 @@ class ParallelAdapterPass(Pass):
                  exclude: Selector = None, bottleneck: int | None = None,
                  reduction_factor: int | None = None, scaling: float = 4.0,
                  activation: str = "relu", name: str = "default") -> None:
-        for key, val in (("pattern", pattern), ("role", role), ("exclude", exclude),
-                         ("bottleneck", bottleneck), ("reduction_factor", reduction_factor),
-                         ("scaling", scaling), ("activation", activation),
-                         ("adapter_name", name)):
-            object.__setattr__(self, key, tuple(val) if isinstance(val, list) else val)
-        self.__post_init__()
+        _store_settings(self, dict(pattern=pattern, role=role, exclude=exclude,
+                                   bottleneck=bottleneck, reduction_factor=reduction_factor,
+                                   scaling=scaling, activation=activation, adapter_name=name))
 
     def __post_init__(self) -> None:
-        as_patterns(self.pattern)
-        as_patterns(self.exclude)
-        check_adapter_settings("ParallelAdapterPass", self.bottleneck, self.reduction_factor,
-                      self.activation, self.adapter_name)
+        _check_common_settings("ParallelAdapterPass", self)
         if (not isinstance(self.scaling, (int, float)) or isinstance(self.scaling, bool)
                 or self.scaling != self.scaling or abs(self.scaling) == float("inf")):
             raise ConfigError(f"ParallelAdapterPass: scaling must be a finite number, got "
@@ -436,13 +461,8 @@ class ParallelAdapterPass(Pass):
         d_out = lora_features(module)[1]
         width = bottleneck_width("ParallelAdapterPass", self.bottleneck, self.reduction_factor,
                                  d_in, qname)
-        adapter = BottleneckAdapter(d_in, width, d_out, activation=self.activation,
-                                    scaling=float(self.scaling), pass_name=self.name, site=qname,
-                                    adapter_name=self.adapter_name, role=role,
-                                    dtype=module.weight.dtype, device=module.weight.device)
-        register_adapter(module, self.slot, self.adapter_name, adapter,
-                         pass_name="ParallelAdapterPass", site=qname)
-        tag = dict(pass_name=self.name, site=qname, role=role, adapter=self.adapter_name)
+        adapter, tag = _attach_adapter("ParallelAdapterPass", self, module, qname, role, d_in,
+                                       width, d_out, float(self.scaling))
         changes = []
         detail = f"reads the input of {sub.inputs[0]}; bottleneck {d_in} -> {width} -> {d_out}"
         for in_call, out_call in sub.calls:

@@ -43,6 +43,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
 from torch import fx, nn
 
 from passes.prefix_masks import (
@@ -70,7 +71,6 @@ from passes.prefix_sites import (
     eager_attention,
     first_outputs,
     heads_at,
-    inside_adapter,
     sequence_layout,
     set_call_arg,
 )
@@ -88,6 +88,7 @@ from surgery.rewrite import (
 )
 from surgery.roles import normalize_roles
 from surgery.select import Selector, as_patterns, select_names
+from surgery.sites import inside_adapter
 
 __all__ = ["PrefixPass", "EjectPrefixPass", "attention_owners", "CHANGES_OUTPUTS", "IDENTITY"]
 
@@ -295,6 +296,20 @@ class PrefixPass(Pass):
                        adapter=self.adapter_name, role="attention",
                        detail=f"{n.meta['surgery']['part']}; {self._detail}") for n in edit.added]
 
+    def _owner_prefix(self, model: nn.Module, site: AttentionSite,
+                      made: dict[tuple[int, str], nn.Module], heads: int, head_dim: int,
+                      value: Any,
+                      changes: list[Change]) -> tuple[nn.Module, torch.dtype, torch.device]:
+        """Register the key/value prefix of ``site``'s owner (see :meth:`_register`); return the
+        owner module and the dtype and device of its new parameters (``value``'s as a last
+        resort)."""
+        owner_mod = model.get_submodule(site.owner) if site.owner else model
+        dtype, device = dtype_device(model, site.op.key + site.op.value, owner_mod, value)
+        self._register(made, owner_mod, site.owner, "prefix", self._prefix_module(
+            AttentionPrefix, site.owner, heads=heads, head_dim=head_dim, dtype=dtype,
+            device=device), changes)
+        return owner_mod, dtype, device
+
     def _prefix_module(self, cls: type[LearnedPrefix], owner: str, **kw: Any) -> LearnedPrefix:
         return cls(length=self.length, reparameterize=self.reparameterize,
                    hidden=self.reparam_hidden, init_std=float(self.init_std), site=owner,
@@ -317,12 +332,8 @@ class PrefixPass(Pass):
         mask = call_arg(node, SDPA_ARGS, "attn_mask")
         is_causal = call_arg(node, SDPA_ARGS, "is_causal", False)
         heads, hd = heads_at(model, k, site, "key")
-        owner_mod = model.get_submodule(site.owner) if site.owner else model
-        dtype, device = dtype_device(model, site.op.key + site.op.value, owner_mod, k)
         changes: list[Change] = []
-        self._register(made, owner_mod, site.owner, "prefix", self._prefix_module(
-            AttentionPrefix, site.owner, heads=heads, head_dim=hd, dtype=dtype, device=device),
-            changes)
+        owner_mod, dtype, device = self._owner_prefix(model, site, made, heads, hd, k, changes)
         edit = self._edit(site)
         target = site.target("prefix", self.adapter_name)
         with edit.graph.inserting_before(node):
@@ -360,15 +371,11 @@ class PrefixPass(Pass):
         q, kt = qk.args
         v = pv_mm.args[1]
         heads, hd = heads_at(model, v, site, "value")
-        owner_mod = model.get_submodule(site.owner) if site.owner else model
-        dtype, device = dtype_device(model, site.op.key + site.op.value, owner_mod, v)
         # check everything before changing anything
         masks = eager.masks(site) if self.gate is None else []
         scales = eager.scales(site) if self.gate is not None else ()
         changes: list[Change] = []
-        self._register(made, owner_mod, site.owner, "prefix", self._prefix_module(
-            AttentionPrefix, site.owner, heads=heads, head_dim=hd, dtype=dtype, device=device),
-            changes)
+        owner_mod, dtype, device = self._owner_prefix(model, site, made, heads, hd, v, changes)
         edit = self._edit(site)
         target = site.target("prefix", self.adapter_name)
         if self.gate is not None:

@@ -13,7 +13,6 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from surgery.adapter_base import AdapterModule
 from surgery.dataflow import build_dataflow, op_name
 from surgery.errors import UnsupportedSiteError
 from surgery.graphs import node_value
@@ -32,7 +31,6 @@ __all__ = [
     "dtype_device",
     "eager_attention",
     "first_outputs",
-    "inside_adapter",
     "sequence_layout",
 ]
 
@@ -460,16 +458,6 @@ def first_outputs(node: fx.Node) -> list[fx.Node] | None:
         else:
             return None
     return found
-
-
-def inside_adapter(model: nn.Module, qname: str) -> bool:
-    """True when ``qname`` is an adapter module or lies inside one."""
-    mod: nn.Module = model
-    for part in qname.split("."):
-        if isinstance(mod, AdapterModule):
-            return True
-        mod = getattr(mod, part)
-    return isinstance(mod, AdapterModule)
 
 
 def sequence_layout(module: nn.Module, x: Any,

@@ -16,7 +16,7 @@ A fused projection (GPT-2's ``c_attn``) carries several roles and the feature sl
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -257,39 +257,32 @@ def _find_attention(g: nx.DiGraph) -> list[tuple[str, str, list[str | None]]]:
     return ops
 
 
-def _eager_from_softmax(g: nx.DiGraph, sm: str) -> tuple[str, str, list[str | None]] | None:
-    # forward to the probs @ v matmul
-    pv = None
-    queue, seen = deque([sm]), {sm}
-    while queue and pv is None:
+def _nearest_matmul(g: nx.DiGraph, start: str, *, forward: bool,
+                    through: Collection[str]) -> str | None:
+    """Breadth-first from ``start`` along successors (``forward``) or predecessors, passing
+    only nodes whose name is in ``through``; the first matmul reached (neighbours taken in
+    sorted order), or ``None``."""
+    step = g.successors if forward else g.predecessors
+    queue, seen = deque([start]), {start}
+    while queue:
         nid = queue.popleft()
-        for succ in sorted(g.successors(nid)):
-            if succ in seen:
+        for other in sorted(step(nid)):
+            if other in seen:
                 continue
-            seen.add(succ)
-            sname = g.nodes[succ]["name"]
-            if sname in _MATMULS:
-                pv = succ
-                break
-            if sname in _SHAPE_OPS:
-                queue.append(succ)
+            seen.add(other)
+            name = g.nodes[other]["name"]
+            if name in _MATMULS:
+                return other
+            if name in through:
+                queue.append(other)
+    return None
+
+
+def _eager_from_softmax(g: nx.DiGraph, sm: str) -> tuple[str, str, list[str | None]] | None:
+    pv = _nearest_matmul(g, sm, forward=True, through=_SHAPE_OPS)  # probs @ v
     if pv is None:
         return None
-    # backward to the q @ k^T matmul
-    qk = None
-    queue, seen = deque([sm]), {sm}
-    while queue and qk is None:
-        nid = queue.popleft()
-        for pred in sorted(g.predecessors(nid)):
-            if pred in seen:
-                continue
-            seen.add(pred)
-            pname = g.nodes[pred]["name"]
-            if pname in _MATMULS:
-                qk = pred
-                break
-            if pname in _SOFTMAX_PRE:
-                queue.append(pred)
+    qk = _nearest_matmul(g, sm, forward=False, through=_SOFTMAX_PRE)  # q @ k^T
     if qk is None:
         return None
     q, k = _args_of(g, qk, ("input", "other"), 2)

@@ -22,7 +22,8 @@ from surgery.leaves import is_hf_conv1d
 from surgery.roles import ModelRoles, RoleInfo, find_roles, normalize_roles
 from surgery.select import Selector, as_patterns, matches, select_names
 
-__all__ = ["Site", "resolve_sites", "candidate_sites", "layer_features", "warn_rank_exceeds"]
+__all__ = ["Site", "resolve_sites", "candidate_sites", "inside_adapter", "layer_features",
+           "warn_rank_exceeds"]
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,16 @@ class Site:
     role: RoleInfo | None
 
 
-def _inside_adapter(model: nn.Module, qname: str) -> bool:
+def inside_adapter(model: nn.Module, qname: str) -> bool:
+    """True when ``qname`` names an adapter module of ``model`` or a module inside one.
+
+    Args:
+        model: the (traced) model holding ``qname``.
+        qname: a qualified module name of ``model``.
+
+    Raises:
+        AttributeError: ``qname`` names no module of ``model``.
+    """
     mod: nn.Module = model
     for part in qname.split("."):
         if isinstance(mod, AdapterModule):
@@ -55,7 +65,7 @@ def candidate_sites(model: nn.Module, accept: Callable[[nn.Module], bool]) -> di
     """Called modules of ``model`` that ``accept`` takes, excluding adapters' own modules."""
     out = {}
     for qname, calls in call_sites(model).items():
-        if _inside_adapter(model, qname):
+        if inside_adapter(model, qname):
             continue
         if accept(calls[0].owner.get_submodule(str(calls[0].node.target))):
             out[qname] = calls
@@ -281,7 +291,7 @@ def _explain_unsupported(model: nn.Module, pat: str, called: dict[str, list[Call
             raise UnsupportedSiteError(
                 f"{pass_name}: pattern {pat!r} selects {hit}, a {type(owner_mod).__name__}; "
                 f"{pass_name} adapts {accepted_types}. Way out: {way_out}.")
-        if not _inside_adapter(model, hit):
+        if not inside_adapter(model, hit):
             raise UnsupportedSiteError(
                 f"{pass_name}: pattern {pat!r} selects {hit}, which runs inside {owner} "
                 f"({type(owner_mod).__name__}); the traced graph calls {owner} as one opaque "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from passes.modules import IA3Vector, LoRAProjection
@@ -34,3 +35,39 @@ def projection_roles(model: nn.Module) -> list[str]:
 
     played = set().union(*(info.roles for info in find_roles(model).modules.values()))
     return [role for role in PROJECTION_ROLES if role in played]
+
+
+class MaskedMLP(nn.Module):
+    """``if attention_mask is not None`` and a float option: when not given as example
+    inputs, tracing fixes them to their defaults (``None``, ``1.0``).
+
+    Input: float32 ``x`` ``(batch, seq, 8)``, optional ``attention_mask`` ``(batch, seq)``.
+    Output: float32 ``(batch, seq, 8)``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(8, 16)
+        self.down = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                scale: float = 1.0) -> torch.Tensor:
+        h = self.up(x) * scale
+        if attention_mask is not None:
+            h = h * attention_mask[..., None]
+        return self.down(F.gelu(h))
+
+
+class Shared(nn.Module):
+    """``head(proj(relu(proj(x))))``: ``proj`` is called twice with the same weights.
+
+    Input: float32 ``(batch, 8)``. Output: float32 ``(batch, 3)``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.proj(torch.relu(self.proj(x))))

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import Shared
 from passes.adapters import ParallelAdapterPass, SerialAdapterPass
 from passes.bottleneck import BottleneckAdapter, BottleneckProjection
 from passes.sublayers import find_sublayers
@@ -453,18 +454,6 @@ def test_serial_adapter_wraps_the_layer_as_adapted_by_lora(order: str) -> None:
         h = model.down(g) + lora_b(lora_a(g)) * 2.0  # LoRA's scaling: alpha / rank = 4 / 2
         want = x + (h + adapter.up(F.gelu(adapter.down(h))))
         assert torch.equal(adapted(x), want)
-
-
-class Shared(nn.Module):
-    """``head(proj(relu(proj(x))))``: ``proj`` is called twice with the same weights."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = nn.Linear(8, 8)
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.proj(torch.relu(self.proj(x))))
 
 
 def test_serial_adapter_on_a_shared_layer_follows_every_call() -> None:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import Shared
 from passes.modules import LoRADropout, LoRAProjection
 from surgery import (
     AlreadyAdaptedError,
@@ -33,18 +34,6 @@ class One(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer(x)
-
-
-class Shared(nn.Module):
-    """``head(proj(relu(proj(x))))``: ``proj`` is called twice with the same weights."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = nn.Linear(8, 8)
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.proj(torch.relu(self.proj(x))))
 
 
 def _conv1d(nf: int, nx: int) -> nn.Module:

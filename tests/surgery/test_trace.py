@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from helpers import MaskedMLP
 from surgery import IA3Pass, LoRAPass, TraceError, apply_passes, list_targets, trace
 from surgery.errors import InputMismatchError
 from surgery.graphs import call_sites, graph_modules
@@ -38,22 +39,6 @@ class Gated(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.gate(self.pre(x))
-
-
-class MaskedMLP(nn.Module):
-    """``if attention_mask is not None``: the default path must be traced."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.up = nn.Linear(8, 16)
-        self.down = nn.Linear(16, 8)
-
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                scale: float = 1.0) -> torch.Tensor:
-        h = self.up(x) * scale
-        if attention_mask is not None:
-            h = h * attention_mask[..., None]
-        return self.down(F.gelu(h))
 
 
 class DropNet(nn.Module):

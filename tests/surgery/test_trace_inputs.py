@@ -8,27 +8,11 @@ import io
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from helpers import MaskedMLP
 from surgery import LoRAPass, apply_passes, trace
 from surgery.errors import InputMismatchError, SurgeryError
-
-
-class MaskedMLP(nn.Module):
-    """``if attention_mask is not None`` and a float option: both fixed when not given."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.up = nn.Linear(8, 16)
-        self.down = nn.Linear(16, 8)
-
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                scale: float = 1.0) -> torch.Tensor:
-        h = self.up(x) * scale
-        if attention_mask is not None:
-            h = h * attention_mask[..., None]
-        return self.down(F.gelu(h))
 
 
 X = torch.randn(2, 5, 8)
