@@ -229,6 +229,9 @@ class AdapterStack(nn.Module):
                               f"{names!r}")
         if names is not None and len(set(names)) != len(names):
             raise ConfigError(f"AdapterStack: names must not repeat, got {list(names)!r}")
+        if names is not None and not names:
+            raise ConfigError("AdapterStack: names is empty; give the adapters to choose "
+                              "between, or names=None for every adapter the model carries.")
         resolved = resolve_names("AdapterStack", model, None if names is None else list(names))
         if not resolved:
             raise ConfigError("AdapterStack: the model carries no adapter to choose between. "

@@ -433,7 +433,8 @@ def audit(model: nn.Module, only_trainable: bool = False, depth: int | None = No
     summaries = tuple(
         AdapterSummary(name=name, pass_name=pass_name, sites=tuple(dict.fromkeys(e["sites"])),
                        params=e["params"], trainable_params=e["trainable"],
-                       trainable=_trainable_word(e["trainable"], e["params"] - e["trainable"]),
+                       trainable=(_trainable_word(e["trainable"], e["params"] - e["trainable"])
+                                  or "no parameters"),
                        active=_trainable_word(e["on"], e["off"]))
         for (pass_name, name), e in adapters.items())
     return Audit(

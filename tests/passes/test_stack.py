@@ -229,3 +229,11 @@ def test_route_samples_directly(zoo) -> None:
     assert torch.equal(out[0], full[0]) and torch.equal(out[2], full[2])
     assert torch.equal(out[1], without_a[1])
     assert routing_left_nothing(model)
+
+
+def test_an_empty_names_list_says_names_is_empty() -> None:
+    from surgery.zoo import load_model
+
+    adapted = apply_passes(load_model("builtin").model, [LoRAPass(name="a")])
+    with pytest.raises(ConfigError, match="names is empty"):
+        AdapterStack(adapted, names=[])

@@ -369,3 +369,13 @@ def test_facade_exports_the_function_after_the_submodule_import() -> None:
     module = importlib.import_module("surgery.audit")
     assert surgery.audit is module.audit  # not the submodule, whatever was imported first
     assert surgery.Audit is module.Audit
+
+
+def test_an_adapter_without_parameters_says_so() -> None:
+    from passes.prefix import PrefixPass
+    from surgery.zoo import load_model
+
+    spec = load_model("builtin")
+    adapted = apply_passes(spec.model, [PrefixPass(length=0)], example_inputs=spec.example_inputs)
+    text = str(audit(adapted))
+    assert "trainable: no parameters" in text
