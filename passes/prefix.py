@@ -27,7 +27,10 @@ key and value *inputs* (its own projections apply), and its ``key_padding_mask``
 ``attn_mask`` gain ``P`` visible columns.
 
 ``mode="sequence"`` instead prepends ``P`` learned vectors to the first input of selected
-modules: ``(B, L, d) → (B, P + L, d)``.
+modules: ``(B, L, d) → (B, P + L, d)``. The input must be recorded (example inputs) as
+floating-point ``(batch, seq, d)`` features, and the longer sequence must reach the model's
+output: the pass runs the adapted model once on the recorded example inputs and refuses a
+site where it fails (a mask, residual or reshape of the original length in the way).
 
 ``reparameterize=True`` produces the prefix with Li & Liang's MLP while training;
 :class:`EjectPrefixPass` (or ``module.eject()``) folds it into plain tensors, bitwise.
@@ -60,6 +63,7 @@ from passes.prefix_modules import (
     PrefixGate,
     SequencePrefix,
 )
+from passes.prefix_probe import SequenceSite, check_sequence_sites
 from passes.prefix_sites import (
     MHA_ARGS,
     SDPA_ARGS,
@@ -71,11 +75,12 @@ from passes.prefix_sites import (
     eager_attention,
     first_outputs,
     heads_at,
+    recorded_shape,
     sequence_layout,
     set_call_arg,
 )
 from surgery.errors import ConfigError, NoMatchError, UnsupportedSiteError
-from surgery.graphs import CallSite, call_sites, qualified
+from surgery.graphs import CallSite, call_sites, node_value, qualified
 from surgery.pass_base import Change, Pass, PassResult
 from surgery.rewrite import (
     call_input,
@@ -126,7 +131,9 @@ class PrefixPass(Pass):
         pattern: glob(s) or ``re:`` regex over the names of the modules holding the
             attention ops (``"layers.*.attn"``, ``"self_attn"``, ``"attention.self"``), or of
             ``nn.MultiheadAttention`` modules; ``None`` = every attention op. With
-            ``mode="sequence"``: the modules whose first input gets the prefix (required).
+            ``mode="sequence"``: the modules whose first input gets the prefix (required;
+            modules whose sequence length flows to the output, e.g. an
+            ``nn.TransformerEncoder`` called without masks).
         role: ``"attention"`` (the same as no pattern); prefix sites have no other role.
         exclude: patterns removed from the selection.
         reparameterize: train the prefix through Li & Liang's MLP (embedding ``(P, d)`` →
@@ -156,7 +163,11 @@ class PrefixPass(Pass):
     Raises:
         ConfigError: invalid length, gate, mode or role (at construction).
         NoMatchError: the selection matches nothing, or the model has no attention op.
-        UnsupportedSiteError: an attention op whose layout the pass cannot extend.
+        UnsupportedSiteError: an attention op whose layout the pass cannot extend; in
+            sequence mode, a module whose input is not recorded as floating-point
+            ``(batch, seq, d)`` (token ids, masks, no example inputs), or whose longer
+            output cannot reach the model's output (the dry run on the recorded example
+            inputs fails; the error is chained).
         AlreadyAdaptedError: an op already carries a prefix of this name.
     """
 
@@ -469,11 +480,14 @@ class PrefixPass(Pass):
         names = select_names(list(cands), self.pattern, self.exclude, pass_name="PrefixPass",
                              all_names=all_names)
         changes: list[Change] = []
+        sites: list[SequenceSite] = []
         for qname in names:
             calls = cands[qname]
             module = calls[0].owner.get_submodule(str(calls[0].node.target))
             x = call_input(calls[0].node)
             width, seq_dim, dtype, device = sequence_layout(module, x, qname)
+            val = node_value(x)
+            sites.append(SequenceSite(qname, module, recorded_shape(val), val.dtype))
             seq = self._prefix_module(SequencePrefix, qname, width=width, seq_dim=seq_dim,
                                       role=None, dtype=dtype, device=device)
             register_adapter(module, "prefix", self.adapter_name, seq, pass_name="PrefixPass",
@@ -495,6 +509,7 @@ class PrefixPass(Pass):
                                       adapter=self.adapter_name,
                                       detail="sequence prefix; changes output shapes"))
             changes.extend(freeze_site(module, pass_name=self.name, site=qname, role=None))
+        check_sequence_sites(model, sites, self.adapter_name)
         return PassResult(model, bool(changes), tuple(changes), self.name)
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "eager_attention",
     "first_outputs",
     "sequence_layout",
+    "recorded_shape",
 ]
 
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
@@ -460,39 +461,48 @@ def first_outputs(node: fx.Node) -> list[fx.Node] | None:
     return found
 
 
+def recorded_shape(val: torch.Tensor) -> tuple[int | str, ...]:
+    """The shape of an example value, symbolic sizes given as the example's size (the
+    size the value had when traced), or by name when no example size is known."""
+    out: list[int | str] = []
+    for d in val.shape:
+        hint = getattr(getattr(d, "node", None), "hint", None)
+        out.append(int(hint) if isinstance(hint, int) else d if isinstance(d, int) else str(d))
+    return tuple(out)
+
+
 def sequence_layout(module: nn.Module, x: Any,
                     qname: str) -> tuple[int, int, torch.dtype, torch.device]:
     """``(width d, sequence dim, dtype, device)`` for a prefix on ``module``'s input ``x``.
 
-    The sequence dimension is 1 unless the module (or a submodule) says ``batch_first=False``.
-    The width comes from ``x``'s example value, else from the module (``in_features``,
-    ``embed_dim``, ``d_model``, ``normalized_shape``, its first linear layer).
+    ``x`` must have been recorded (``node.meta["val"]``, from tracing with example inputs)
+    as a floating-point ``(batch, seq, d)`` tensor; ``d`` is its last size. The sequence
+    dimension is 1 unless the module (or a submodule) says ``batch_first=False`` (``(seq,
+    batch, d)``). The dtype and device are those of the module's first floating-point
+    parameter, else of ``x``.
 
     Raises:
-        UnsupportedSiteError: ``x`` is not ``(B, L, d)`` or ``(L, d)``, or nothing tells ``d``.
+        UnsupportedSiteError: ``x`` has no recorded value, or is not a floating-point 3-D
+            tensor (token ids, masks, an unbatched ``(seq, d)``...).
     """
+    val = node_value(x) if isinstance(x, fx.Node) else None
+    if val is None:
+        raise UnsupportedSiteError(
+            f"PrefixPass: cannot tell the shape of the input of {qname} "
+            f"({type(module).__name__}): the graph records no shapes, and mode='sequence' "
+            f"needs a (batch, seq, d) floating-point input. Way out: pass example_inputs=... "
+            f"to apply_passes (or surgery.trace) so shapes are recorded.")
+    width = _int(val.shape[-1]) if val.dim() else None
+    if val.dim() != 3 or not val.is_floating_point() or width is None:
+        raise UnsupportedSiteError(
+            f"PrefixPass: the input of {qname} ({type(module).__name__}) was recorded as "
+            f"{val.dtype} of shape {recorded_shape(val)}; mode='sequence' needs floating-point "
+            f"features (batch, seq, d). Way out: select a module that reads such features "
+            f"and whose sequence length flows to the output (e.g. an nn.TransformerEncoder "
+            f"called without masks), or mode='attention' to prefix keys and values.")
     batch_first = next((bool(m.batch_first) for m in module.modules() if hasattr(m, "batch_first")),
                        True)
-    seq_dim = 1 if batch_first else 0
     own = [(p.dtype, p.device) for p in module.parameters() if p.is_floating_point()]
     dtype, device = (own[0] if own else None) or _value_dtype(x) or (
         torch.get_default_dtype(), torch.device("cpu"))
-    val = node_value(x) if isinstance(x, fx.Node) else None
-    if val is not None:
-        if val.dim() not in (2, 3):
-            raise UnsupportedSiteError(
-                f"PrefixPass: the input of {qname} ({type(module).__name__}) has shape "
-                f"{tuple(val.shape)}; mode='sequence' needs (batch, seq, d) or (seq, d).")
-        if _int(val.shape[-1]) is not None:
-            return int(val.shape[-1]), seq_dim, dtype, device
-    for attr in ("in_features", "embed_dim", "d_model", "hidden_size"):
-        if isinstance(getattr(module, attr, None), int):
-            return getattr(module, attr), seq_dim, dtype, device
-    if getattr(module, "normalized_shape", None):
-        return int(module.normalized_shape[-1]), seq_dim, dtype, device
-    for sub in module.modules():
-        if isinstance(sub, nn.Linear):
-            return sub.in_features, seq_dim, dtype, device
-    raise UnsupportedSiteError(
-        f"PrefixPass: cannot tell the width of the input of {qname} ({type(module).__name__}). "
-        f"Way out: pass example_inputs=... so shapes are recorded.")
+    return width, 1 if batch_first else 0, dtype, device
