@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch import fx, nn
 
 from surgery.dataflow import build_dataflow, op_name
@@ -72,6 +73,13 @@ def set_call_arg(node: fx.Node, names: tuple[str, ...], name: str, value: Any) -
 
 
 def _int(x: Any) -> int | None:
+    """``x`` as an int when it is a known constant, else ``None``.
+
+    A symbolic size (a ``SymInt`` from export) is never forced to an int: that would add a
+    guard to the shape environment the traced model shares and fix the dimension for good.
+    """
+    if isinstance(x, torch.SymInt):
+        return int(x) if is_concrete_int(x) else None
     try:
         return int(x)
     except (TypeError, ValueError):

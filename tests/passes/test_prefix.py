@@ -764,3 +764,13 @@ def test_sequence_mode_names_the_site_at_fault_among_several() -> None:
         apply_passes(PooledStack(), [PrefixPass(length=2, mode="sequence",
                                                 pattern=["proj", "layers.0.ln_1"])],
                      example_inputs=(x,))
+
+
+def test_a_refused_sequence_site_leaves_the_traced_sizes_dynamic(zoo) -> None:
+    # Reading a symbolic size as an int would fix it in the shape environment the traced
+    # model shares, and the model would then refuse every other sequence length.
+    traced = zoo.traced("hf:gpt2")
+    with pytest.raises(UnsupportedSiteError):
+        apply_passes(traced, [PrefixPass(length=4, mode="sequence", pattern="transformer.wte")])
+    ids = torch.randint(0, 100, (3, 9))
+    assert traced(ids).logits.shape[:2] == (3, 9)
