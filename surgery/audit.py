@@ -29,13 +29,13 @@ adapter module says ``inactive`` in its provenance.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from torch import fx, nn
 
+from surgery import audit_format
 from surgery.adapter_base import AdapterModule
 from surgery.pass_base import SurgeryState
 
@@ -193,83 +193,22 @@ class Audit:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict with stable keys (what :meth:`to_json` serialises)."""
-        return {
-            "model": self.model,
-            "frontend": self.frontend,
-            "passes": list(self.passes),
-            "totals": {"trainable": self.totals.trainable, "total": self.totals.total,
-                       "percent": self.totals.percent},
-            "adapters": [{**asdict(a), "sites": list(a.sites)} for a in self.adapters],
-            "rows": [{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(r).items()}
-                     for r in self.rows],
-        }
+        return audit_format.to_dict(self)
 
     def to_json(self, indent: int | None = 2) -> str:
         """The audit as JSON (keys sorted, so equal audits give equal text)."""
-        return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
+        return audit_format.to_json(self, indent)
 
     def to_markdown(self) -> str:
         """The audit as GitHub-flavoured markdown: totals, adapters table, module table."""
-        lines = [f"**{self.totals}**", ""]
-        if self.adapters:
-            lines += ["| adapter | pass | sites | params | trainable | active |",
-                      "|---|---|---:|---:|---|---|"]
-            for a in self.adapters:
-                lines.append(f"| {a.name} | {a.pass_name} | {len(a.sites)} | {a.params:,d} | "
-                             f"{a.trainable} | {a.active} |")
-            lines.append("")
-        lines += ["| module | type | role | params | trainable | dtype | device | changed by |",
-                  "|---|---|---|---:|---|---|---|---|"]
-        for r in self.rows:
-            lines.append(f"| `{r.name or '(root)'}` | {r.type} | {r.role} | {r.params:,d} | "
-                         f"{r.trainable} | {r.dtype} | {r.device} | {_md(r.provenance)} |")
-        return "\n".join(lines) + "\n"
-
-    def _cells(self) -> list[list[str]]:
-        return [[r.name or "(root)", r.type, r.role, f"{r.params:,d}", r.trainable, r.dtype,
-                 r.device, r.provenance] for r in self.rows]
+        return audit_format.to_markdown(self)
 
     def __str__(self) -> str:
-        head = ["name", "type", "role", "params", "trainable", "dtype", "device", "changed by"]
-        cells = self._cells()
-        widths = [max([len(head[i])] + [len(c[i]) for c in cells]) for i in range(len(head))]
-        right = {3}
-
-        def fmt(row: list[str]) -> str:
-            out = [c.rjust(w) if i in right else c.ljust(w)
-                   for i, (c, w) in enumerate(zip(row, widths))]
-            return "  ".join(out).rstrip()
-
-        lines = [str(self.totals)]
-        for a in self.adapters:
-            lines.append(f"adapter {a.key}: {len(a.sites)} site(s), {a.params:,d} params, "
-                         f"trainable: {a.trainable}, active: {a.active}")
-        lines += ["", fmt(head), fmt(["-" * w for w in widths])]
-        lines += [fmt(c) for c in cells]
-        return "\n".join(lines)
+        return audit_format.to_text(self)
 
     def __rich__(self) -> Table:
         """A ``rich.table.Table``: totals as the title, adapters in the caption."""
-        from rich.table import Table
-
-        caption = "; ".join(f"{a.key}: {len(a.sites)} site(s), {a.params:,d} params"
-                            + ("" if a.active == "yes" else f", active: {a.active}")
-                            for a in self.adapters) or None
-        table = Table(title=str(self.totals), caption=caption, title_justify="left")
-        for col in ("name", "type", "role"):
-            table.add_column(col, no_wrap=True)
-        table.add_column("params", justify="right", no_wrap=True)
-        for col in ("trainable", "dtype", "device"):
-            table.add_column(col, no_wrap=True)
-        table.add_column("changed by")
-        colours = {"yes": "green", "partial": "yellow", "no": "dim"}
-        for r, cells in zip(self.rows, self._cells()):
-            table.add_row(*cells, style=colours.get(r.trainable))
-        return table
-
-
-def _md(text: str) -> str:
-    return text.replace("|", "\\|")
+        return audit_format.to_rich(self)
 
 
 def _join(values: Iterable[str]) -> str:
