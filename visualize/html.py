@@ -69,30 +69,33 @@ def _e(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
+def _table(headers: tuple[str, ...], rows: list[tuple[str, list[str]]]) -> str:
+    """An HTML table; each row is ``(css class, already-escaped cells)``."""
+    out = ["<table>", "<tr>" + "".join(f"<th>{h}</th>" for h in headers) + "</tr>"]
+    for css, cells in rows:
+        out.append(f'<tr class="{_e(css)}">' + "".join(cells) + "</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
 def _param_table(report: DiffReport) -> str:
     if not report.params:
         return "<p>No parameter changed.</p>"
-    rows = ["<table>", "<tr><th>change</th><th>parameter</th><th>shape</th><th>numel</th>"
-            "<th>trainable</th><th>pass</th></tr>"]
-    for r in report.params:
-        rows.append(f'<tr class="{_e(r.kind)}"><td>{_e(r.kind)}</td><td><code>{_e(r.name)}</code></td>'
-                    f"<td>{_e(format_shape(r.shape))}</td><td class=\"num\">{r.numel:,}</td>"
-                    f"<td>{'yes' if r.trainable else 'no'}</td><td>{_e(r.pass_name or '—')}</td></tr>")
-    rows.append("</table>")
-    return "\n".join(rows)
+    return _table(("change", "parameter", "shape", "numel", "trainable", "pass"), [
+        (r.kind, [f"<td>{_e(r.kind)}</td>", f"<td><code>{_e(r.name)}</code></td>",
+                  f"<td>{_e(format_shape(r.shape))}</td>", f'<td class="num">{r.numel:,}</td>',
+                  f"<td>{'yes' if r.trainable else 'no'}</td>", f"<td>{_e(r.pass_name or '—')}</td>"])
+        for r in report.params])
 
 
 def _node_table(report: DiffReport) -> str:
     if not report.nodes:
         return "<p>No graph node changed.</p>"
-    rows = ["<table>", "<tr><th>change</th><th>node</th><th>op</th><th>label</th><th>pass</th>"
-            "<th>site</th></tr>"]
-    for n in report.nodes:
-        rows.append(f'<tr class="{_e(n.kind)}"><td>{_e(n.kind)}</td><td><code>{_e(n.id)}</code></td>'
-                    f"<td>{_e(n.op)}</td><td>{_e(n.label)}</td><td>{_e(n.pass_name or '—')}</td>"
-                    f"<td>{_e(n.site or '—')}</td></tr>")
-    rows.append("</table>")
-    return "\n".join(rows)
+    return _table(("change", "node", "op", "label", "pass", "site"), [
+        (n.kind, [f"<td>{_e(n.kind)}</td>", f"<td><code>{_e(n.id)}</code></td>",
+                  f"<td>{_e(n.op)}</td>", f"<td>{_e(n.label)}</td>",
+                  f"<td>{_e(n.pass_name or '—')}</td>", f"<td>{_e(n.site or '—')}</td>"])
+        for n in report.nodes])
 
 
 def _diagram(svg: str | None, dot_name: str) -> str:
