@@ -165,7 +165,7 @@ def time_apply(case: Case, repeats: int) -> dict[str, float]:
         apply_ours(case, base)
         times["ours"].append(time.perf_counter() - start)
         start = time.perf_counter()
-        traced = surgery.trace(base, args, kwargs)
+        traced = surgery.map.trace(base, args, kwargs)
         times["trace"].append(time.perf_counter() - start)
         start = time.perf_counter()
         surgery.apply_passes(traced, [LoRAPass(rank=RANK, alpha=ALPHA)])

@@ -34,7 +34,7 @@ After::
 
 ``up`` starts with zero weight and bias, so both are bitwise identities at init. The spans a
 parallel adapter bridges are found by :func:`passes.sublayers.find_sublayers`; on the export
-front end the input reaches the output's graph through :func:`surgery.rewrite.carry_value`.
+front end the input reaches the output's graph through :func:`surgery.sites.rewrite.carry_value`.
 """
 
 from __future__ import annotations
@@ -49,11 +49,11 @@ from torch import fx, nn
 from passes.bottleneck import BottleneckAdapter, bottleneck_width, check_adapter_settings
 from passes.lora import lora_features
 from passes.sublayers import SubLayer, find_sublayers, is_linear_layer
-from surgery.dataflow import build_dataflow
+from surgery.map.dataflow import build_dataflow
 from surgery.errors import ConfigError, NoMatchError, UnsupportedSiteError, near_matches
-from surgery.graphs import CallSite
+from surgery.map.graphs import CallSite
 from surgery.pass_base import Change, Pass, PassResult
-from surgery.rewrite import (
+from surgery.sites.rewrite import (
     call_input,
     carry_value,
     editable_graph,
@@ -65,9 +65,9 @@ from surgery.rewrite import (
     replace_uses_after,
     site_output,
 )
-from surgery.roles import find_roles
+from surgery.map.roles import find_roles
 from surgery.select import Selector, as_patterns, matches
-from surgery.sites import Site, resolve_sites
+from surgery.sites.resolve import Site, resolve_sites
 
 __all__ = ["SerialAdapterPass", "ParallelAdapterPass"]
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgery.adapter_base import AdapterModule
+from surgery.sites.marker import AdapterModule
 from surgery.errors import ConfigError, near_matches
 
 __all__ = [
@@ -184,7 +184,7 @@ class BottleneckAdapter(AdapterModule):
         activation: ``"gelu"``, ``"relu"``, ``"silu"`` or ``"tanh"``.
         scaling: factor on the branch (He et al.'s ``s``; 1 for a serial adapter).
         pass_name: ``"serial_adapter"`` or ``"parallel_adapter"``.
-        site, adapter_name, role: see :class:`surgery.adapter_base.AdapterModule`.
+        site, adapter_name, role: see :class:`surgery.sites.marker.AdapterModule`.
         dtype / device: of the adapted layer's weight.
 
     Raises:

@@ -30,7 +30,7 @@ from passes.lora import lora_features
 from passes.modules import IA3Vector
 from surgery.errors import ConfigError, NoMatchError, near_matches
 from surgery.pass_base import Change, Pass, PassResult
-from surgery.rewrite import (
+from surgery.sites.rewrite import (
     call_input,
     editable_graph,
     freeze_site,
@@ -44,8 +44,8 @@ from surgery.rewrite import (
     site_output,
 )
 from surgery.select import Selector, as_patterns, matches
-from surgery.sites import Site, resolve_sites
-from surgery.trace import is_hf_conv1d
+from surgery.sites.resolve import Site, resolve_sites
+from surgery.map.trace import is_hf_conv1d
 
 __all__ = ["IA3Pass"]
 

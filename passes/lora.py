@@ -27,7 +27,7 @@ from torch import nn
 from passes.modules import LoRADropout, LoRAProjection
 from surgery.errors import ConfigError
 from surgery.pass_base import Change, Pass, PassResult
-from surgery.rewrite import (
+from surgery.sites.rewrite import (
     call_input,
     editable_graph,
     freeze_site,
@@ -38,8 +38,8 @@ from surgery.rewrite import (
     replace_uses_after,
 )
 from surgery.select import Selector, as_patterns
-from surgery.sites import Site, resolve_sites, warn_rank_exceeds
-from surgery.trace import is_hf_conv1d
+from surgery.sites.resolve import Site, resolve_sites, warn_rank_exceeds
+from surgery.map.trace import is_hf_conv1d
 
 __all__ = ["LoRAPass", "lora_features"]
 

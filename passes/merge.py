@@ -12,7 +12,7 @@ IA³ fold (Liu et al. 2022): ``k_proj.ia3_l.default(k_proj(x))`` becomes ``k_pro
 ``W' = diag(l) W`` and ``b' = l ⊙ b`` (output scaling); ``down_proj(down_proj.ia3_l(h))``
 becomes ``down_proj(h)`` with ``W' = W diag(l)`` (input scaling). Weights stored ``(in, out)``
 (transformers' ``Conv1D``) are handled transposed. The arithmetic is in
-:mod:`surgery.merge_math`: at least float32, cast once to the weight's dtype.
+:mod:`surgery.adapters.merge_math`: at least float32, cast once to the weight's dtype.
 
 A merged adapter's modules stay (unused) so that unmerge can put the branch back; their
 parameters are frozen by the merge (the update is in the weight, so nothing of it trains)

@@ -31,11 +31,11 @@ from passes.merge_records import (
     write_records,
 )
 from surgery.errors import MergeError
-from surgery.graphs import CallSite, call_sites
-from surgery.merge_math import compute_dtype, ia3_fold, is_finite, lora_delta, merge_delta
+from surgery.map.graphs import CallSite, call_sites
+from surgery.adapters.merge_math import compute_dtype, ia3_fold, is_finite, lora_delta, merge_delta
 from surgery.pass_base import Change, PassResult
-from surgery.rewrite import call_input, editable_graph, insert_chain, set_call_input
-from surgery.trace import is_hf_conv1d
+from surgery.sites.rewrite import call_input, editable_graph, insert_chain, set_call_input
+from surgery.map.trace import is_hf_conv1d
 
 __all__ = ["fold_steps", "adapter_params", "merge", "unmerge", "dry_run"]
 
@@ -548,7 +548,7 @@ def dry_run(model: nn.Module, run: Callable[[nn.Module], PassResult]) -> list[Ch
     """
     import copy
 
-    from surgery.params import share_weights_copy
+    from surgery.sites.params import share_weights_copy
 
     work = share_weights_copy(model)
     state = getattr(model, "_surgery", None)

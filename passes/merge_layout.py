@@ -17,8 +17,8 @@ from torch import fx
 
 from passes.merge_records import KIND_LABEL, MERGE_PASS, WHY_NOT_LINEAR
 from surgery.errors import MergeError
-from surgery.graphs import CallSite
-from surgery.rewrite import call_input
+from surgery.map.graphs import CallSite
+from surgery.sites.rewrite import call_input
 
 __all__ = ["LORA_PARTS", "tag", "is_part", "Layout", "layout", "lora_nodes", "plan_call",
            "plan_site"]

@@ -13,9 +13,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from surgery.adapter_base import AdapterModule
+from surgery.sites.marker import AdapterModule
 from surgery.errors import AdapterNotFoundError, ConfigError, MergeError
-from surgery.graphs import CallSite, call_sites
+from surgery.map.graphs import CallSite, call_sites
 
 __all__ = [
     "MERGED_KEY",

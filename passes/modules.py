@@ -1,10 +1,10 @@
 """The small modules that passes insert into a traced model.
 
-Each derives from :class:`surgery.adapter_base.AdapterModule`, so adapters are found by
+Each derives from :class:`surgery.sites.marker.AdapterModule`, so adapters are found by
 type, never by name. Their parameters are created on the device and in the dtype of the
 weight they adapt.
 
-Two run-time switches, both set by :mod:`surgery.active` and :class:`passes.stack.AdapterStack`
+Two run-time switches, both set by :mod:`surgery.adapters.active` and :class:`passes.stack.AdapterStack`
 rather than by hand, and neither of which re-traces anything:
 
 * ``active`` (``True`` at creation): an inactive module contributes exactly nothing. A LoRA
@@ -17,7 +17,7 @@ rather than by hand, and neither of which re-traces anything:
   for different adapters.
 
 A merged adapter (:class:`passes.merge.MergeLoRAPass`) is in the weights and its modules are
-no longer called, so their flags change nothing; :func:`surgery.active.set_active` refuses
+no longer called, so their flags change nothing; :func:`surgery.adapters.active.set_active` refuses
 to switch a merged adapter off (unmerge it first).
 """
 
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgery.adapter_base import AdapterModule
+from surgery.sites.marker import AdapterModule
 from surgery.errors import ConfigError
 
 __all__ = ["LoRAProjection", "LoRADropout", "IA3Vector", "route_mask"]

@@ -80,9 +80,9 @@ from passes.prefix_sites import (
     set_call_arg,
 )
 from surgery.errors import ConfigError, NoMatchError, UnsupportedSiteError
-from surgery.graphs import CallSite, call_sites, node_value, qualified
+from surgery.map.graphs import CallSite, call_sites, node_value, qualified
 from surgery.pass_base import Change, Pass, PassResult
-from surgery.rewrite import (
+from surgery.sites.rewrite import (
     call_input,
     editable_graph,
     freeze_site,
@@ -91,9 +91,9 @@ from surgery.rewrite import (
     replace_uses_after,
     set_call_input,
 )
-from surgery.roles import normalize_roles
+from surgery.map.roles import normalize_roles
 from surgery.select import Selector, as_patterns, select_names
-from surgery.sites import inside_adapter
+from surgery.sites.resolve import inside_adapter
 
 __all__ = ["PrefixPass", "EjectPrefixPass", "attention_owners", "CHANGES_OUTPUTS", "IDENTITY"]
 

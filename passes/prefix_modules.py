@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from passes.prefix_masks import concat_prefix, sequence_dim
-from surgery.adapter_base import AdapterModule
+from surgery.sites.marker import AdapterModule
 
 __all__ = [
     "PrefixEncoder",

@@ -25,7 +25,7 @@ from torch import nn
 
 from passes.prefix_modules import SequencePrefix
 from surgery.errors import UnsupportedSiteError
-from surgery.graphs import recompile
+from surgery.map.graphs import recompile
 
 __all__ = ["SequenceSite", "check_sequence_sites"]
 
@@ -76,7 +76,7 @@ def check_sequence_sites(model: nn.Module, sites: Sequence[SequenceSite],
         raise UnsupportedSiteError(
             f"PrefixPass: cannot check the sequence prefix at {names}: the model was traced "
             f"without example inputs. Way out: pass example_inputs=... to apply_passes (or "
-            f"surgery.trace).")
+            f"surgery.map.trace).")
     recompile(model)
     with _probes(sites, adapter_name) as probes, _quiet_eval(model):
         error = _failure(model, args or (), kwargs or {})

@@ -14,10 +14,10 @@ import torch
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch import fx, nn
 
-from surgery.dataflow import build_dataflow, op_name
+from surgery.map.dataflow import build_dataflow, op_name
 from surgery.errors import UnsupportedSiteError
-from surgery.graphs import node_value
-from surgery.roles import AttentionOp, find_roles
+from surgery.map.graphs import node_value
+from surgery.map.roles import AttentionOp, find_roles
 
 __all__ = [
     "SDPA_ARGS",
@@ -94,7 +94,7 @@ class AttentionSite:
     """One attention op to adapt.
 
     Attributes:
-        op: its :class:`surgery.roles.AttentionOp` record.
+        op: its :class:`surgery.map.roles.AttentionOp` record.
         node: the fx node (the SDPA call, the ``probs @ v`` matmul, or the MHA call).
         graph_prefix: qualified name of the module owning the graph holding ``node``.
         graph_owner: that module.
@@ -261,7 +261,7 @@ def heads_at(model: nn.Module, node: Any, site: AttentionSite, which: str, *,
         raise UnsupportedSiteError(
             f"PrefixPass: cannot tell the number of heads and the head size at the {which} "
             f"input of the attention op at {site.op.node}: the graph records no shapes. Way "
-            f"out: pass example_inputs=... to apply_passes (or surgery.trace) so shapes are "
+            f"out: pass example_inputs=... to apply_passes (or surgery.map.trace) so shapes are "
             f"recorded.")
     return found
 
@@ -499,7 +499,7 @@ def sequence_layout(module: nn.Module, x: Any,
             f"PrefixPass: cannot tell the shape of the input of {qname} "
             f"({type(module).__name__}): the graph records no shapes, and mode='sequence' "
             f"needs a (batch, seq, d) floating-point input. Way out: pass example_inputs=... "
-            f"to apply_passes (or surgery.trace) so shapes are recorded.")
+            f"to apply_passes (or surgery.map.trace) so shapes are recorded.")
     width = _int(val.shape[-1]) if val.dim() else None
     if val.dim() != 3 or not val.is_floating_point() or width is None:
         raise UnsupportedSiteError(

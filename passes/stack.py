@@ -8,7 +8,7 @@
     stack(ids, adapter_id=torch.tensor([0, 1, 1, 0]))  # one adapter per sample
 
 With a tensor of ids, sample ``i`` gets exactly what the batch gets when only adapter
-``names[ids[i]]`` is active (:func:`surgery.active.set_active`): every adapter of the stack
+``names[ids[i]]`` is active (:func:`surgery.adapters.active.set_active`): every adapter of the stack
 runs on the whole batch and its contribution is kept, bit for bit, for the samples routed
 to it and dropped for the others (``torch.where`` along the batch dimension, inside the
 adapter modules). Exact in evaluation mode, or with no dropout: in training mode a
@@ -49,16 +49,16 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
-from surgery.active import (
+from surgery.adapters.active import (
     active_flags,
     adapter_modules,
     merged_names,
     resolve_names,
     restore_active_flags,
 )
-from surgery.adapter_base import AdapterModule
+from surgery.sites.marker import AdapterModule
 from surgery.errors import AdapterNotFoundError, ConfigError, MergeError, near_matches
-from surgery.graphs import graph_modules
+from surgery.map.graphs import graph_modules
 
 __all__ = ["AdapterStack", "route_samples"]
 

@@ -20,13 +20,13 @@ from dataclasses import dataclass
 import networkx as nx
 from torch import fx, nn
 
-from surgery.dataflow import build_dataflow, node_id
+from surgery.map.dataflow import build_dataflow, node_id
 from surgery.errors import ConfigError
-from surgery.graphs import CallSite
-from surgery.rewrite import call_input
-from surgery.roles import ELEMENTWISE, ModelRoles, find_roles, walk
-from surgery.sites import Site, candidate_sites
-from surgery.trace import is_hf_conv1d
+from surgery.map.graphs import CallSite
+from surgery.sites.rewrite import call_input
+from surgery.map.roles import ELEMENTWISE, ModelRoles, find_roles, walk
+from surgery.sites.resolve import Site, candidate_sites
+from surgery.map.trace import is_hf_conv1d
 
 __all__ = ["SubLayer", "find_sublayers", "is_linear_layer"]
 
@@ -86,7 +86,7 @@ def _nearest(g: nx.DiGraph, ids: list[str], *, before: str | None = None,
 def _ffn_sublayers(g: nx.DiGraph, roles: ModelRoles, cands: dict[str, list[CallSite]]
                    ) -> list[SubLayer]:
     """One :class:`SubLayer` per feed-forward down projection, paired with its up / gate
-    projections by the same backward walk :func:`surgery.roles.find_roles` pairs them with."""
+    projections by the same backward walk :func:`surgery.map.roles.find_roles` pairs them with."""
     out = []
     for qname, calls in cands.items():
         info = roles.role_of(qname)
@@ -155,10 +155,10 @@ def find_sublayers(model: nn.Module, kind: str, *, dataflow: nx.DiGraph | None =
     opaque call and has no such span.
 
     Args:
-        model: a traced model (:func:`surgery.trace.trace`, either front end).
+        model: a traced model (:func:`surgery.map.trace.trace`, either front end).
         kind: ``"ffn"`` or ``"attention"``.
-        dataflow / roles: prebuilt :func:`surgery.dataflow.build_dataflow` /
-            :func:`surgery.roles.find_roles` results, to share work.
+        dataflow / roles: prebuilt :func:`surgery.map.dataflow.build_dataflow` /
+            :func:`surgery.map.roles.find_roles` results, to share work.
 
     Returns:
         One :class:`SubLayer` per output layer (an output projection shared by several

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from surgery.active import active_adapters, adapter_names, disable_adapters, set_active, set_trainable
-from surgery.adapter_base import AdapterModule
-from surgery.audit import Audit, audit
+from surgery.adapters.active import active_adapters, adapter_names, disable_adapters, set_active, set_trainable
+from surgery.sites.marker import AdapterModule
+from surgery.audit.count import Audit, audit
 from surgery.apply import (
     Target,
     TargetList,
@@ -44,10 +44,10 @@ from surgery.errors import (
     UnsupportedSiteError,
 )
 from surgery.pass_base import Change, Pass, PassResult
-from surgery.roles import find_roles
-from surgery.trace import SurgeryTracer, trace
-from surgery.combine import combine_adapters
-from surgery.unload import unload
+from surgery.map.roles import find_roles
+from surgery.map.trace import SurgeryTracer, trace
+from surgery.adapters.combine import combine_adapters
+from surgery.adapters.unload import unload
 
 __version__ = "0.1.0"
 

@@ -10,12 +10,12 @@ from typing import Any
 from torch import nn
 
 from surgery.errors import ConfigError
-from surgery.graphs import call_sites, recompile
-from surgery.params import adapter_parameters, restore, share_weights_copy, snapshot
+from surgery.map.graphs import call_sites, recompile
+from surgery.sites.params import adapter_parameters, restore, share_weights_copy, snapshot
 from surgery.pass_base import Change, Pass, PassResult, SurgeryState
-from surgery.roles import find_roles
-from surgery.sites import candidate_sites, layer_features
-from surgery.trace import is_leaf_type, is_traced, trace
+from surgery.map.roles import find_roles
+from surgery.sites.resolve import candidate_sites, layer_features
+from surgery.map.trace import is_leaf_type, is_traced, trace
 
 __all__ = [
     "apply_passes",
@@ -42,10 +42,10 @@ def _prepare(model: nn.Module, example_inputs: tuple | None, example_kwargs: Map
         return work
     if inplace:
         raise ConfigError(
-            "inplace=True needs a model that is already traced (from surgery.trace or "
+            "inplace=True needs a model that is already traced (from surgery.map.trace or "
             "apply_passes); a plain nn.Module is always traced into a new model, which shares "
             "its weights' storage. Way out: drop inplace=True, or trace first: "
-            "traced = surgery.trace(model, ...); apply_passes(traced, passes, inplace=True).")
+            "traced = surgery.map.trace(model, ...); apply_passes(traced, passes, inplace=True).")
     return trace(model, example_inputs, example_kwargs, leaf_modules=leaf_modules)
 
 
@@ -273,7 +273,7 @@ class TargetList(list):
 
 
 def _adapters_on(module: nn.Module) -> tuple[str, ...]:
-    from surgery.adapter_base import AdapterModule
+    from surgery.sites.marker import AdapterModule
 
     found = []
     for slot, holder in module.named_children():

@@ -28,7 +28,7 @@ from surgery.errors import ConfigError, NoMatchError, RenderError, SurgeryError
 if TYPE_CHECKING:
     from torch import nn
 
-    from surgery.audit import Audit
+    from surgery.audit.count import Audit
     from surgery.pass_base import Pass
     from surgery.zoo import ModelSpec
 
@@ -257,7 +257,7 @@ def _dry_run(spec: ModelSpec, passes: list[Pass], out: TextIO) -> int:
 
 def _adapt_and_report(spec: ModelSpec, passes: list[Pass], out_dir: Path, out: TextIO) -> int:
     from surgery.apply import apply_passes
-    from surgery.audit import audit
+    from surgery.audit.count import audit
 
     adapted = apply_passes(spec.model, passes, spec.example_inputs, spec.example_kwargs)
     report = audit(adapted)

@@ -125,7 +125,7 @@ class Pass:
         """
         import copy
 
-        from surgery.params import share_weights_copy
+        from surgery.sites.params import share_weights_copy
 
         if self.writes_in_place:
             raise ConfigError(
@@ -161,7 +161,7 @@ class SurgeryState:
         example_inputs / example_kwargs: what tracing was given, if anything.
         active: adapter names in use (``None`` = all).
         source: an eager copy of the traced model (same class, sharing its weights' storage),
-            from which :func:`surgery.unload` builds a plain model.
+            from which :func:`surgery.adapters.unload` builds a plain model.
         fixed_inputs: forward parameters that tracing fixed to their default value (they were
             not among the example inputs), name -> value. The traced model raises
             :class:`surgery.errors.InputMismatchError` when one is given another value.

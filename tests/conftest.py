@@ -46,7 +46,7 @@ class Zoo:
     def traced(self, name: str) -> nn.Module:
         """The shared traced model of ``name`` (fx or export, as ``trace`` chooses)."""
         if name not in self._traced:
-            from surgery.trace import trace
+            from surgery.map.trace import trace
 
             spec = self.spec(name)
             self._traced[name] = trace(spec.model, spec.example_inputs, spec.example_kwargs or None)

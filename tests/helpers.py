@@ -31,7 +31,7 @@ PROJECTION_ROLES = ("query", "key", "value", "attn_out", "ffn_up", "ffn_gate", "
 def projection_roles(model: nn.Module) -> list[str]:
     """The roles of :data:`PROJECTION_ROLES` that some module of the traced ``model`` plays,
     for ``LoRAPass(role=...)`` on every projection (a role in a list must match something)."""
-    from surgery.roles import find_roles
+    from surgery.map.roles import find_roles
 
     played = set().union(*(info.roles for info in find_roles(model).modules.values()))
     return [role for role in PROJECTION_ROLES if role in played]

@@ -33,7 +33,7 @@ from surgery import (
     named_trainable_parameters,
     trainable_parameters,
 )
-from surgery.params import share_weights_copy
+from surgery.sites.params import share_weights_copy
 
 
 def _layers(template: str, n: int = 2) -> list[str]:

@@ -13,9 +13,9 @@ import networkx as nx
 import torch
 from torch import nn
 
-from surgery.adapter_base import AdapterModule
+from surgery.sites.marker import AdapterModule
 from surgery.errors import RenderError
-from surgery.trace import trace
+from surgery.map.trace import trace
 from visualize.dot import default_title
 from visualize.graph import is_traced_like, param_totals, traced_to_networkx
 from visualize.html import diff_html

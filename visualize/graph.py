@@ -1,6 +1,6 @@
 """A traced model as one ``networkx.DiGraph``: every graph of the tree, calls inlined.
 
-Both front ends give a tree of fx graphs (:mod:`surgery.graphs`). This module walks it from
+Both front ends give a tree of fx graphs (:mod:`surgery.map.graphs`). This module walks it from
 the root graph; a ``call_module`` node whose module owns a graph (an ``InterpreterModule``
 from torch.export + ``unflatten``) is inlined: the caller's argument nodes feed the callee's
 placeholders, and the values the callee returns feed the caller's users directly (a
@@ -20,10 +20,10 @@ import networkx as nx
 import torch
 from torch import fx, nn
 
-from surgery.adapter_base import AdapterModule
-from surgery.dataflow import node_id
-from surgery.graphs import graph_modules, qualified
-from surgery.trace import is_traced, trace
+from surgery.sites.marker import AdapterModule
+from surgery.map.dataflow import node_id
+from surgery.map.graphs import graph_modules, qualified
+from surgery.map.trace import is_traced, trace
 from visualize.collapse import collapse
 from visualize.nodeinfo import (
     clean_path,
@@ -164,7 +164,7 @@ class _Builder:
         root = dict(self.graphs).get("")
         if root is None:
             raise TypeError(f"{type(self.traced).__name__} owns no fx graph at its root; pass a "
-                            f"plain nn.Module (it is traced) or a model from surgery.trace")
+                            f"plain nn.Module (it is traced) or a model from surgery.map.trace")
         self._walk("", root, None, {})
         return self.g
 
@@ -350,9 +350,9 @@ def to_networkx(
     """Build the whole-model dataflow graph of ``model`` for drawing and diffing.
 
     Args:
-        model: a plain ``nn.Module`` (traced with :func:`surgery.trace.trace` on a private
+        model: a plain ``nn.Module`` (traced with :func:`surgery.map.trace.trace` on a private
             copy; the model itself is not changed), or a model already traced (from
-            :func:`surgery.trace.trace` or :func:`surgery.apply_passes`, or any module that
+            :func:`surgery.map.trace.trace` or :func:`surgery.apply_passes`, or any module that
             owns an fx graph at its root), used as it is.
         example_inputs: positional inputs, for tracing a plain model with torch.export and
             for shapes (``(batch, seq)`` token ids, ...). Ignored for a traced model.
@@ -397,7 +397,7 @@ def to_networkx(
 
 
 def is_traced_like(model: nn.Module) -> bool:
-    """True for a model from :func:`surgery.trace.trace`, or any module owning a root fx graph."""
+    """True for a model from :func:`surgery.map.trace.trace`, or any module owning a root fx graph."""
     return is_traced(model) or isinstance(getattr(model, "graph", None), fx.Graph)
 
 

@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from surgery.active import INACTIVE_KEY
-from surgery.adapter_base import AdapterModule
-from surgery.dataflow import op_name
-from surgery.graphs import is_interpreter_module, surgery_meta
+from surgery.adapters.active import INACTIVE_KEY
+from surgery.sites.marker import AdapterModule
+from surgery.map.dataflow import op_name
+from surgery.map.graphs import is_interpreter_module, surgery_meta
 
 __all__ = [
     "ParamInfo",
@@ -236,7 +236,7 @@ def param_state(params: Iterable[ParamInfo]) -> str:
 def provenance(node: fx.Node, module: nn.Module | None = None) -> dict | None:
     """The pass provenance of a node: its ``meta["surgery"]``, else that of its adapter module.
 
-    A node of an adapter that is switched off (:func:`surgery.active.set_active`: its module
+    A node of an adapter that is switched off (:func:`surgery.adapters.active.set_active`: its module
     is inactive, or the node carries ``meta["surgery_inactive"]``) also gets
     ``"active": False``; active adapters get no such key.
 

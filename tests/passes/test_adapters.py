@@ -37,7 +37,7 @@ from surgery import (
     plan,
     trace,
 )
-from surgery.graphs import graph_modules
+from surgery.map.graphs import graph_modules
 
 PROJ = ("down", "up")
 

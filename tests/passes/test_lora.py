@@ -20,7 +20,7 @@ from surgery import (
     named_trainable_parameters,
     trace,
 )
-from surgery.graphs import call_sites
+from surgery.map.graphs import call_sites
 
 REL_TOL = 1e-6  # float32 result against a float64 reference, relative to the output's size
 

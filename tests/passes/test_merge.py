@@ -5,7 +5,7 @@ Every model of the foundation table (TinyTransformer on torch.fx; GPT-2 with tra
 torch.export) is adapted with LoRA on every projection and with IA³ (keys, values,
 feed-forward down projections, so output and input scaling), with random adapter values.
 Expected weights are written out below from the formulas, independently of
-``surgery.merge_math``.
+``surgery.adapters.merge_math``.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from surgery import (
     set_active,
     trainable_parameters,
 )
-from surgery.graphs import call_sites, graph_modules
-from surgery.rewrite import insert_chain, mark, register_adapter, replace_uses_after
+from surgery.map.graphs import call_sites, graph_modules
+from surgery.sites.rewrite import insert_chain, mark, register_adapter, replace_uses_after
 
 TABLE = ["builtin:tiny", "hf:gpt2", "hf:llama", "hf:bert"]
 MERGE_ALL = [MergeLoRAPass(), MergeIA3Pass()]  # IA³ scales the layer as LoRA adapted it

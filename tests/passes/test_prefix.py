@@ -23,7 +23,7 @@ from surgery import (
     apply_passes,
     named_trainable_parameters,
 )
-from surgery.graphs import graph_modules
+from surgery.map.graphs import graph_modules
 from surgery.zoo import TinyConfig, TinyTransformer
 
 TOL = 1e-6  # float32 against a float64 hand computation, relative to the output's size

@@ -25,7 +25,7 @@ from surgery import (
     apply_passes,
     trace,
 )
-from surgery.active import active_adapters, set_active
+from surgery.adapters.active import active_adapters, set_active
 
 PASSES = [
     LoRAPass(role=["query", "key", "value", "attn_out"], rank=4, name="a"),

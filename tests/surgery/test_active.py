@@ -27,7 +27,7 @@ from surgery import (
     apply_passes,
     trainable_parameters,
 )
-from surgery.active import (
+from surgery.adapters.active import (
     INACTIVE_KEY,
     active_adapters,
     adapter_names,
@@ -35,7 +35,7 @@ from surgery.active import (
     set_active,
     set_trainable,
 )
-from surgery.graphs import graph_modules
+from surgery.map.graphs import graph_modules
 
 FIRST: dict[str, Pass] = {
     "a": LoRAPass(role=["query", "key", "value", "attn_out"], rank=4, name="a"),

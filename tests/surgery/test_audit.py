@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from surgery import IA3Pass, LoRAPass, apply_passes, trainable_parameters
-from surgery.active import set_active, set_trainable
-from surgery.audit import Audit, audit, format_totals
+from surgery.adapters.active import set_active, set_trainable
+from surgery.audit.count import Audit, audit, format_totals
 from surgery.zoo import load_model
 
 HAS_PEFT = all(importlib.util.find_spec(m) is not None for m in ("peft", "transformers"))

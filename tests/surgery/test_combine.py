@@ -18,8 +18,8 @@ from surgery import (
     active_adapters,
     apply_passes,
 )
-from surgery.combine import combine_adapters
-from surgery.unload import unload
+from surgery.adapters.combine import combine_adapters
+from surgery.adapters.unload import unload
 
 SITES = [f"layers.{i}.attn.{p}_proj" for i in range(2) for p in "qv"]
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgery import ConfigError, find_roles, trace
-from surgery.roles import normalize_roles
+from surgery.map.roles import normalize_roles
 
 ATTN = ("query", "key", "value", "attn_out")
 

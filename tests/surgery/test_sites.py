@@ -9,8 +9,8 @@ import pytest
 from torch import nn
 
 from surgery import trace
-from surgery.sites import layer_features, resolve_sites, warn_rank_exceeds
-from surgery.trace import is_linear_like
+from surgery.sites.resolve import layer_features, resolve_sites, warn_rank_exceeds
+from surgery.map.trace import is_linear_like
 
 
 def test_layer_features_read_in_then_out_for_every_layout() -> None:

@@ -12,8 +12,8 @@ from torch import fx, nn
 from helpers import MaskedMLP
 from surgery import IA3Pass, LoRAPass, TraceError, apply_passes, list_targets, trace
 from surgery.errors import InputMismatchError
-from surgery.graphs import call_sites, graph_modules
-from surgery.trace import is_traced
+from surgery.map.graphs import call_sites, graph_modules
+from surgery.map.trace import is_traced
 
 # ---- small models ----------------------------------------------------------------------
 

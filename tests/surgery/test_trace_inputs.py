@@ -32,7 +32,7 @@ def test_fx_input_fixed_to_its_default_names_it_and_the_way_out() -> None:
         "this MaskedMLP (traced with torch.fx) was traced with attention_mask fixed to None, "
         "its default (it was not among the example inputs), and cannot take "
         "attention_mask=a tensor of shape (2, 5) (float32). Way out: trace again "
-        "(surgery.trace, or apply_passes on the original model) with "
+        "(surgery.map.trace, or apply_passes on the original model) with "
         "example_kwargs={'attention_mask': ...} so that attention_mask becomes an input of "
         "the traced model.")
     assert isinstance(info.value, TypeError) and isinstance(info.value, SurgeryError)

@@ -1,4 +1,4 @@
-"""``surgery.unload``: merge-and-unload back to the original class (``surgery/unload.py``)."""
+"""``surgery.adapters.unload``: merge-and-unload back to the original class (``surgery/unload.py``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from torch import nn
 from helpers import projection_roles, randomize_adapters
 from passes.merge import MergeIA3Pass, MergeLoRAPass
 from surgery import AdapterModule, ConfigError, IA3Pass, LoRAPass, MergeError, apply_passes
-from surgery.unload import unload
+from surgery.adapters.unload import unload
 
 TABLE = ["builtin:tiny", "hf:gpt2", "hf:llama", "hf:bert"]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from surgery.trace import trace
+from surgery.map.trace import trace
 from viz_models import TinyNet, adapt_by_hand, example_ids
 
 

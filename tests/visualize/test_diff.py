@@ -13,7 +13,7 @@ from torch import nn
 
 from viz_models import D, TinyNet, adapt_by_hand, example_ids, renderer_works
 from surgery.pass_base import Change, PassResult
-from surgery.trace import trace
+from surgery.map.trace import trace
 from visualize import DiffReport, MissingRendererWarning, ParamChange, RenderOptions, render_diff
 from visualize.diff import param_diff
 from visualize.dot import format_count

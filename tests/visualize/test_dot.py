@@ -24,7 +24,7 @@ from torch import nn
 
 from viz_models import IDS_SHAPE, TinyNet, adapt_by_hand, example_ids
 from surgery.errors import ConfigError
-from surgery.trace import trace
+from surgery.map.trace import trace
 from surgery.zoo import TinyConfig, TinyTransformer
 from visualize import Palette, RenderOptions, to_dot, to_networkx
 from visualize.dot import format_count, format_shape, quote

@@ -9,7 +9,7 @@ from torch import nn
 
 from viz_models import D, IDS_SHAPE, TinyNet, example_ids
 from surgery.pass_base import Change, PassResult
-from surgery.trace import trace
+from surgery.map.trace import trace
 from visualize import to_networkx
 
 FX_IDS = [

@@ -1,5 +1,5 @@
 """Drawing a stack of named adapters: every adapter's nodes say its name, and the nodes of
-switched-off adapters (``surgery.active.set_active``) are greyed out with a dashed border."""
+switched-off adapters (``surgery.adapters.active.set_active``) are greyed out with a dashed border."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from torch import nn
 
 from surgery import IA3Pass, LoRAPass, apply_passes
-from surgery.active import disable_adapters, set_active
+from surgery.adapters.active import disable_adapters, set_active
 from surgery.zoo import load_model
 from visualize import Palette, to_dot, to_networkx
 from visualize.dot import quote

@@ -13,8 +13,8 @@ import shutil
 import torch
 from torch import nn
 
-from surgery.adapter_base import AdapterModule
-from surgery.graphs import call_sites, recompile
+from surgery.sites.marker import AdapterModule
+from surgery.map.graphs import call_sites, recompile
 
 D = 8  # model width
 VOCAB = 16

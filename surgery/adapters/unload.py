@@ -4,7 +4,7 @@
 
     adapted = apply_passes(model, [LoRAPass(rank=8), IA3Pass()])
     ...                                        # train
-    plain = surgery.unload(adapted)            # same class as model, adapters folded in
+    plain = surgery.adapters.unload(adapted)            # same class as model, adapters folded in
     type(model)(config).load_state_dict(plain.state_dict(), strict=True)
 
 No graph is edited and neither ``model`` nor ``adapted`` changes: the merged weights are
@@ -19,11 +19,11 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
-from surgery.adapter_base import AdapterModule
+from surgery.sites.marker import AdapterModule
 from surgery.errors import ConfigError, MergeError
-from surgery.graphs import call_sites, graph_modules, qualified
-from surgery.params import share_weights_copy
-from surgery.trace import is_traced
+from surgery.map.graphs import call_sites, graph_modules, qualified
+from surgery.sites.params import share_weights_copy
+from surgery.map.trace import is_traced
 
 __all__ = ["unload"]
 
@@ -47,7 +47,7 @@ def unload(model: nn.Module) -> nn.Module:
     ``requires_grad`` flags are those of the model originally traced.
 
     Args:
-        model: a model returned by :func:`surgery.apply_passes` (or :func:`surgery.trace`).
+        model: a model returned by :func:`surgery.apply_passes` (or :func:`surgery.map.trace`).
 
     Returns:
         A new eager model in ``model``'s training mode; ``model`` is not changed.
@@ -64,7 +64,7 @@ def unload(model: nn.Module) -> nn.Module:
     from passes.merge_records import MERGED_KEY, inactive_adapters, not_mergeable_error
 
     if not is_traced(model):
-        raise ConfigError(f"unload takes a model from surgery.apply_passes or surgery.trace; got a "
+        raise ConfigError(f"unload takes a model from surgery.apply_passes or surgery.map.trace; got a "
                           f"plain {type(model).__name__}, which has nothing to unload.")
     state = model._surgery
     if state.source is None:

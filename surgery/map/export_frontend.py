@@ -22,9 +22,9 @@ from torch import fx, nn
 from torch.export.unflatten import FlatArgsAdapter
 
 from surgery.errors import InputMismatchError
-from surgery.graphs import graph_modules, is_interpreter_module, qualified
-from surgery.leaves import MODE_TYPES, SIGNATURE_TYPES, is_linear_like
-from surgery.trace_inputs import ExportedCallCheck
+from surgery.map.graphs import graph_modules, is_interpreter_module, qualified
+from surgery.map.leaves import MODE_TYPES, SIGNATURE_TYPES, is_linear_like
+from surgery.map.trace_inputs import ExportedCallCheck
 
 __all__ = ["trace_export"]
 
@@ -68,7 +68,7 @@ def trace_export(
     node-by-node interpreter.
 
     Every input not among ``example_inputs`` / ``example_kwargs`` is traced at its default;
-    a forward pre-hook (:class:`surgery.trace_inputs.ExportedCallCheck`) turns a call that
+    a forward pre-hook (:class:`surgery.map.trace_inputs.ExportedCallCheck`) turns a call that
     differs into an :class:`InputMismatchError` naming the input. ``equivalent`` names, for
     an input left at its default, a second value the check accepts as the same
     (``{"use_cache": False}`` once tracing switched the cache off).
@@ -148,7 +148,7 @@ class _ExportedInputs(FlatArgsAdapter):
     """Turns a call of an exported model with other inputs than it was traced with into an
     :class:`InputMismatchError` (``unflatten`` otherwise says only "no flat args adapter").
 
-    :class:`surgery.trace_inputs.ExportedCallCheck` catches such calls first, naming the
+    :class:`surgery.map.trace_inputs.ExportedCallCheck` catches such calls first, naming the
     input; this is the fallback for a model whose hook was removed.
     """
 

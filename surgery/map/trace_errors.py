@@ -66,7 +66,7 @@ def trace_error(model: nn.Module, fx_exc: BaseException | None,
     """Build the error for a model that could not be traced.
 
     Args:
-        model: the model given to :func:`surgery.trace`.
+        model: the model given to :func:`surgery.map.trace`.
         fx_exc: what the torch.fx front end raised, or ``None`` if it was not tried.
         export_exc: what the torch.export front end raised, or ``None`` if not tried.
         no_inputs: export was not tried because no example inputs were given.

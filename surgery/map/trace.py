@@ -6,8 +6,8 @@ any module the user names is called through a ``call_module`` node on the real m
 The traced model owns its module objects; its parameters share the caller's storage.
 
 This module holds :func:`trace` and the torch.fx front end; the torch.export front end is in
-:mod:`surgery.export_frontend`, the checks of call-time inputs in :mod:`surgery.trace_inputs`
-and the :class:`TraceError` message in :mod:`surgery.trace_errors`.
+:mod:`surgery.map.export_frontend`, the checks of call-time inputs in :mod:`surgery.map.trace_inputs`
+and the :class:`TraceError` message in :mod:`surgery.map.trace_errors`.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from surgery.export_frontend import trace_export
-from surgery.leaves import LINEAR_TYPES, is_hf_conv1d, is_leaf_type, is_linear_like
-from surgery.params import share_weights_copy
+from surgery.map.export_frontend import trace_export
+from surgery.map.leaves import LINEAR_TYPES, is_hf_conv1d, is_leaf_type, is_linear_like
+from surgery.sites.params import share_weights_copy
 from surgery.pass_base import SurgeryState
-from surgery.trace_errors import trace_error
-from surgery.trace_inputs import INPUT_CHECKS, install_fx_input_checks
+from surgery.map.trace_errors import trace_error
+from surgery.map.trace_inputs import INPUT_CHECKS, install_fx_input_checks
 
 __all__ = [
     "LINEAR_TYPES",

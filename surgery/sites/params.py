@@ -71,7 +71,7 @@ def snapshot(model: nn.Module) -> dict:
     copied node for node), never weight copies. Weight *values* are not restored: passes only
     add modules, swap parameter objects and edit graphs, and never write into storage.
     """
-    from surgery.graphs import graph_modules
+    from surgery.map.graphs import graph_modules
 
     modules = {name: (mod, dict(mod._modules), dict(mod._parameters), dict(mod._buffers),
                       {k: getattr(mod, k) for k in ("training",)})
@@ -96,7 +96,7 @@ def snapshot(model: nn.Module) -> dict:
 
 def restore(model: nn.Module, snap: dict) -> None:
     """Put ``model`` back exactly as :func:`snapshot` saw it (modules, flags, graphs)."""
-    from surgery.graphs import recompile
+    from surgery.map.graphs import recompile
 
     for mod, children, params, buffers, attrs in snap["modules"].values():
         mod._modules.clear()
@@ -120,7 +120,7 @@ def restore(model: nn.Module, snap: dict) -> None:
 
 def is_adapter_parameter(model: nn.Module, name: str) -> bool:
     """True when parameter ``name`` of ``model`` belongs to an inserted adapter module."""
-    from surgery.adapter_base import AdapterModule
+    from surgery.sites.marker import AdapterModule
 
     owner_name = name.rpartition(".")[0]
     parts = owner_name.split(".") if owner_name else []
@@ -134,7 +134,7 @@ def is_adapter_parameter(model: nn.Module, name: str) -> bool:
 
 def adapter_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     """Yield ``(qualified name, parameter)`` for every parameter inside an adapter module."""
-    from surgery.adapter_base import AdapterModule
+    from surgery.sites.marker import AdapterModule
 
     seen: set[int] = set()
     for mod_name, mod in model.named_modules():

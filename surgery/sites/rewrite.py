@@ -24,7 +24,7 @@ from typing import Any
 from torch import fx, nn
 
 from surgery.errors import AlreadyAdaptedError, UnsupportedSiteError
-from surgery.graphs import CallSite, call_sites, graph_modules, qualified
+from surgery.map.graphs import CallSite, call_sites, graph_modules, qualified
 from surgery.pass_base import Change
 
 __all__ = [

@@ -3,7 +3,7 @@
 Every model here builds in well under a second on a CPU, downloads nothing and is
 deterministic for a given seed. They serve the command line (``surgery ... --model
 builtin``), the examples and the tests. This module is their front door: the models are
-defined in :mod:`surgery.zoo_models` (hand-written) and :mod:`surgery.zoo_hf` (Hugging Face
+defined in :mod:`surgery.zoo.models` (hand-written) and :mod:`surgery.zoo.hf` (Hugging Face
 transformers), and every public name of both is importable from here.
 
 =====================  =============================================  ============================
@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from surgery.errors import NoMatchError, near_matches
-from surgery.zoo_hf import _HF_IMAGE, _HF_VOCAB, hf_bert, hf_gpt2, hf_llama, hf_vit
-from surgery.zoo_models import (
+from surgery.zoo.hf import _HF_IMAGE, _HF_VOCAB, hf_bert, hf_gpt2, hf_llama, hf_vit
+from surgery.zoo.models import (
     ConvNet,
     TinyAttention,
     TinyBlock,

@@ -88,7 +88,7 @@ class _CombineLoRAPass(Pass):
     def run(self, model: nn.Module) -> PassResult:
         from passes.lora import LoRAPass
         from passes.merge_records import adapter_inventory
-        from surgery.active import merged_names
+        from surgery.adapters.active import merged_names
 
         inv = adapter_inventory(model)
         lora_names = sorted(n for n, kinds in inv.items() if "lora" in kinds)
@@ -181,7 +181,7 @@ def combine_adapters(model: nn.Module, weights: Mapping[str, float], method: str
         NoMatchError: no layer carries every source adapter.
         MergeError: a source adapter is merged into the weights (unmerge it first).
     """
-    from surgery.active import merged_names, set_active
+    from surgery.adapters.active import merged_names, set_active
     from surgery.apply import apply_passes
 
     if method not in _METHODS:

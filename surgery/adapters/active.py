@@ -29,9 +29,9 @@ from contextlib import contextmanager
 
 from torch import fx, nn
 
-from surgery.adapter_base import AdapterModule
+from surgery.sites.marker import AdapterModule
 from surgery.errors import AdapterNotFoundError, ConfigError, MergeError, near_matches
-from surgery.graphs import graph_modules
+from surgery.map.graphs import graph_modules
 
 __all__ = [
     "INACTIVE_KEY",

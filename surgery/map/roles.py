@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 import networkx as nx
 from torch import nn
 
-from surgery.dataflow import build_dataflow
+from surgery.map.dataflow import build_dataflow
 from surgery.errors import ConfigError, near_matches
-from surgery.graphs import node_value
-from surgery.rewrite import BRANCH_PARTS  # side branches: walks must not enter them
-from surgery.trace import is_linear_like
+from surgery.map.graphs import node_value
+from surgery.sites.rewrite import BRANCH_PARTS  # side branches: walks must not enter them
+from surgery.map.trace import is_linear_like
 
 __all__ = [
     "ROLES",
@@ -335,8 +335,8 @@ def find_roles(model: nn.Module, dataflow: nx.DiGraph | None = None) -> ModelRol
     """Find the structural role of every module of a traced ``model``.
 
     Args:
-        model: a traced model (from :func:`surgery.trace`).
-        dataflow: a prebuilt :func:`surgery.dataflow.build_dataflow` graph, to share work.
+        model: a traced model (from :func:`surgery.map.trace`).
+        dataflow: a prebuilt :func:`surgery.map.dataflow.build_dataflow` graph, to share work.
 
     Returns:
         :class:`ModelRoles` with a :class:`RoleInfo` per module that plays a role.

@@ -88,7 +88,7 @@ def fixed_input_message(owner: str, name: str, got: Any, fixed: Any = inspect.Pa
         return (f"{owner} was traced with {name}={also!r} (tracing sets config.{name} = False "
                 f"on its copy, since a key/value cache cannot be a graph output), and cannot "
                 f"take {name}={describe_value(got)}. Way out: call it without {name} (or with "
-                f"{name}={also!r}); for generation with a cache, surgery.unload(model) gives an "
+                f"{name}={also!r}); for generation with a cache, surgery.adapters.unload(model) gives an "
                 f"eager model of the original class with the adapters folded in.")
     if fixed is inspect.Parameter.empty:
         what = f"without {name} (it was not among the example inputs)"
@@ -96,7 +96,7 @@ def fixed_input_message(owner: str, name: str, got: Any, fixed: Any = inspect.Pa
         what = (f"with {name} fixed to {describe_value(fixed)}, its default (it was not among "
                 f"the example inputs)")
     return (f"{owner} was traced {what}, and cannot take {name}={describe_value(got)}. "
-            f"Way out: trace again (surgery.trace, or apply_passes on the original model) with "
+            f"Way out: trace again (surgery.map.trace, or apply_passes on the original model) with "
             f"example_kwargs={{'{name}': ...}} so that {name} becomes an input of the traced "
             f"model.")
 

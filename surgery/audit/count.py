@@ -5,7 +5,7 @@
 tied to ``transformer.wte``) is counted at its first owner in module order, so the rows add
 up to the totals and the totals count every tensor once, as PEFT's
 ``get_nb_trainable_parameters`` does. On a traced model the rows also carry structural roles
-(:func:`surgery.roles.find_roles`) and the provenance recorded in ``model._surgery.history``::
+(:func:`surgery.map.roles.find_roles`) and the provenance recorded in ``model._surgery.history``::
 
     >>> passes = [LoRAPass(pattern="attn.*", rank=8, alpha=16), IA3Pass()]  # doctest: +SKIP
     >>> print(audit(apply_passes(model, passes)))                           # doctest: +SKIP
@@ -22,8 +22,8 @@ Works on any ``nn.Module``: a plain model has no roles and no provenance, and it
 trainability is whatever its ``requires_grad`` flags say.
 
 Several named adapters on one base (a multi-task stack) are listed one per (pass, name),
-with whether each is active (:func:`surgery.active.set_active`) and whether it trains
-(:func:`surgery.active.set_trainable`); the two are independent. A row of a switched-off
+with whether each is active (:func:`surgery.adapters.active.set_active`) and whether it trains
+(:func:`surgery.adapters.active.set_trainable`); the two are independent. A row of a switched-off
 adapter module says ``inactive`` in its provenance.
 """
 
@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from torch import fx, nn
 
-from surgery import audit_format
-from surgery.adapter_base import AdapterModule
+from surgery.audit import format as audit_format
+from surgery.sites.marker import AdapterModule
 from surgery.pass_base import SurgeryState
 
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ class AuditRow:
         tied: ``"<own name>=<first owner's parameter>"`` for parameters shared with a
             module listed earlier (not counted again here).
         active: for an adapter module, ``"yes"`` or ``"no"`` (switched off by
-            :func:`surgery.active.set_active`); ``""`` for other modules.
+            :func:`surgery.adapters.active.set_active`); ``""`` for other modules.
     """
 
     name: str
@@ -150,7 +150,7 @@ class AdapterSummary:
         trainable_params: of those, elements with ``requires_grad``.
         trainable: ``"yes"``, ``"no"``, ``"partial"``, or ``""`` without parameters.
         active: ``"yes"`` (used in the forward pass), ``"no"`` (switched off by
-            :func:`surgery.active.set_active`), or ``"partial"`` (some of its modules off).
+            :func:`surgery.adapters.active.set_active`), or ``"partial"`` (some of its modules off).
     """
 
     name: str
@@ -277,7 +277,7 @@ def _provenance(state: SurgeryState | None) -> dict[str, dict[str, list[str]]]:
 def _roles(model: nn.Module, state: SurgeryState | None) -> dict[str, str]:
     if state is None:
         return {}
-    from surgery.roles import find_roles
+    from surgery.map.roles import find_roles
 
     return {q: info.label for q, info in find_roles(model).modules.items()}
 
@@ -313,7 +313,7 @@ def audit(model: nn.Module, only_trainable: bool = False, depth: int | None = No
     """Audit ``model``: parameter totals, per-module rows, adapters and their provenance.
 
     Args:
-        model: any ``nn.Module``; a model from :func:`surgery.trace` or
+        model: any ``nn.Module``; a model from :func:`surgery.map.trace` or
             :func:`surgery.apply_passes` also gets roles and pass provenance.
         only_trainable: keep only rows with at least one trainable parameter (the totals
             still cover the whole model).

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import networkx as nx
 from torch import fx, nn
 
-from surgery.graphs import graph_modules, qualified
+from surgery.map.graphs import graph_modules, qualified
 
 __all__ = ["NodeRef", "build_dataflow", "op_name", "node_id"]
 

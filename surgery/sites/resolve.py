@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 from torch import fx, nn
 
-from surgery.adapter_base import AdapterModule
+from surgery.sites.marker import AdapterModule
 from surgery.errors import ConfigError, NoMatchError, UnsupportedSiteError
-from surgery.graphs import CallSite, call_sites
-from surgery.leaves import is_hf_conv1d
-from surgery.roles import ModelRoles, RoleInfo, find_roles, normalize_roles
+from surgery.map.graphs import CallSite, call_sites
+from surgery.map.leaves import is_hf_conv1d
+from surgery.map.roles import ModelRoles, RoleInfo, find_roles, normalize_roles
 from surgery.select import Selector, as_patterns, matches, select_names
 
 __all__ = ["Site", "resolve_sites", "candidate_sites", "inside_adapter", "layer_features",

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from rich.table import Table
 
-    from surgery.audit import Audit
+    from surgery.audit.count import Audit
 
 __all__ = ["to_dict", "to_json", "to_markdown", "to_text", "to_rich"]
 

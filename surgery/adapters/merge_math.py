@@ -1,7 +1,7 @@
 """The arithmetic of merging adapters into weights, as pure tensor functions.
 
 Nothing here touches a module or a graph: the passes in :mod:`passes.merge` and
-:func:`surgery.unload` call these functions, then swap or write the results.
+:func:`surgery.adapters.unload` call these functions, then swap or write the results.
 
 Every merge is computed in a compute dtype of at least float32 (float32 for float16,
 bfloat16 and float32 weights; float64 stays float64) and cast **once** to the weight's
