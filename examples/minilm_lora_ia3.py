@@ -7,7 +7,9 @@ hidden 384, 22.7M parameters, with its tokenizer), loaded by transformers with
 1. embeds sentences with the plain model (mean pooling over the attention mask, then L2
    normalisation: the recipe this model was trained with);
 2. adapts it with ``LoRAPass(rank=8, alpha=16)`` (query and value projections, by role) and
-   ``IA3Pass()`` (keys, values, feed-forward down projections), traced by torch.export;
+   ``IA3Pass()`` (keys, values, feed-forward down projections), found on the model's map
+   (traced by torch.export from a weight-free copy); the adapted model is still a
+   ``BertModel``, called with the tokenizer's whole output;
 3. checks that the adapted model's embeddings are bitwise equal to the plain model's, on the
    training batch and on a batch of another shape;
 4. trains the adapters for a few steps on a toy objective (paraphrase pairs pulled to cosine
@@ -79,25 +81,25 @@ def model_folder() -> Path | None:
     return None
 
 
-def encode(tokenizer: Any, sentences: list[str]) -> tuple[Tensor, Tensor]:
-    """Token ids and attention mask, int64 ``(batch, seq)`` each, padded on the right."""
-    batch = tokenizer(sentences, padding=True, return_tensors="pt")
-    return batch["input_ids"], batch["attention_mask"]
+def encode(tokenizer: Any, sentences: list[str]) -> dict[str, Tensor]:
+    """The tokenizer's whole output: ``input_ids``, ``token_type_ids`` and ``attention_mask``,
+    int64 ``(batch, seq)`` each, padded on the right."""
+    return dict(tokenizer(sentences, padding=True, return_tensors="pt"))
 
 
-def embed(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+def embed(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """Sentence embeddings: mean of the token states over the mask, L2-normalised.
 
     Args:
         model: the plain or the adapted ``BertModel``.
-        input_ids: int64 ``(batch, seq)``.
-        attention_mask: int64 ``(batch, seq)``, 1 for real tokens, 0 for padding.
+        batch: the tokenizer's output (see :func:`encode`), passed to the model as it is;
+            its ``attention_mask`` is 1 for real tokens, 0 for padding.
 
     Returns:
         float32 ``(batch, 384)``, each row of unit length.
     """
-    hidden = model(input_ids, attention_mask=attention_mask).last_hidden_state  # (batch, seq, 384)
-    weights = attention_mask.unsqueeze(-1).to(hidden.dtype)                     # (batch, seq, 1)
+    hidden = model(**batch).last_hidden_state                                  # (batch, seq, 384)
+    weights = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)           # (batch, seq, 1)
     mean = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
     return F.normalize(mean, p=2, dim=1)
 
@@ -165,31 +167,32 @@ def main(argv: list[str] | None = None) -> int:
     print(f"loaded {type(model).__name__} from {PACKAGE}: {n_params / 1e6:.1f}M parameters "
           f"({time.perf_counter() - start:.1f} s)")
 
-    ids, mask = encode(tokenizer, [a for a, _ in PAIRS] + [b for _, b in PAIRS])
-    other_ids, other_mask = encode(tokenizer, OTHER)
+    train = encode(tokenizer, [a for a, _ in PAIRS] + [b for _, b in PAIRS])
+    other = encode(tokenizer, OTHER)
+    ids, mask, other_ids = train["input_ids"], train["attention_mask"], other["input_ids"]
     print(f"training batch {tuple(ids.shape)}, other batch {tuple(other_ids.shape)}")
 
     # (a) the plain model; a copy of its weights to prove later that nothing touched them.
     base_before = {n: p.detach().clone() for n, p in model.named_parameters()}
     base_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     with torch.no_grad():
-        plain = embed(model, ids, mask)
-        plain_other = embed(model, other_ids, other_mask)
+        plain = embed(model, train)
+        plain_other = embed(model, other)
     n_pairs = len(PAIRS)
     print(f"plain model: cos(paraphrase) = {(plain[:n_pairs] * plain[n_pairs:]).sum(1).mean():.3f} "
           f"on average")
 
-    # (b) adapt: LoRA on query/value, IA³ on key/value/ffn-down; torch.export front end.
+    # (b) adapt: LoRA on query/value, IA³ on key/value/ffn-down; roles from the map.
     start = time.perf_counter()
     adapted = surgery.apply_passes(model, [LoRAPass(rank=8, alpha=16), IA3Pass()],
                                    example_inputs=(ids,), example_kwargs={"attention_mask": mask})
-    print(f"adapted with LoRA(rank=8, alpha=16) + IA3: a torch.export {type(adapted).__name__} "
+    print(f"adapted with LoRA(rank=8, alpha=16) + IA3: still a {type(adapted).__name__} "
           f"({time.perf_counter() - start:.1f} s)")
 
     # (c) identity at init, on both batch shapes.
     with torch.no_grad():
-        same = torch.equal(embed(adapted, ids, mask), plain)
-        same_other = torch.equal(embed(adapted, other_ids, other_mask), plain_other)
+        same = torch.equal(embed(adapted, train), plain)
+        same_other = torch.equal(embed(adapted, other), plain_other)
     print(f"bitwise equal at init: {same and same_other}")
     if not (same and same_other):
         fail("the adapted model's embeddings differ from the plain model's at init")
@@ -201,14 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     losses = []
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
-        loss = toy_loss(embed(adapted, ids, mask))
+        loss = toy_loss(embed(adapted, train))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
         print(f"step {step:3d}/{args.steps}  loss {losses[-1]:.6f}")
     with torch.no_grad():
-        final = toy_loss(embed(adapted, ids, mask)).item()
+        final = toy_loss(embed(adapted, train)).item()
     print(f"loss {losses[0]:.6f} -> {final:.6f} after {args.steps} steps "
           f"({time.perf_counter() - start:.1f} s)")
     if not final < losses[0]:
@@ -237,8 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     # Dynamic shapes after training: another batch size and length, and padding that does
     # not change a sentence's embedding (each sentence alone, batch 1, no padding).
     with torch.no_grad():
-        trained_other = embed(adapted, other_ids, other_mask)
-        alone = torch.cat([embed(adapted, *encode(tokenizer, [s])) for s in OTHER])
+        trained_other = embed(adapted, other)
+        alone = torch.cat([embed(adapted, encode(tokenizer, [s])) for s in OTHER])
     gap = (trained_other - alone).abs().max().item()
     print(f"other batch {tuple(other_ids.shape)} -> embeddings "
           f"{tuple(trained_other.shape)}; max |padded - alone| = {gap:.2e}")
@@ -254,8 +257,8 @@ def main(argv: list[str] | None = None) -> int:
 def render(model: nn.Module, adapted: nn.Module, out: Path) -> None:
     """Draw the model before and after surgery into ``out``.
 
-    The plain model is traced again for the "before" diagram, with the inputs the adapted
-    model was traced with.
+    The "before" diagram is the plain model's map; the "after" one expands each adapted
+    layer into its site graph.
     """
     try:
         from surgery import render_diff

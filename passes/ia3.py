@@ -30,22 +30,19 @@ from passes.lora import lora_features
 from passes.modules import IA3Vector
 from surgery.errors import ConfigError, NoMatchError, near_matches
 from surgery.pass_base import Change, Pass, PassResult
+from surgery.map.leaves import is_hf_conv1d
+from surgery.select import Selector, as_patterns, matches
 from surgery.sites.rewrite import (
-    call_input,
-    editable_graph,
     freeze_site,
-    insert_chain,
+    insert_after,
     mark,
     register_adapter,
-    relative_target,
     replace_uses_after,
-    set_call_input,
-    site_input_users,
+    site_input,
     site_output,
 )
-from surgery.select import Selector, as_patterns, matches
-from surgery.sites.resolve import Site, resolve_sites
-from surgery.map.trace import is_hf_conv1d
+from surgery.sites.site_graph import site_graph_at
+from surgery.targets import Site, resolve_sites, with_roles
 
 __all__ = ["IA3Pass"]
 
@@ -108,7 +105,11 @@ class IA3Pass(Pass):
         return any(matches(p, site.qname) for p in as_patterns(self.feedforward))
 
     def run(self, model: nn.Module) -> PassResult:
-        sites = self.sites(model)
+        sites = with_roles(
+            model, self.sites(model), pass_name="IA3Pass", required=self.feedforward is None,
+            why="telling feed-forward output layers (scaled at their input) from the others "
+                "goes by structural role when feedforward= is not given. Way out: "
+                "feedforward=[...] naming them (feedforward=[] for none), or example_inputs=")
         if self.feedforward is not None:
             for pat in as_patterns(self.feedforward):
                 if not any(matches(pat, s.qname) for s in sites):
@@ -117,51 +118,45 @@ class IA3Pass(Pass):
                         f"layers; nearest: {', '.join(near_matches(pat, [s.qname for s in sites]))}. "
                         f"Way out: feedforward names a subset of the selection.")
         changes: list[Change] = []
+        root = model
         for site in sites:
-            changes.extend(self._adapt(site, self._is_feedforward(site)))
-        return PassResult(model, bool(changes), tuple(changes), self.name)
+            root, more = self._adapt(root, site, self._is_feedforward(site))
+            changes.extend(more)
+        return PassResult(root, bool(changes), tuple(changes), self.name)
 
-    def _adapt(self, site: Site, feedforward: bool) -> list[Change]:
-        module, qname = site.module, site.qname
-        role = site.role.label if site.role else None
-        in_f, out_f = lora_features(module)
+    def _adapt(self, model: nn.Module, site: Site, feedforward: bool
+               ) -> tuple[nn.Module, list[Change]]:
+        qname, role = site.qname, site.label
+        in_f, out_f = lora_features(site.base)
         parts = None
         if not feedforward and site.role is not None and site.role.is_fused:
             parts = [site.role.fused[r] for r in ("key", "value") if r in site.role.fused]
+        root, sg = site_graph_at(model, qname, who="IA3Pass")
         vec = IA3Vector(in_f if feedforward else out_f, parts=parts,
                         mode="input" if feedforward else "output", site=qname,
-                        adapter_name=self.adapter_name, role=role, dtype=module.weight.dtype,
-                        device=module.weight.device)
-        register_adapter(module, "ia3_l", self.adapter_name, vec, pass_name="IA3Pass", site=qname)
-        changes = []
+                        adapter_name=self.adapter_name, role=role, dtype=sg.weight.dtype,
+                        device=sg.weight.device)
+        register_adapter(sg, "ia3_l", self.adapter_name, vec, pass_name="IA3Pass", site=qname)
         tag = dict(pass_name=self.name, site=qname, role=role, adapter=self.adapter_name,
                    part="ia3_l")
-        for call in site.calls:
-            graph = editable_graph(call)
-            base = call.node
-            target = relative_target(call, "ia3_l", self.adapter_name)
-            if feedforward:  # the layer as adapted so far reads x * l: base and branches
-                x = call_input(base)
-                readers = site_input_users(base, qname, x)
-                with graph.inserting_before(readers[0]):
-                    scaled = mark(graph.call_module(target, (x,)), like=x if hasattr(x, "meta") else None, **tag)
-                for reader in readers:
-                    if reader is base:
-                        set_call_input(base, scaled)
-                    else:
-                        reader.replace_input_with(x, scaled)
-            else:  # scale the layer's output as adapted so far (after LoRA's add, if any)
-                last = site_output(base, qname)
-                out = insert_chain(graph, last, lambda: mark(graph.call_module(target, (last,)),
-                                                             like=base, **tag))
-                replace_uses_after(last, out)
-            changes.append(Change("node_added", self.name, qname, f"{call.prefix}/ia3_l",
-                                  adapter=self.adapter_name, role=role,
-                                  detail="input scaling" if feedforward else "output scaling"))
-        changes.append(Change("param_added", self.name, qname,
-                              f"{qname}.ia3_l.{self.adapter_name}.weight",
-                              adapter=self.adapter_name, role=role,
-                              shape=tuple(vec.weight.shape), numel=vec.weight.numel(),
-                              trainable=True))
-        changes.extend(freeze_site(module, pass_name=self.name, site=qname, role=role))
-        return changes
+        graph = sg.graph
+        target = f"ia3_l.{self.adapter_name}"
+        if feedforward:  # the layer as adapted so far reads x * l: base and branches
+            x = site_input(sg)
+            scaled = insert_after(graph, x, lambda: mark(graph.call_module(target, (x,)), **tag))
+            replace_uses_after(x, scaled)
+        else:  # scale the layer's output as adapted so far (after LoRA's add, if any)
+            last = site_output(sg)
+            out = insert_after(graph, last, lambda: mark(graph.call_module(target, (last,)), **tag))
+            replace_uses_after(last, out)
+        changes = [Change("node_added", self.name, qname, f"{qname}/ia3_l",
+                          adapter=self.adapter_name, role=role,
+                          detail="input scaling" if feedforward else "output scaling"),
+                   Change("param_added", self.name, qname,
+                          f"{qname}.ia3_l.{self.adapter_name}.weight" if qname
+                          else f"ia3_l.{self.adapter_name}.weight",
+                          adapter=self.adapter_name, role=role,
+                          shape=tuple(vec.weight.shape), numel=vec.weight.numel(),
+                          trainable=True)]
+        changes.extend(freeze_site(sg, pass_name=self.name, site=qname, role=role))
+        return root, changes

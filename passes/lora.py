@@ -1,17 +1,24 @@
 """LoRA as a graph rewrite (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language
 Models"; rsLoRA: Kalajdzievski 2023).
 
-Before, at every call of a selected layer::
+Each selected layer becomes a site graph (:mod:`surgery.sites.site_graph`) at its own
+qualified name. Before, the site graph of ``q_proj`` (an ``nn.Linear``)::
 
-    y = q_proj(x)
+    def forward(self, input):
+        linear = torch._C._nn.linear(input, self.weight, self.bias)
+        return linear
 
 After::
 
-    y0 = q_proj(x)                              # frozen base layer
-    d  = q_proj.lora_dropout.default(x)
-    a  = q_proj.lora_A.default(d)               # (..., in) -> (..., rank)
-    b  = q_proj.lora_B.default(a)               # (..., rank) -> (..., out), zero at init
-    y  = y0 + b * scaling                       # scaling = alpha / rank (or alpha / sqrt(rank))
+    def forward(self, input):
+        linear = torch._C._nn.linear(input, self.weight, self.bias)   # frozen base layer
+        d = self.lora_dropout.default(input)
+        a = self.lora_A.default(d)              # (..., in) -> (..., rank)
+        b = self.lora_B.default(a)              # (..., rank) -> (..., out), zero at init
+        s = b * scaling                         # scaling = alpha / rank (or alpha / sqrt(rank))
+        return linear + s
+
+Parameters read ``q_proj.weight`` (unchanged) and ``q_proj.lora_A.default.weight``.
 """
 
 from __future__ import annotations
@@ -22,24 +29,24 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from torch import nn
+from torch import fx, nn
 
 from passes.modules import LoRADropout, LoRAProjection
 from surgery.errors import ConfigError
 from surgery.pass_base import Change, Pass, PassResult
+from surgery.map.leaves import is_hf_conv1d
+from surgery.select import Selector, as_patterns
 from surgery.sites.rewrite import (
-    call_input,
-    editable_graph,
     freeze_site,
-    insert_chain,
+    insert_after,
     mark,
     register_adapter,
-    relative_target,
     replace_uses_after,
+    site_input,
 )
-from surgery.select import Selector, as_patterns
-from surgery.sites.resolve import Site, resolve_sites, warn_rank_exceeds
-from surgery.map.trace import is_hf_conv1d
+from surgery.sites.site_graph import base_module, site_graph_at
+from surgery.sites.features import warn_rank_exceeds
+from surgery.targets import Site, resolve_sites
 
 __all__ = ["LoRAPass", "lora_features"]
 
@@ -50,6 +57,7 @@ def lora_features(module: nn.Module) -> tuple[int, int]:
     ``nn.Linear`` stores its weight ``(out, in)``; transformers' ``Conv1D`` stores it
     transposed, ``(in, out)``.
     """
+    module = base_module(module)
     weight = module.weight
     if is_hf_conv1d(module):
         return int(weight.shape[0]), int(weight.shape[1])
@@ -140,15 +148,17 @@ class LoRAPass(Pass):
         changes: list[Change] = []
         sites = self.sites(model)
         warn_rank_exceeds(sites, self.rank, pass_name="LoRAPass")
+        root = model
         for site in sites:
-            changes.extend(self._adapt(site))
-        return PassResult(model, bool(changes), tuple(changes), self.name)
+            root, more = self._adapt(root, site)
+            changes.extend(more)
+        return PassResult(root, bool(changes), tuple(changes), self.name)
 
-    def _adapt(self, site: Site) -> list[Change]:
-        module, qname = site.module, site.qname
-        role = site.role.label if site.role else None
-        in_f, out_f = lora_features(module)
-        weight = module.weight
+    def _adapt(self, model: nn.Module, site: Site) -> tuple[nn.Module, list[Change]]:
+        qname, role = site.qname, site.label
+        in_f, out_f = lora_features(site.base)
+        root, sg = site_graph_at(model, qname, who="LoRAPass")
+        weight = sg.weight
         common = dict(rank=self.rank, alpha=float(self.alpha), scaling=self.scaling, site=qname,
                       adapter_name=self.adapter_name, role=role, dtype=weight.dtype,
                       device=weight.device)
@@ -156,35 +166,31 @@ class LoRAPass(Pass):
         lora_b = LoRAProjection(self.rank, out_f, factor="B", init=self.init, **common)
         drop = LoRADropout(float(self.dropout), site=qname, adapter_name=self.adapter_name, role=role)
         for slot, mod in (("lora_A", lora_a), ("lora_B", lora_b), ("lora_dropout", drop)):
-            register_adapter(module, slot, self.adapter_name, mod, pass_name="LoRAPass", site=qname)
-        changes = []
-        for call in site.calls:
-            graph = editable_graph(call)
-            base = call.node
-            x = call_input(base)
-            tag = dict(pass_name=self.name, site=qname, role=role, adapter=self.adapter_name)
+            register_adapter(sg, slot, self.adapter_name, mod, pass_name="LoRAPass", site=qname)
+        graph = sg.graph
+        base = sg.base_node
+        x = site_input(sg)
+        tag = dict(pass_name=self.name, site=qname, role=role, adapter=self.adapter_name)
+        name = self.adapter_name
 
-            def build() -> object:
-                d = mark(graph.call_module(relative_target(call, "lora_dropout", self.adapter_name), (x,)),
-                         part="lora_dropout", **tag)
-                a = mark(graph.call_module(relative_target(call, "lora_A", self.adapter_name), (d,)),
-                         part="lora_A", **tag)
-                b = mark(graph.call_module(relative_target(call, "lora_B", self.adapter_name), (a,)),
-                         part="lora_B", like=base, **tag)
-                s = mark(graph.call_function(operator.mul, (b, self.scaling)), part="scale",
-                         like=base, **tag)
-                return mark(graph.call_function(operator.add, (base, s)), part="add", like=base, **tag)
+        def build() -> fx.Node:
+            d = mark(graph.call_module(f"lora_dropout.{name}", (x,)), part="lora_dropout", **tag)
+            a = mark(graph.call_module(f"lora_A.{name}", (d,)), part="lora_A", **tag)
+            b = mark(graph.call_module(f"lora_B.{name}", (a,)), part="lora_B", **tag)
+            s = mark(graph.call_function(operator.mul, (b, self.scaling)), part="scale", **tag)
+            return mark(graph.call_function(operator.add, (base, s)), part="add", **tag)
 
-            out = insert_chain(graph, base, build)
-            replace_uses_after(base, out)
-            for part in ("lora_dropout", "lora_A", "lora_B", "scale", "add"):
-                changes.append(Change("node_added", self.name, qname, f"{call.prefix}/{part}",
-                                      adapter=self.adapter_name, role=role))
+        out = insert_after(graph, base, build)
+        replace_uses_after(base, out)
+        changes = [Change("node_added", self.name, qname, f"{qname}/{part}",
+                          adapter=self.adapter_name, role=role)
+                   for part in ("lora_dropout", "lora_A", "lora_B", "scale", "add")]
         for slot, mod in (("lora_A", lora_a), ("lora_B", lora_b)):
             changes.append(Change("param_added", self.name, qname,
-                                  f"{qname}.{slot}.{self.adapter_name}.weight",
+                                  f"{qname}.{slot}.{self.adapter_name}.weight" if qname
+                                  else f"{slot}.{self.adapter_name}.weight",
                                   adapter=self.adapter_name, role=role,
                                   shape=tuple(mod.weight.shape), numel=mod.weight.numel(),
                                   trainable=True))
-        changes.extend(freeze_site(module, pass_name=self.name, site=qname, role=role))
-        return changes
+        changes.extend(freeze_site(sg, pass_name=self.name, site=qname, role=role))
+        return root, changes

@@ -1,29 +1,36 @@
-"""Merging adapters into base weights and taking them out again, as graph rewrites.
+"""Merging adapters into base weights and taking them out again, as site-graph rewrites.
 
-LoRA merge (Hu et al. 2021), at every call of an adapted layer, before and after::
+LoRA merge (Hu et al. 2021), in the site graph of an adapted layer. Before::
 
-    y0 = q_proj(x)                                 y = q_proj(x)    # W' = W + (alpha/r)·B A
-    d  = q_proj.lora_dropout.default(x)
-    a  = q_proj.lora_A.default(d)          →
-    b  = q_proj.lora_B.default(a)
-    y  = y0 + b * scaling
+    linear = torch._C._nn.linear(input, self.weight, self.bias)
+    d = self.lora_dropout.default(input)
+    a = self.lora_A.default(d)
+    b = self.lora_B.default(a)
+    return linear + b * scaling
 
-IA³ fold (Liu et al. 2022): ``k_proj.ia3_l.default(k_proj(x))`` becomes ``k_proj(x)`` with
-``W' = diag(l) W`` and ``b' = l ⊙ b`` (output scaling); ``down_proj(down_proj.ia3_l(h))``
-becomes ``down_proj(h)`` with ``W' = W diag(l)`` (input scaling). Weights stored ``(in, out)``
-(transformers' ``Conv1D``) are handled transposed. The arithmetic is in
-:mod:`surgery.adapters.merge_math`: at least float32, cast once to the weight's dtype.
+After (``self.weight`` now holds ``W + (alpha / r) · B A``)::
 
-A merged adapter's modules stay (unused) so that unmerge can put the branch back; their
+    linear = torch._C._nn.linear(input, self.weight, self.bias)
+    return linear
+
+IA³ fold (Liu et al. 2022): ``self.ia3_l.default(linear)`` goes and ``W' = diag(l) W``,
+``b' = l ⊙ b`` (output scaling); an input scaling ``self.ia3_l.default(input)`` before the
+layer goes and ``W' = W diag(l)``. Weights stored ``(in, out)`` (transformers' ``Conv1D``)
+are handled transposed. The arithmetic is the adapters' own (:meth:`AdapterModule.fold
+<surgery.sites.marker.AdapterModule.fold>`, on :mod:`surgery.adapters.merge_math`): at
+least float32, cast once to the weight's dtype.
+
+A merged adapter's modules stay (unused) so that unmerge can put its nodes back; their
 parameters are frozen by the merge (the update is in the weight, so nothing of it trains)
 and get their ``requires_grad`` flags back on unmerge.
 
 **Exact round trips.** Subtracting ``ΔW`` again cannot give the original weight back bit
 for bit in bfloat16 (or even float32), so a merge keeps what it replaced:
 
-* ``inplace=False`` (default): the merged weight is a new tensor in a new ``Parameter``; the
-  merge keeps a reference to the original tensor, which still is the caller's storage, so it
-  costs no memory beyond the new weight. Unmerge puts the original tensor back.
+* ``inplace=False`` (default): the site graph's ``weight`` becomes a new ``Parameter``
+  holding the merged weight; the merge keeps a reference to the original tensor, which still
+  is the caller's storage, so it costs no memory beyond the new weight. Unmerge puts the
+  original tensor back.
 * ``inplace=True``: the merged values are written into the existing storage, which is
   shared with the caller's model and with every model :func:`surgery.apply_passes` made
   from it (their outputs change accordingly); the merge keeps an exact copy of the
@@ -32,41 +39,45 @@ for bit in bfloat16 (or even float32), so a merge keeps what it replaced:
   every model sharing it. Both writes must be asked for twice, by the pass and by
   :func:`surgery.apply_passes`, and the pass must come last::
 
-      apply_passes(traced, [MergeLoRAPass(inplace=True)], inplace=True)
-      apply_passes(traced, [UnmergeLoRAPass(inplace=True)], inplace=True)
+      apply_passes(adapted, [MergeLoRAPass(inplace=True)], inplace=True)
+      apply_passes(adapted, [UnmergeLoRAPass(inplace=True)], inplace=True)
 
 Either way unmerge restores the base weight bit for bit, in every dtype, however many
 merge/unmerge cycles and however much training of the adapters happen in between.
 
-**Order.** A branch folds only when the layer's weight sees it alone: a LoRA branch whose
-add reads the layer's call (possibly through other LoRA adds) and whose input is the
-layer's input; an IA³ vector right at the call. IA³ scales a layer as LoRA adapted it, so
+**Order.** An adapter folds only when the layer's weight sees it alone: a LoRA branch whose
+add reads the layer's result (possibly through other LoRA adds) and whose input is the
+layer's input; an IA³ vector right at the layer. IA³ scales a layer as LoRA adapted it, so
 on a layer carrying both, LoRA merges first and unmerges last::
 
     merged = apply_passes(adapted, [MergeLoRAPass(), MergeIA3Pass()])
     back = apply_passes(merged, [UnmergeIA3Pass(), UnmergeLoRAPass()])
 
-**Merge state** lives in the graph: every call node of a merged layer carries
-``node.meta["surgery_merged"]``, a tuple of :class:`MergeRecord` (oldest first), the same
-tuple on every call of a shared layer. Only these passes change it; ``train()`` / ``eval()``
-never merge or unmerge. Merges at one layer are undone last-in, first-out.
+**Merge state** lives in the site graph: its base node carries
+``node.meta["surgery_merged"]``, a tuple of :class:`MergeRecord` (oldest first), which
+survives ``copy.deepcopy``, ``pickle`` and ``torch.save``/``torch.load``: a copy of a merged
+model is still merged and can be unmerged. Only these passes change it; ``train()`` /
+``eval()`` never merge or unmerge. Merges at one layer are undone last-in, first-out.
 
-Layout of the implementation: :mod:`passes.merge_records` (records, inventory, errors),
-:mod:`passes.merge_layout` (the adapter nodes around a call and the order they fold in),
-:mod:`passes.merge_edit` (graph edits and the merge/unmerge engines), this module (the
-four passes).
+The engines live in :mod:`surgery.adapters.fold` and :mod:`surgery.adapters.unfold` (shared
+with :func:`surgery.unload`); this module holds the four passes.
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 from torch import nn
 
-from passes.merge_edit import dry_run, merge, unmerge
-from passes.merge_records import MERGED_KEY, MergeRecord, check_names, merged_adapters
+from surgery.adapters.fold import merge
+from surgery.adapters.merge_state import MERGED_KEY, MergeRecord, merged_adapters
+from surgery.adapters.unfold import unmerge
+from surgery.errors import ConfigError
 from surgery.pass_base import Change, Pass, PassResult
+from surgery.sites.params import share_weights_copy
 
 __all__ = [
     "MERGED_KEY",
@@ -77,6 +88,35 @@ __all__ = [
     "UnmergeIA3Pass",
     "merged_adapters",
 ]
+
+
+def check_names(who: str, names: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    """Validate a pass's ``names`` setting: ``None``, one name or a sequence of names.
+
+    Raises:
+        ConfigError: anything else, or an empty sequence.
+    """
+    if names is None:
+        return None
+    if isinstance(names, str):
+        names = (names,)
+    out = tuple(names)
+    if not out or not all(isinstance(n, str) for n in out):
+        raise ConfigError(f"{who}: names must be None (all adapters) or adapter names, got "
+                          f"{names!r}")
+    return out
+
+
+def dry_run(model: nn.Module, run: Callable[[nn.Module], PassResult]) -> list[Change]:
+    """The changes ``run`` makes on a private copy of ``model`` that shares its storage.
+
+    ``run`` must not write into storage (the engines' ``dry=True``); the copy is dropped.
+    """
+    work = share_weights_copy(model)
+    state = getattr(model, "_surgery", None)
+    if state is not None and getattr(work, "_surgery", None) is None:
+        work.__dict__["_surgery"] = copy.copy(state)
+    return list(run(work).changes)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,22 +150,25 @@ class _MergeStep(Pass):
 
 @dataclass(frozen=True, kw_only=True)
 class _Merge(_MergeStep):
-    """A merge: ``safe`` and :func:`passes.merge_edit.merge`."""
+    """A merge: ``safe`` and :func:`surgery.adapters.fold.merge`."""
 
     safe: bool = True
 
     def _engine(self, model: nn.Module, *, dry: bool) -> PassResult:
-        return merge(model, kind=self.kind, names=self.names, safe=self.safe,
-                     inplace=self.inplace, who=type(self).__name__, pass_name=self.name, dry=dry)
+        changes = merge(model, kind=self.kind, names=self.names, safe=self.safe,
+                        inplace=self.inplace, who=type(self).__name__, pass_name=self.name,
+                        dry=dry)
+        return PassResult(model, True, tuple(changes), self.name)
 
 
 @dataclass(frozen=True, kw_only=True)
 class _Unmerge(_MergeStep):
-    """An unmerge: :func:`passes.merge_edit.unmerge`."""
+    """An unmerge: :func:`surgery.adapters.unfold.unmerge`."""
 
     def _engine(self, model: nn.Module, *, dry: bool) -> PassResult:
-        return unmerge(model, kind=self.kind, names=self.names, inplace=self.inplace,
-                       who=type(self).__name__, pass_name=self.name, dry=dry)
+        changes = unmerge(model, kind=self.kind, names=self.names, inplace=self.inplace,
+                          who=type(self).__name__, pass_name=self.name, dry=dry)
+        return PassResult(model, True, tuple(changes), self.name)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,9 +190,9 @@ class MergeLoRAPass(_Merge):
     shared with the caller's model and every copy :func:`surgery.apply_passes` made of it,
     and an exact copy of the overwritten values is kept for unmerge: one extra copy of each
     merged weight per adapter. Such a pass :attr:`writes_in_place`: run it alone or last,
-    on the traced model itself::
+    on the adapted model itself::
 
-        apply_passes(traced, [MergeLoRAPass(inplace=True)], inplace=True)
+        apply_passes(adapted, [MergeLoRAPass(inplace=True)], inplace=True)
 
     Args:
         names: adapter names to merge; ``None`` = every active LoRA adapter not merged yet
@@ -178,15 +221,16 @@ class UnmergeLoRAPass(_Unmerge):
 
     The base weight comes back bit for bit (the tensor the merge replaced, or its exact
     copy written back into the same storage after an in-place merge), the branch nodes
-    come back with their names and meta, reading the layer's current input, and the
-    ``lora_A`` / ``lora_B`` parameters get back the ``requires_grad`` flags they had before
-    the merge.
+    come back with their names and meta, reading what they read before the merge, whatever
+    was added to the site graph since (so the model computes what the merged one did), and
+    the ``lora_A`` / ``lora_B`` parameters get back the ``requires_grad`` flags they had
+    before the merge.
 
     An in-place merge is undone in place only: the saved values are written into the
     storage the merge wrote (shared with the caller's model), so this pass needs
     ``inplace=True`` then, and :attr:`writes_in_place` says so to :func:`surgery.apply_passes`::
 
-        apply_passes(traced, [UnmergeLoRAPass(inplace=True)], inplace=True)
+        apply_passes(adapted, [UnmergeLoRAPass(inplace=True)], inplace=True)
 
     Args:
         names: adapter names to unmerge; ``None`` = every merged LoRA adapter.
@@ -214,7 +258,7 @@ class MergeIA3Pass(_Merge):
     width, ones outside the learned key and value slices. Computed in float32 and cast once;
     memory as :class:`MergeLoRAPass` (plus the bias for output scaling), and likewise the
     merged vectors are frozen until unmerge, and ``inplace=True`` writes into storage shared
-    with the caller's model: ``apply_passes(traced, [MergeIA3Pass(inplace=True)],
+    with the caller's model: ``apply_passes(adapted, [MergeIA3Pass(inplace=True)],
     inplace=True)``.
 
     IA³ scales a layer as LoRA adapted it (``(W x + s·B A x) · l``), so on a layer carrying

@@ -1,4 +1,4 @@
-"""The small modules that passes insert into a traced model.
+"""The small modules that passes insert into a site graph.
 
 Each derives from :class:`surgery.sites.marker.AdapterModule`, so adapters are found by
 type, never by name. Their parameters are created on the device and in the dtype of the
@@ -19,6 +19,10 @@ rather than by hand, and neither of which re-traces anything:
 A merged adapter (:class:`passes.merge.MergeLoRAPass`) is in the weights and its modules are
 no longer called, so their flags change nothing; :func:`surgery.adapters.active.set_active` refuses
 to switch a merged adapter off (unmerge it first).
+
+``LoRAProjection`` (as ``lora_B``) and ``IA3Vector`` implement the fold protocol of
+:class:`~surgery.sites.marker.AdapterModule`, through which :mod:`surgery.adapters` merges,
+unloads and combines them without knowing these classes.
 """
 
 from __future__ import annotations
@@ -30,10 +34,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgery.sites.marker import AdapterModule
+from surgery.adapters.merge_math import compute_dtype, ia3_fold, lora_delta, merge_delta
 from surgery.errors import ConfigError
+from surgery.map.leaves import is_hf_conv1d
+from surgery.sites.marker import AdapterModule
+from surgery.sites.site_graph import base_module
 
 __all__ = ["LoRAProjection", "LoRADropout", "IA3Vector", "route_mask"]
+
+
+def _transposed(site: nn.Module) -> bool:
+    """Whether the layer at ``site`` stores its weight ``(in, out)`` (transformers' ``Conv1D``)."""
+    return is_hf_conv1d(base_module(site))
 
 
 def route_mask(module: AdapterModule, out: torch.Tensor) -> torch.Tensor | None:
@@ -122,6 +134,50 @@ class LoRAProjection(AdapterModule):
         return (f"{self.factor}: {self.in_features} -> {self.out_features}, rank={self.rank}, "
                 f"alpha={self.alpha}, scaling={self.scaling:g}, {super().extra_repr()}")
 
+    # Fold protocol (surgery.sites.marker): ``lora_B`` heads the adapter; ``lora_A`` is read
+    # from the site graph, at ``site.lora_A[<adapter name>]``.
+
+    @property
+    def fold_mode(self) -> str | None:
+        """``"add"`` for ``lora_B`` (``W' = W + scaling · B A``); ``None`` for ``lora_A``."""
+        return "add" if self.factor == "B" else None
+
+    def low_rank(self, site: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """``(A (rank, in), B (out, rank), scaling)`` for ``lora_B``; ``None`` for ``lora_A``."""
+        if self.factor != "B":
+            return None
+        return site._modules["lora_A"][self.adapter_name].weight, self.weight, self.scaling
+
+    def fold(self, site: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``W + scaling · B A`` (``(B A)ᵀ`` for a ``Conv1D`` weight), in at least float32,
+        cast once to the weight's dtype; the bias is unchanged."""
+        lora_a, lora_b, scaling = self.low_rank(site)
+        delta = lora_delta(lora_a.detach(), lora_b.detach(), scaling,
+                           transposed=_transposed(site), dtype=compute_dtype(weight.dtype))
+        return merge_delta(weight.detach(), delta), bias
+
+    def fold_detail(self, site: nn.Module) -> str:
+        t = "ᵀ" if _transposed(site) else ""
+        return f"W + {self.scaling:g}·(B A){t} of LoRA {self.adapter_name!r}"
+
+    def from_low_rank(self, site: nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor, *,
+                      adapter_name: str) -> dict[str, AdapterModule]:
+        """New ``lora_A`` / ``lora_B`` holding the given factors (``alpha = rank``, scaling
+        1) and a ``lora_dropout`` with this adapter's probability. ``A``'s initialisation
+        draws from the global random generator before being overwritten."""
+        rank = int(lora_a.shape[0])
+        common = dict(rank=rank, alpha=float(rank), scaling=1.0, init="kaiming", site=self.site,
+                      adapter_name=adapter_name, role=self.role, device=lora_a.device)
+        new_a = LoRAProjection(int(lora_a.shape[1]), rank, factor="A", dtype=lora_a.dtype, **common)
+        new_b = LoRAProjection(rank, int(lora_b.shape[0]), factor="B", dtype=lora_b.dtype, **common)
+        with torch.no_grad():
+            new_a.weight.copy_(lora_a)
+            new_b.weight.copy_(lora_b)
+        p = site._modules["lora_dropout"][self.adapter_name].p
+        drop = LoRADropout(p, site=self.site, adapter_name=adapter_name, role=self.role)
+        return {"lora_dropout": drop, "lora_A": new_a, "lora_B": new_b}
+
 
 class LoRADropout(AdapterModule):
     """Dropout on the input of a LoRA branch (identity when ``p == 0`` or inactive).
@@ -200,3 +256,20 @@ class IA3Vector(AdapterModule):
 
     def extra_repr(self) -> str:
         return f"{self.mode} scaling, width={self.width}, parts={self.parts}, {super().extra_repr()}"
+
+    # Fold protocol (surgery.sites.marker): the vector is its adapter's only module.
+
+    @property
+    def fold_mode(self) -> str | None:
+        """``"output"`` or ``"input"``: the scaling this vector applies."""
+        return self.mode
+
+    def fold(self, site: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``W' = diag(l) W``, ``b' = l ⊙ b`` (output) or ``W' = W diag(l)`` (input), with
+        the full vector (ones outside learned slices), in at least float32, cast once."""
+        return ia3_fold(weight.detach(), bias, self.vector().detach(), mode=self.mode,
+                        transposed=_transposed(site))
+
+    def fold_detail(self, site: nn.Module) -> str:
+        return f"IA³ {self.adapter_name!r} folded ({self.mode} scaling)"

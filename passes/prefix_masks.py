@@ -24,15 +24,15 @@ from torch import Tensor
 
 __all__ = [
     "MASK_CONVENTIONS",
-    "concat_prefix",
-    "visible_value",
-    "prepend_columns",
     "causal_mask",
+    "concat_prefix",
+    "concat_sequence",
     "extend_mask",
     "extend_sdpa_mask",
-    "sequence_dim",
-    "concat_sequence",
     "extend_sequence_mask",
+    "prepend_columns",
+    "sequence_dim",
+    "visible_value",
 ]
 
 MASK_CONVENTIONS = ("keep", "drop")

@@ -3,7 +3,8 @@ Optimizing Continuous Prompts for Generation"; Zhang et al. 2023, "LLaMA-Adapter
 Fine-tuning of Language Models with Zero-init Attention").
 
 - :class:`AttentionPrefix`: learned keys and values ``(heads, P, head_dim)`` of one attention
-  op, handed to the graph expanded over the batch.
+  op, handed to a rewritten graph or to the transformers attention function
+  (:mod:`passes.prefix_hf`) expanded over the batch.
 - :class:`MHAPrefix`: learned key and value *inputs* ``(P, embed_dim)`` of an
   ``nn.MultiheadAttention`` (projected by the module itself).
 - :class:`SequencePrefix`: ``P`` learned vectors prepended to a sequence ``(B, L, d)``.
@@ -12,7 +13,8 @@ Fine-tuning of Language Models with Zero-init Attention").
 - :class:`PrefixGate`: LLaMA-Adapter's zero-init gate, ``out + g · attn(q, P_k, P_v)``.
 
 Every module honours ``active``: an inactive prefix has length 0 and an inactive gate adds
-nothing, so the base model's outputs come back bitwise.
+nothing, so the base model's outputs come back bitwise. A gated prefix is switched by its
+gate, so that it has one shape whether active or not.
 """
 
 from __future__ import annotations
@@ -29,12 +31,12 @@ from passes.prefix_masks import concat_prefix, sequence_dim
 from surgery.sites.marker import AdapterModule
 
 __all__ = [
-    "PrefixEncoder",
-    "LearnedPrefix",
     "AttentionPrefix",
+    "LearnedPrefix",
     "MHAPrefix",
-    "SequencePrefix",
+    "PrefixEncoder",
     "PrefixGate",
+    "SequencePrefix",
 ]
 
 
@@ -85,6 +87,9 @@ class LearnedPrefix(AdapterModule):
         hidden: the encoder's hidden width.
         width: the encoder's embedding width (``None``: the widest part's per-position size).
         init_std: standard deviation of the normal initialisation of stored parts.
+        gated: a :class:`PrefixGate` reads this prefix and switches it on and off; the
+            prefix itself then keeps its length when inactive (so that its output has one
+            shape whether active or not, and per-sample routing selects the gate's output).
         site, adapter_name, role: see :class:`AdapterModule`.
         dtype, device: of every parameter.
     """
@@ -94,9 +99,10 @@ class LearnedPrefix(AdapterModule):
     def __init__(self, *, length: int, shapes: Mapping[str, tuple[int, ...]], position_dim: int,
                  reparameterize: bool, hidden: int, width: int | None, init_std: float,
                  site: str, adapter_name: str, role: str | None, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, gated: bool = False) -> None:
         super().__init__(site=site, adapter_name=adapter_name, role=role)
         self.length = length
+        self.gated = gated
         self.shapes = {k: tuple(v) for k, v in shapes.items()}
         self.position_dim = position_dim
         self.reparameterize = reparameterize
@@ -147,8 +153,8 @@ class LearnedPrefix(AdapterModule):
         self.reparameterize = False
 
     def _present(self, part: str) -> Tensor:
-        """The part, or its zero-length slice when inactive (or ``P = 0``)."""
-        if not self.active or self.length == 0:
+        """The part, or its zero-length slice when inactive and ungated (or ``P = 0``)."""
+        if (not self.active and not self.gated) or self.length == 0:
             shape = list(self.shapes[part])
             shape[self.position_dim] = 0
             ref = self.encoder.embedding if self.encoder is not None else getattr(self, part)
@@ -158,6 +164,7 @@ class LearnedPrefix(AdapterModule):
     def extra_repr(self) -> str:
         shapes = ", ".join(f"{k}={v}" for k, v in self.shapes.items())
         how = ", reparameterized" if self.encoder is not None else ""
+        how += ", gated" if self.gated else ""
         return f"length={self.length}, {shapes}{how}, {super().extra_repr()}"
 
 
@@ -168,22 +175,41 @@ class AttentionPrefix(LearnedPrefix):
     ``like`` (any 4-D tensor of the attention, e.g. its keys ``(B, H, S, head_dim)``):
     ``(B, heads, P, head_dim)``, or ``(B, heads, head_dim, P)`` with ``transpose`` (to go
     in front of transposed keys ``k^T``), in ``like``'s dtype. Inactive: ``P = 0``.
+
+    ``interface`` names the transformers attention implementation that reads this prefix
+    (:mod:`passes.prefix_hf`), ``None`` for a prefix in a rewritten graph; unpickling a
+    module with an interface registers that implementation again in the new process.
     """
 
     def __init__(self, *, length: int, heads: int, head_dim: int, reparameterize: bool = False,
                  hidden: int = 512, init_std: float = 1.0, site: str, adapter_name: str,
                  role: str | None = "attention", dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", gated: bool = False,
+                 interface: str | None = None) -> None:
         shape = (heads, length, head_dim)
         super().__init__(length=length, shapes={"key": shape, "value": shape}, position_dim=1,
                          reparameterize=reparameterize, hidden=hidden, width=None,
                          init_std=init_std, site=site, adapter_name=adapter_name, role=role,
-                         dtype=dtype, device=torch.device(device))
+                         dtype=dtype, device=torch.device(device), gated=gated)
         self.heads = heads
         self.head_dim = head_dim
+        self.interface = interface
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if self.__dict__.get("interface"):
+            from passes.prefix_hf import INTERFACE_PREFIX, register_interface
+
+            register_interface(self.interface.removeprefix(INTERFACE_PREFIX))
 
     def forward(self, like: Tensor, part: str, transpose: bool = False) -> Tensor:
         t = self._present(part).to(like.dtype)
+        if self.interface is not None and t.shape[0] != like.shape[-3]:
+            raise RuntimeError(
+                f"PrefixPass: the prefix at {self.site} holds {t.shape[0]} heads but the "
+                f"attention's {part}s have {like.shape[-3]} (shape {tuple(like.shape)}); the "
+                f"model's attention layout differs from what its config says. Way out: "
+                f"exclude={self.site!r}.")
         out = t.expand(*like.shape[:-3], *t.shape)
         return out.transpose(-1, -2) if transpose else out
 
@@ -199,11 +225,12 @@ class MHAPrefix(LearnedPrefix):
     def __init__(self, *, length: int, kdim: int, vdim: int, batch_first: bool,
                  reparameterize: bool = False, hidden: int = 512, init_std: float = 1.0,
                  site: str, adapter_name: str, role: str | None = "attention",
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 gated: bool = False) -> None:
         super().__init__(length=length, shapes={"key": (length, kdim), "value": (length, vdim)},
                          position_dim=0, reparameterize=reparameterize, hidden=hidden,
                          width=None, init_std=init_std, site=site, adapter_name=adapter_name,
-                         role=role, dtype=dtype, device=torch.device(device))
+                         role=role, dtype=dtype, device=torch.device(device), gated=gated)
         self.batch_first = batch_first
 
     def forward(self, like: Tensor, part: str) -> Tensor:
@@ -255,7 +282,8 @@ class PrefixGate(AdapterModule):
 
     - ``"sdpa"``: ``forward(out, q, pk, pv)`` with ``out``, ``q`` ``(B, H, L, hd)`` and
       ``pk``/``pv`` ``(B, H_kv, P, hd)``, attention scale ``scale`` (``None`` =
-      ``1/sqrt(hd)``), ``enable_gqa`` as the original call.
+      ``1/sqrt(hd)``; a ``scale=`` given to ``forward`` wins, as transformers passes its
+      ``scaling`` per call), ``enable_gqa`` as the original call.
     - ``"eager"``: as ``"sdpa"``, for ``softmax(q @ k^T · s) @ v`` written out: the scores
       ``q @ P_k^T`` go through the same scalings ``scales`` (``(("mul" | "div", c), ...)``,
       ``c`` a number or a scalar tensor, read at run time) before their softmax.
@@ -290,7 +318,7 @@ class PrefixGate(AdapterModule):
 
     def forward(self, out: Tensor, q: Tensor, pk: Tensor, pv: Tensor,
                 params: tuple[Tensor | None, ...] | None = None,
-                scales: tuple[tuple[str, Any], ...] = ()) -> Tensor:
+                scales: tuple[tuple[str, Any], ...] = (), scale: float | None = None) -> Tensor:
         pos = sequence_dim(pk, self.batch_first) if self.kind == "mha" else -2
         if not self.active or pk.shape[pos] == 0:
             return out
@@ -303,7 +331,8 @@ class PrefixGate(AdapterModule):
                 scores = scores * c if how == "mul" else scores / c
             a = torch.softmax(scores, dim=-1) @ pv
         else:
-            a = F.scaled_dot_product_attention(q, pk, pv, scale=self.scale,
+            a = F.scaled_dot_product_attention(q, pk, pv,
+                                               scale=self.scale if scale is None else scale,
                                                enable_gqa=self.enable_gqa)
         return out + self.weight.to(a.dtype).view(-1, 1, 1) * a
 

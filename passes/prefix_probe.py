@@ -1,5 +1,6 @@
-"""The dry run that checks :class:`passes.prefix.PrefixPass` sequence prefixes before the
-pass returns.
+"""Runs of the model on its example inputs for :class:`passes.prefix.PrefixPass` sequence
+prefixes: one that records the input of each selected module, and the dry run that checks
+the prefixes before the pass returns.
 
 A sequence prefix makes a module's input ``P`` positions longer. That only works when the
 longer sequence reaches the model's output without meeting a value whose length is fixed
@@ -26,8 +27,9 @@ from torch import nn
 from passes.prefix_modules import SequencePrefix
 from surgery.errors import UnsupportedSiteError
 from surgery.map.graphs import recompile
+from surgery.sites.site_graph import base_module
 
-__all__ = ["SequenceSite", "check_sequence_sites"]
+__all__ = ["SequenceSite", "check_sequence_sites", "example_inputs", "record_inputs"]
 
 
 @dataclass(frozen=True)
@@ -36,16 +38,71 @@ class SequenceSite:
 
     Attributes:
         name: its qualified name.
-        module: the module (its ``prefix`` slot holds the new :class:`SequencePrefix`).
-        shape: the recorded shape of its input, ``(batch, seq, d)`` (see
-            :func:`passes.prefix_sites.recorded_shape`).
-        dtype: the recorded dtype of its input.
+        module: its site graph (its ``prefix`` slot holds the new :class:`SequencePrefix`).
+        shape: the shape of its input on the example inputs, ``(batch, seq, d)``.
+        dtype: the dtype of that input.
     """
 
     name: str
     module: nn.Module
-    shape: tuple[int | str, ...]
+    shape: tuple[int, ...]
     dtype: torch.dtype
+
+
+def example_inputs(model: nn.Module) -> tuple[tuple, dict] | None:
+    """The example inputs recorded on ``model._surgery`` (``apply_passes(...,
+    example_inputs=, example_kwargs=)``), or ``None``."""
+    state = getattr(model, "_surgery", None)
+    args = getattr(state, "example_inputs", None)
+    kwargs = getattr(state, "example_kwargs", None)
+    if args is None and kwargs is None:
+        return None
+    return tuple(args or ()), dict(kwargs or {})
+
+
+def record_inputs(model: nn.Module, names: Sequence[str]) -> dict[str, torch.Tensor | None]:
+    """The first input of each module in ``names`` when ``model`` runs on its example inputs.
+
+    One run, in eval mode, without gradients, the RNG state and every training flag restored.
+    A module whose first input is not a tensor, or that the run does not reach, maps to
+    ``None``.
+
+    Raises:
+        UnsupportedSiteError: no example inputs were recorded, or the model fails on them;
+            chained from the run's error.
+    """
+    inputs = example_inputs(model)
+    if inputs is None:
+        raise UnsupportedSiteError(
+            f"PrefixPass: cannot tell the shape of the input of {', '.join(names)}: no example "
+            f"inputs were given, so nothing records shapes, and mode='sequence' needs a "
+            f"(batch, seq, d) floating-point input. Way out: pass example_inputs=... (and "
+            f"example_kwargs=...) to apply_passes.")
+    seen: dict[str, torch.Tensor | None] = {name: None for name in names}
+    handles = []
+
+    def hook(name: str) -> object:
+        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            first = args[0] if args else next(iter(kwargs.values()), None)
+            if seen[name] is None and isinstance(first, torch.Tensor):
+                seen[name] = first.detach()
+        return record
+
+    for name in names:
+        mod = model.get_submodule(name) if name else model
+        handles.append(mod.register_forward_pre_hook(hook(name), with_kwargs=True))
+    try:
+        with torch.random.fork_rng(devices=[]), _quiet_eval(model):
+            error = _failure(model, *inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if error is not None:
+        raise UnsupportedSiteError(
+            f"PrefixPass: the model fails on its example inputs before any prefix is added "
+            f"({type(error).__name__}: {error}). Way out: give example_inputs= / "
+            f"example_kwargs= that the model accepts.") from error
+    return seen
 
 
 def check_sequence_sites(model: nn.Module, sites: Sequence[SequenceSite],
@@ -54,11 +111,11 @@ def check_sequence_sites(model: nn.Module, sites: Sequence[SequenceSite],
 
     Each site's prefix is replaced for the run by a :class:`SequencePrefix` of length 1
     (so a ``P = 0`` prefix is checked too). When the run fails, each site is tried alone
-    to name the one at fault. ``model``'s graphs are recompiled first.
+    to name the one at fault. ``model``'s site graphs are recompiled first.
 
     Args:
-        model: the traced model, already edited (``model._surgery`` holds the example
-            inputs and keyword inputs given at tracing).
+        model: the adapted model, already edited (``model._surgery`` holds the example
+            inputs and keyword inputs given to ``apply_passes``).
         sites: the sites the pass just adapted.
         adapter_name: the name under which their prefixes are registered.
 
@@ -68,18 +125,15 @@ def check_sequence_sites(model: nn.Module, sites: Sequence[SequenceSite],
     """
     if not sites:
         return
-    state = getattr(model, "_surgery", None)
-    args = getattr(state, "example_inputs", None)
-    kwargs = getattr(state, "example_kwargs", None)
     names = ", ".join(s.name for s in sites)
-    if args is None and kwargs is None:
+    inputs = example_inputs(model)
+    if inputs is None:
         raise UnsupportedSiteError(
-            f"PrefixPass: cannot check the sequence prefix at {names}: the model was traced "
-            f"without example inputs. Way out: pass example_inputs=... to apply_passes (or "
-            f"surgery.map.trace).")
+            f"PrefixPass: cannot check the sequence prefix at {names}: no example inputs were "
+            f"given. Way out: pass example_inputs=... to apply_passes.")
     recompile(model)
     with _probes(sites, adapter_name) as probes, _quiet_eval(model):
-        error = _failure(model, args or (), kwargs or {})
+        error = _failure(model, *inputs)
         if error is None:
             return
         culprit = None
@@ -87,14 +141,14 @@ def check_sequence_sites(model: nn.Module, sites: Sequence[SequenceSite],
             for i, site in enumerate(sites):
                 for j, probe in enumerate(probes):
                     probe.active = i == j
-                alone = _failure(model, args or (), kwargs or {})
+                alone = _failure(model, *inputs)
                 if alone is not None:
                     culprit, error = site, alone
                     break
     if culprit is None and len(sites) == 1:
         culprit = sites[0]
     where = names if culprit is None else (
-        f"{culprit.name} ({type(culprit.module).__name__}, input {culprit.dtype} "
+        f"{culprit.name} ({type(base_module(culprit.module)).__name__}, input {culprit.dtype} "
         f"{culprit.shape})")
     first = str(error).strip().splitlines()[0] if str(error).strip() else ""
     raise UnsupportedSiteError(

@@ -1,39 +1,38 @@
-"""Where :class:`passes.prefix.PrefixPass` puts a prefix: attention ops, their owners, their
-head layout, and the score chain of eager attention.
+"""Where :class:`passes.prefix.PrefixPass` puts a prefix in a hand-written model: the
+attention ops the map shows, the module whose ``forward`` holds each one (its site graph
+is rewritten), their head layout, and the same ops found again in that site graph.
 
-Read-only graph analysis; nothing here edits a graph or registers a module.
+Read-only analysis; nothing here edits a graph or registers a module.
 """
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch import fx, nn
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
-from surgery.map.dataflow import build_dataflow, op_name
 from surgery.errors import UnsupportedSiteError
+from surgery.map.dataflow import build_dataflow, op_name
 from surgery.map.graphs import node_value
-from surgery.map.roles import AttentionOp, find_roles
+from surgery.map.roles import AttentionOp, ModelRoles, find_roles
+from surgery.sites.site_graph import SiteGraph, base_module
 
 __all__ = [
-    "SDPA_ARGS",
     "MHA_ARGS",
-    "AttentionSite",
-    "EagerAttention",
-    "attention_sites",
+    "SDPA_ARGS",
+    "MapAttention",
+    "SiteOp",
     "attention_owners",
     "call_arg",
-    "set_call_arg",
-    "heads_at",
     "dtype_device",
-    "eager_attention",
     "first_outputs",
-    "sequence_layout",
-    "recorded_shape",
+    "heads_at",
+    "map_attention",
+    "set_call_arg",
+    "site_ops",
 ]
 
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
@@ -41,16 +40,7 @@ SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "sc
 MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
             "average_attn_weights", "is_causal")
 
-_SHAPE_OPS = {"transpose", "permute", "contiguous", "clone", "to", "type", "float", "half",
-              "bfloat16", "_to_copy", "alias", "dropout", "native_dropout", "identity",
-              "module:dropout", "module:identity", "type_as", "lift_fresh_copy"}
-_SOFTMAX = {"softmax", "_softmax", "module:softmax", "safe_softmax", "_safe_softmax"}
-_ADDITIVE = {"add", "add_", "sub", "sub_"}
-_MULTIPLY = {"mul", "mul_"}
-_SCALES = _MULTIPLY | {"div", "div_", "truediv"}
-_FILLS = {"masked_fill", "masked_fill_", "where"}
 _VIEWS = {"view", "reshape", "_unsafe_view", "unflatten"}
-_CATS = ("cat_key", "cat_value")
 
 
 def call_arg(node: fx.Node, names: tuple[str, ...], name: str, default: Any = None) -> Any:
@@ -73,11 +63,8 @@ def set_call_arg(node: fx.Node, names: tuple[str, ...], name: str, value: Any) -
 
 
 def _int(x: Any) -> int | None:
-    """``x`` as an int when it is a known constant, else ``None``.
-
-    A symbolic size (a ``SymInt`` from export) is never forced to an int: that would add a
-    guard to the shape environment the traced model shares and fix the dimension for good.
-    """
+    """``x`` as an int when it is a known constant, else ``None`` (a symbolic size is never
+    forced to an int: that would add a guard to the shape environment of the map)."""
     if isinstance(x, torch.SymInt):
         return int(x) if is_concrete_int(x) else None
     try:
@@ -86,50 +73,40 @@ def _int(x: Any) -> int | None:
         return None
 
 
-# ---- attention ops and their owners ---------------------------------------------------------
+# ---- the attention ops of the map -----------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class AttentionSite:
-    """One attention op to adapt.
+class MapAttention:
+    """One attention op as the map shows it.
 
     Attributes:
         op: its :class:`surgery.map.roles.AttentionOp` record.
-        node: the fx node (the SDPA call, the ``probs @ v`` matmul, or the MHA call).
-        graph_prefix: qualified name of the module owning the graph holding ``node``.
-        graph_owner: that module.
-        owner: the name the op is selected by (see :func:`attention_owners`).
+        node: the op's node in the map (the SDPA call, the ``probs @ v`` matmul, or the
+            ``nn.MultiheadAttention`` call); its arguments carry the recorded shapes.
+        owner: the name the op is selected by: the module whose ``forward`` holds it
+            (``"layers.0.attn"``), or the ``nn.MultiheadAttention`` itself.
+        holder: the module whose ``forward`` makes the call, where its site graph goes:
+            ``owner`` itself, or the module calling the ``nn.MultiheadAttention``.
     """
 
     op: AttentionOp
     node: fx.Node
-    graph_prefix: str
-    graph_owner: nn.Module
     owner: str
-
-    def target(self, slot: str, adapter: str) -> str:
-        """``call_module`` target, relative to ``graph_owner``, of ``<owner>.<slot>.<adapter>``."""
-        if self.op.kind == "mha":
-            rel = str(self.node.target)
-        elif not self.graph_prefix:
-            rel = self.owner
-        else:
-            rel = "" if self.owner == self.graph_prefix else self.owner[len(self.graph_prefix) + 1:]
-        return ".".join(p for p in (rel, slot, adapter) if p)
+    holder: str
 
 
-def _stack_owner(model: nn.Module, node: fx.Node) -> str | None:
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return None
-    path = list(stack.values())[-1][0]
-    if not isinstance(path, str):
-        return None
+def _stack(node: fx.Node) -> list[str]:
+    stack = node.meta.get("nn_module_stack") or {}
+    return [v[0] for v in stack.values() if isinstance(v, tuple) and isinstance(v[0], str)]
+
+
+def _exists(model: nn.Module, name: str) -> bool:
     try:
-        model.get_submodule(path)
+        model.get_submodule(name)
     except AttributeError:
-        return None
-    return path
+        return False
+    return True
 
 
 def _common_owner(op: AttentionOp) -> str:
@@ -143,35 +120,124 @@ def _common_owner(op: AttentionOp) -> str:
     return ".".join(common)
 
 
-def attention_sites(model: nn.Module) -> list[AttentionSite]:
-    """Every attention op of a traced ``model``, in graph order (see :func:`attention_owners`)."""
-    g = build_dataflow(model)
+def map_attention(graph_map: nn.Module) -> tuple[list[MapAttention], ModelRoles]:
+    """Every attention op of the whole-model map, in graph order, and the map's roles.
+
+    The owner is read from the op's ``nn_module_stack`` (a flat torch.fx map), from the
+    graph holding it (an export map), or, failing both, from the common prefix of the names
+    of its projections. Roles are found on this very map (not on one block per kind), so
+    every op is a node of it, with its recorded shapes.
+    """
+    g = build_dataflow(graph_map)
+    roles = find_roles(graph_map, g)
     out = []
-    for op in find_roles(model, g).attention:
+    seen: set[str] = set()
+    for op in roles.attention:
+        if op.node in seen:  # one record per op
+            continue
+        seen.add(op.node)
         data = g.nodes[op.node]
         ref = data["ref"]
         if op.kind == "mha":
             owner = data["qname"]
-        elif ref.prefix:
-            owner = ref.prefix
+            outer = [p for p in _stack(ref.node) if p != owner and _exists(graph_map, p)]
+            holder = outer[-1] if outer else (ref.prefix or owner.rpartition(".")[0])
         else:
-            owner = _stack_owner(model, ref.node) or _common_owner(op)
-        out.append(AttentionSite(op, ref.node, ref.prefix, ref.owner, owner))
-    return out
+            stack = [p for p in _stack(ref.node) if _exists(graph_map, p)]
+            owner = ref.prefix or (stack[-1] if stack else _common_owner(op))
+            holder = owner
+        out.append(MapAttention(op, ref.node, owner, holder))
+    return out, roles
 
 
-def attention_owners(model: nn.Module) -> list[tuple[str, AttentionOp]]:
-    """Every attention op of a traced ``model`` with the name ``PrefixPass`` selects it by.
-
-    The name is the qualified name of the module whose ``forward`` holds the op
-    (``"layers.0.attn"``, ``"transformer.h.0.attn"``), or of the ``nn.MultiheadAttention``
-    itself. On the fx front end, where one flat graph holds every op, it comes from the
-    node's ``nn_module_stack`` (failing that, from the names of the op's projections).
+def attention_owners(graph_map: nn.Module) -> list[tuple[str, AttentionOp]]:
+    """Every attention op of a map with the name ``PrefixPass`` selects it by
+    (``"layers.0.attn"``, ``"encoder.layer.0.attention.self"``, an ``nn.MultiheadAttention``).
 
     Returns:
         ``[(owner name, AttentionOp)]`` in graph order.
     """
-    return [(s.owner, s.op) for s in attention_sites(model)]
+    return [(a.owner, a.op) for a in map_attention(graph_map)[0]]
+
+
+# ---- the same ops in the holder's site graph --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SiteOp:
+    """One attention op to rewrite, found in the site graph of its holder.
+
+    Attributes:
+        kind: ``"sdpa"``, ``"eager"`` or ``"mha"``.
+        node: the op's node in the site graph.
+        site: the map's view of the op (shapes, names).
+        sg: the site graph holding ``node``.
+    """
+
+    kind: str
+    node: fx.Node
+    site: MapAttention
+    sg: SiteGraph
+
+    @property
+    def owner(self) -> str:
+        """The name the op is selected by."""
+        return self.site.owner
+
+    @property
+    def where(self) -> str:
+        """The op's node in the map, for messages (``"/scaled_dot_product_attention_1"``)."""
+        return self.site.op.node
+
+    @property
+    def owner_module(self) -> nn.Module:
+        """The module the prefix registers on: the site graph, or the MHA inside it."""
+        return self.sg.get_submodule(str(self.node.target)) if self.kind == "mha" else self.sg
+
+    def target(self, slot: str, adapter: str) -> str:
+        """``call_module`` target in the site graph of ``<owner>.<slot>.<adapter>``."""
+        rel = str(self.node.target) if self.kind == "mha" else ""
+        return ".".join(p for p in (rel, slot, adapter) if p)
+
+
+def site_ops(sg: SiteGraph, holder: str, wanted: list[MapAttention]) -> list[SiteOp]:
+    """Find the map's attention ops ``wanted`` (all held by ``holder``) in its site graph.
+
+    An ``nn.MultiheadAttention`` is found by its call; the other ops are the site graph's
+    own (not inside a child's inlined code), matched to the map's in graph order.
+
+    Raises:
+        UnsupportedSiteError: the site graph does not show the ops the map shows.
+    """
+    g = build_dataflow(sg)
+    own = []
+    for op in find_roles(sg, g).attention:
+        ref = g.nodes[op.node]["ref"]
+        if ref.prefix == "" and not _stack(ref.node) and op.kind != "mha":
+            own.append((op.kind, ref.node))
+    calls = {str(n.target): n for n in sg.graph.nodes if n.op == "call_module"
+             and isinstance(base_module(sg.get_submodule(str(n.target))), nn.MultiheadAttention)}
+    owned = [w for w in wanted if w.op.kind != "mha"]  # in the map's graph order
+    found: list[SiteOp] = []
+    if len(own) != len(owned) or any(k != w.op.kind for (k, _), w in zip(own, owned)):
+        raise UnsupportedSiteError(
+            f"PrefixPass: the forward of {holder or 'the model'} ({type(sg.template).__name__}) "
+            f"traced on its own shows the attention ops {[k for k, _ in own]}, not the "
+            f"{[w.op.kind for w in owned]} the model's map shows there. Way out: "
+            f"exclude={holder!r}.")
+    for w in wanted:
+        if w.op.kind == "mha":
+            rel = w.owner[len(holder) + 1:] if holder else w.owner
+            node = calls.get(rel)
+            if node is None:
+                raise UnsupportedSiteError(
+                    f"PrefixPass: {holder or 'the model'} does not call {w.owner} "
+                    f"(nn.MultiheadAttention) in its own forward. Way out: exclude={w.owner!r}.")
+            found.append(SiteOp("mha", node, w, sg))
+        else:
+            kind, node = own[owned.index(w)]
+            found.append(SiteOp(kind, node, w, sg))
+    return found
 
 
 # ---- head layout ----------------------------------------------------------------------------
@@ -181,6 +247,8 @@ def _view_sizes(node: fx.Node) -> list[Any]:
     rest = list(node.args[1:])
     if len(rest) == 1 and isinstance(rest[0], (list, tuple)):
         rest = list(rest[0])
+    if op_name(node) == "unflatten" and len(rest) == 2 and isinstance(rest[1], (list, tuple)):
+        rest = list(rest[1])
     return rest
 
 
@@ -189,10 +257,6 @@ def _heads_from_graph(node: Any, width: int | None) -> tuple[int, int] | None:
     for _ in range(20):
         if not isinstance(node, fx.Node):
             return None
-        meta = node.meta.get("surgery")
-        if meta is not None and meta.get("part") in _CATS:
-            node = node.args[1]
-            continue
         name = op_name(node)
         if name in {"transpose", "permute", "contiguous", "to", "clone", "type", "float"}:
             node = node.args[0]
@@ -213,27 +277,27 @@ def _heads_from_graph(node: Any, width: int | None) -> tuple[int, int] | None:
     return None
 
 
-def _layer_width(model: nn.Module, op: AttentionOp, which: str) -> int | None:
-    names = getattr(op, which)
+def _layer_width(graph_map: nn.Module, roles: ModelRoles, names: list[str],
+                 which: str) -> int | None:
     if len(names) != 1:
         return None
-    info = find_roles(model).role_of(names[0])
+    info = roles.role_of(names[0])
     if info is not None and info.is_fused and which in info.fused:
         start, stop = info.fused[which]
         return stop - start
-    layer = model.get_submodule(names[0])
+    layer = graph_map.get_submodule(names[0])
     weight = getattr(layer, "weight", None)
     if weight is None:
         return None
     return int(weight.shape[1 if type(layer).__name__ == "Conv1D" else 0])
 
 
-def heads_at(model: nn.Module, node: Any, site: AttentionSite, which: str, *,
-             transposed: bool = False) -> tuple[int, int]:
-    """``(heads, head_dim)`` of the 4-D attention input ``node``.
+def heads_at(graph_map: nn.Module, roles: ModelRoles, node: Any, site: MapAttention,
+             which: str, *, transposed: bool = False) -> tuple[int, int]:
+    """``(heads, head_dim)`` of the 4-D attention input ``node`` (a node of the map).
 
-    Read from its example value (``node.meta["val"]``: export graphs, or fx graphs traced
-    with example inputs); otherwise from the ``view(B, S, H, hd)`` that produced it.
+    Read from its recorded example value (a map traced with example inputs); otherwise
+    from the ``view(B, S, H, hd)`` (or ``unflatten``) that produced it.
 
     Args:
         which: ``"query"``, ``"key"`` or ``"value"`` (for messages and the layer width).
@@ -243,10 +307,6 @@ def heads_at(model: nn.Module, node: Any, site: AttentionSite, which: str, *,
         UnsupportedSiteError: the input is not 4-D, or nothing tells its layout.
     """
     val = node_value(node) if isinstance(node, fx.Node) else None
-    if val is None and isinstance(node, fx.Node):
-        meta = node.meta.get("surgery")
-        if meta is not None and meta.get("part") in _CATS:
-            val = node_value(node.args[1])
     if val is not None:
         if val.dim() != 4:
             raise UnsupportedSiteError(
@@ -256,261 +316,47 @@ def heads_at(model: nn.Module, node: Any, site: AttentionSite, which: str, *,
         h, d = _int(val.shape[-3]), _int(val.shape[-2 if transposed else -1])
         if h is not None and d is not None:
             return h, d
-    found = _heads_from_graph(node, _layer_width(model, site.op, which))
+    found = _heads_from_graph(node, _layer_width(graph_map, roles, getattr(site.op, which),
+                                                 which))
     if found is None:
         raise UnsupportedSiteError(
             f"PrefixPass: cannot tell the number of heads and the head size at the {which} "
-            f"input of the attention op at {site.op.node}: the graph records no shapes. Way "
-            f"out: pass example_inputs=... to apply_passes (or surgery.map.trace) so shapes are "
-            f"recorded.")
+            f"input of the attention op at {site.op.node} in {site.owner or 'the model'}: the "
+            f"map records no shapes. Way out: pass example_inputs=... to apply_passes so "
+            f"shapes are recorded.")
     return found
 
 
-def _value_dtype(x: Any) -> tuple[torch.dtype, torch.device] | None:
-    val = node_value(x) if isinstance(x, fx.Node) else None
-    if val is not None and val.is_floating_point():
-        return val.dtype, torch.device("cpu") if val.device.type == "meta" else val.device
-    return None
-
-
 def dtype_device(model: nn.Module, modules: list[str], owner: nn.Module,
-                 node: Any) -> tuple[torch.dtype, torch.device]:
+                 fallback: Any) -> tuple[torch.dtype, torch.device]:
     """dtype and device for new parameters: of the first floating-point weight among
     ``modules`` (the key and value projections), else of ``owner``'s parameters, else of
-    ``node``'s example value, else the defaults."""
+    ``fallback``'s recorded value (a map node), else the defaults."""
     for name in modules:
-        weight = getattr(model.get_submodule(name), "weight", None)
+        try:
+            weight = getattr(model.get_submodule(name), "weight", None)
+        except AttributeError:
+            weight = None
         if isinstance(weight, torch.Tensor) and weight.is_floating_point():
             return weight.dtype, weight.device
     for p in owner.parameters():
         if p.is_floating_point():
             return p.dtype, p.device
-    return _value_dtype(node) or (torch.get_default_dtype(), torch.device("cpu"))
-
-
-# ---- eager attention ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EagerAttention:
-    """The parts of ``matmul(softmax(f(matmul(q, k^T))), v)``.
-
-    Attributes:
-        qk: the ``q @ k^T`` matmul; ``qk.args = (q, k^T)``.
-        softmax: the softmax over the scores.
-        pv: the ``probs @ v`` matmul; ``pv.args = (probs, v)``.
-        chain: the nodes from ``qk`` to ``softmax`` (both included), in graph order.
-    """
-
-    qk: fx.Node
-    softmax: fx.Node
-    pv: fx.Node
-    chain: tuple[fx.Node, ...]
-
-    def masks(self, site: AttentionSite) -> list[tuple[fx.Node, int, str]]:
-        """``(node, argument index, convention)`` of every mask applied to the scores:
-        ``scores + m`` / ``- m`` (additive, ``"keep"``), ``scores.masked_fill(m, x)``
-        (``"drop"``), ``where(m, scores, x)`` (``"keep"``) and ``where(m, x, scores)``
-        (``"drop"``).
-
-        Raises:
-            UnsupportedSiteError: the scores are multiplied by, filled from or reshaped to
-                something spanning the original keys.
-        """
-        on = set(self.chain)
-        found = []
-        for n in self.chain[1:-1]:
-            name = op_name(n)
-            args = n.args
-            if name in _ADDITIVE:
-                found += [(n, i, "keep") for i, a in enumerate(args[:2])
-                          if isinstance(a, fx.Node) and a not in on]
-            elif name in ("masked_fill", "masked_fill_") and isinstance(args[1], fx.Node):
-                found.append((n, 1, "drop"))
-            elif name == "where" and len(args) >= 3:
-                if isinstance(args[0], fx.Node) and args[0] not in on:
-                    found.append((n, 0, "keep" if args[1] in on else "drop"))
-                _scalar_like(args[2 if args[1] in on else 1], site, n, "fills masked scores from")
-            elif name in _SCALES:
-                for a in args[:2]:
-                    if a not in on:
-                        _scalar_like(a, site, n, "scales its scores by")
-            elif name in _VIEWS:
-                raise UnsupportedSiteError(
-                    f"PrefixPass: the eager attention at {site.op.node} reshapes its scores to a "
-                    f"fixed key length ({n.name}); a prefix would not fit. Way out: "
-                    f"exclude={site.owner!r}, or write it with F.scaled_dot_product_attention.")
-        return found
-
-    def scales(self, site: AttentionSite) -> tuple[tuple[str, Any], ...]:
-        """The scalings of the scores between ``q @ k^T`` and the softmax, in order.
-
-        Each is ``("mul" | "div", operand)``, the operand a number or a scalar-valued node.
-        Masks and additive constants are left out: the prefix has no mask, and a softmax
-        does not see a constant shift.
-
-        Raises:
-            UnsupportedSiteError: a scaling by a tensor over the keys, or of a constant by
-                the scores.
-        """
-        out = []
-        on = set(self.chain)
-        for n in self.chain[1:-1]:
-            name = op_name(n)
-            if name not in _SCALES:
-                continue
-            others = [a for a in n.args[:2] if a not in on]
-            val = node_value(others[0]) if others and isinstance(others[0], fx.Node) else None
-            if len(others) != 1 or (val is not None and val.numel() != 1) or (
-                    name not in _MULTIPLY and n.args[0] not in on):
-                raise UnsupportedSiteError(
-                    f"PrefixPass: gate='zero' needs the eager attention at {site.op.node} to "
-                    f"scale its scores by a scalar; {n.name} does {name} with {others!r}. Way "
-                    f"out: gate=None.")
-            out.append(("mul" if name in _MULTIPLY else "div", others[0]))
-        return tuple(out)
-
-
-def _scalar_like(x: Any, site: AttentionSite, n: fx.Node, what: str) -> None:
-    val = node_value(x) if isinstance(x, fx.Node) else None
-    if val is not None and val.dim() and val.shape[-1] != 1:
-        raise UnsupportedSiteError(
-            f"PrefixPass: the eager attention at {site.op.node} {what} a tensor over the keys "
-            f"({n.name}); a prefix cannot extend it. Way out: exclude={site.owner!r}.")
-
-
-def _back_to(start: Any, wanted: set[str], owner: nn.Module, through: set[str]) -> fx.Node | None:
-    """Walk back from ``start`` through ``through`` ops to the nearest ``wanted`` op."""
-    node = start
-    for _ in range(50):
-        if not isinstance(node, fx.Node):
-            return None
-        name = op_name(node, owner)
-        if name in wanted:
-            return node
-        if name not in through:
-            return None
-        inputs = [a for a in node.args if isinstance(a, fx.Node)]
-        if name == "where" and len(node.args) >= 3:  # where(cond, scores, other)
-            inputs = [a for a in node.args[1:3] if isinstance(a, fx.Node)]
-        hits = [h for h in (_back_to(a, wanted, owner, through) for a in inputs) if h is not None] \
-            if len(inputs) > 1 else None
-        if hits is not None:
-            return hits[0] if hits else None
-        if not inputs:
-            return None
-        node = inputs[0]
-    return None
-
-
-def _chain(qk: fx.Node, softmax: fx.Node) -> tuple[fx.Node, ...]:
-    down: set[fx.Node] = set()
-    stack = [qk]
-    while stack:
-        n = stack.pop()
-        if n not in down:
-            down.add(n)
-            if n is not softmax:
-                stack.extend(n.users)
-    up: set[fx.Node] = set()
-    stack = [softmax]
-    while stack:
-        n = stack.pop()
-        if n not in up and n in down:
-            up.add(n)
-            stack.extend(n.all_input_nodes)
-    order = {n: i for i, n in enumerate(qk.graph.nodes)}
-    return tuple(sorted(up, key=order.__getitem__))
-
-
-def eager_attention(site: AttentionSite) -> EagerAttention:
-    """Find ``q @ k^T``, the softmax and the score chain of an eager attention op.
-
-    Raises:
-        UnsupportedSiteError: the op is not ``matmul(softmax(...(matmul(q, k^T))), v)``
-            with positional arguments.
-    """
-    pv, owner = site.node, site.graph_owner
-    softmax = qk = None
-    if op_name(pv) == "matmul" and len(pv.args) == 2:
-        softmax = _back_to(pv.args[0], _SOFTMAX, owner, _SHAPE_OPS)
-    if softmax is not None and softmax.args:
-        qk = _back_to(softmax.args[0], {"matmul"}, owner,
-                      _SHAPE_OPS | _ADDITIVE | _SCALES | _VIEWS | _FILLS)
-    if qk is None or len(qk.args) != 2:
-        raise UnsupportedSiteError(
-            f"PrefixPass: the eager attention at {site.op.node} is not "
-            f"matmul(softmax(matmul(q, k^T) ...), v) with positional arguments. Way out: "
-            f"exclude={site.owner!r}, or write it with F.scaled_dot_product_attention.")
-    return EagerAttention(qk, softmax, pv, _chain(qk, softmax))
-
-
-# ---- module calls --------------------------------------------------------------------------
+    val = node_value(fallback) if isinstance(fallback, fx.Node) else None
+    if val is not None and val.is_floating_point():
+        return val.dtype, torch.device("cpu") if val.device.type == "meta" else val.device
+    return torch.get_default_dtype(), torch.device("cpu")
 
 
 def first_outputs(node: fx.Node) -> list[fx.Node] | None:
-    """The nodes reading element 0 of a module call's output tuple (directly, or through the
-    ``tree_flatten_spec`` that export puts after a call whose signature it kept); ``None``
-    when the output is also used otherwise."""
+    """The nodes reading element 0 of a module call's output tuple; ``None`` when the
+    output is also used otherwise."""
+    import operator
+
     found = []
     for user in node.users:
-        if user.op != "call_function":
+        if user.op != "call_function" or user.target is not operator.getitem:
             return None
-        if user.target is operator.getitem:
-            if user.args[1] == 0:
-                found.append(user)
-        elif getattr(user.target, "__name__", "") == "tree_flatten_spec":
-            inner = first_outputs(user)
-            if inner is None:
-                return None
-            found += inner
-        else:
-            return None
+        if user.args[1] == 0:
+            found.append(user)
     return found
-
-
-def recorded_shape(val: torch.Tensor) -> tuple[int | str, ...]:
-    """The shape of an example value, symbolic sizes given as the example's size (the
-    size the value had when traced), or by name when no example size is known."""
-    out: list[int | str] = []
-    for d in val.shape:
-        hint = getattr(getattr(d, "node", None), "hint", None)
-        out.append(int(hint) if isinstance(hint, int) else d if isinstance(d, int) else str(d))
-    return tuple(out)
-
-
-def sequence_layout(module: nn.Module, x: Any,
-                    qname: str) -> tuple[int, int, torch.dtype, torch.device]:
-    """``(width d, sequence dim, dtype, device)`` for a prefix on ``module``'s input ``x``.
-
-    ``x`` must have been recorded (``node.meta["val"]``, from tracing with example inputs)
-    as a floating-point ``(batch, seq, d)`` tensor; ``d`` is its last size. The sequence
-    dimension is 1 unless the module (or a submodule) says ``batch_first=False`` (``(seq,
-    batch, d)``). The dtype and device are those of the module's first floating-point
-    parameter, else of ``x``.
-
-    Raises:
-        UnsupportedSiteError: ``x`` has no recorded value, or is not a floating-point 3-D
-            tensor (token ids, masks, an unbatched ``(seq, d)``...).
-    """
-    val = node_value(x) if isinstance(x, fx.Node) else None
-    if val is None:
-        raise UnsupportedSiteError(
-            f"PrefixPass: cannot tell the shape of the input of {qname} "
-            f"({type(module).__name__}): the graph records no shapes, and mode='sequence' "
-            f"needs a (batch, seq, d) floating-point input. Way out: pass example_inputs=... "
-            f"to apply_passes (or surgery.map.trace) so shapes are recorded.")
-    width = _int(val.shape[-1]) if val.dim() else None
-    if val.dim() != 3 or not val.is_floating_point() or width is None:
-        raise UnsupportedSiteError(
-            f"PrefixPass: the input of {qname} ({type(module).__name__}) was recorded as "
-            f"{val.dtype} of shape {recorded_shape(val)}; mode='sequence' needs floating-point "
-            f"features (batch, seq, d). Way out: select a module that reads such features "
-            f"and whose sequence length flows to the output (e.g. an nn.TransformerEncoder "
-            f"called without masks), or mode='attention' to prefix keys and values.")
-    batch_first = next((bool(m.batch_first) for m in module.modules() if hasattr(m, "batch_first")),
-                       True)
-    own = [(p.dtype, p.device) for p in module.parameters() if p.is_floating_point()]
-    dtype, device = (own[0] if own else None) or _value_dtype(x) or (
-        torch.get_default_dtype(), torch.device("cpu"))
-    return width, 1 if batch_first else 0, dtype, device

@@ -52,13 +52,15 @@ from torch import Tensor, fx, nn
 from surgery.adapters.active import (
     active_flags,
     adapter_modules,
+    is_disabled,
     merged_names,
+    recorded_active,
     resolve_names,
     restore_active_flags,
 )
-from surgery.sites.marker import AdapterModule
 from surgery.errors import AdapterNotFoundError, ConfigError, MergeError, near_matches
-from surgery.map.graphs import graph_modules
+from surgery.sites.marker import AdapterModule
+from surgery.sites.site_graph import site_graphs
 
 __all__ = ["AdapterStack", "route_samples"]
 
@@ -106,7 +108,7 @@ def _internal_modules(model: nn.Module) -> set[AdapterModule]:
     """
     internal: set[AdapterModule] = set()
     seen: set[AdapterModule] = set()
-    for prefix, owner in graph_modules(model):
+    for _, owner in site_graphs(model):
         for node in owner.graph.nodes:
             if node.op != "call_module":
                 continue
@@ -142,6 +144,9 @@ def _routes_itself(mod: AdapterModule) -> bool:
 def route_samples(model: nn.Module, routes: dict[str, Tensor]) -> Iterator[nn.Module]:
     """Route the samples of one batch to adapters, for the calls made inside the block.
 
+    Inside :func:`surgery.adapters.active.disable_adapters` nothing is switched on: the
+    adapters held off by the block stay off for every sample.
+
     Args:
         model: an adapted model.
         routes: adapter name → boolean mask of shape ``(batch,)``: the samples that get
@@ -165,12 +170,12 @@ def route_samples(model: nn.Module, routes: dict[str, Tensor]) -> Iterator[nn.Mo
                              f"it cannot be left out for some samples. Way out: unmerge it "
                              f"first.")
     partial = {name for name, mask in masks.items() if 0 < counts[name] < mask.numel()}
-    mods = [m for _, m in adapter_modules(model) if m.adapter_name in masks]
+    # Inside disable_adapters every adapter stays off: disabling wins over routing.
+    mods = [m for _, m in adapter_modules(model) if m.adapter_name in masks and not is_disabled(m)]
     internal = _internal_modules(model) if any(
         m.adapter_name in partial and not _routes_itself(m) for m in mods) else set()
     flags = active_flags(model)
-    state = getattr(model, "_surgery", None)
-    recorded = None if state is None or state.active is None else set(state.active)
+    recorded = recorded_active(model)
     handles = []
     routed: list[AdapterModule] = []
     try:
@@ -205,7 +210,7 @@ class AdapterStack(nn.Module):
             adapter can stay active under all of them).
 
     ``forward(*inputs, adapter_id=None, **kwargs)`` calls ``model(*inputs, **kwargs)``
-    (the traced signature, unchanged) with:
+    (the model's own calling convention) with:
 
     * ``adapter_id=None``: the adapters as they are currently switched;
     * an ``int`` ``k`` (an index into ``names``) or a name: that adapter active and the
@@ -215,7 +220,8 @@ class AdapterStack(nn.Module):
       active (LoRA, IA³, serial and parallel adapters, gated prefixes; see the module
       docstring for prefixes without a gate).
 
-    The adapters' ``active`` flags are put back after every call.
+    The adapters' ``active`` flags are put back after every call. Inside
+    :func:`surgery.adapters.active.disable_adapters`, every id gives the base model.
 
     Raises:
         ConfigError: ``names`` empty, repeated, or not strings.

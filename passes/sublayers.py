@@ -1,34 +1,61 @@
-"""Sub-layers: the spans of a traced model a parallel adapter bridges (He et al. 2022,
-"Towards a Unified View of Parameter-Efficient Transfer Learning").
+"""Sub-layers: the modules bottleneck adapters wrap, and where a parallel adapter reads and
+joins inside them (He et al. 2022, "Towards a Unified View of Parameter-Efficient Transfer
+Learning").
 
-A parallel adapter reads the input of one layer and adds to the output of another. A
-feed-forward block spans its ``ffn_up`` (and ``ffn_gate``) projection to its ``ffn_down``
-projection; an attention sub-layer spans its query projection to its output projection::
+A sub-layer is a module of the user's model that computes one block of a layer (``mlp``,
+``attn``). It becomes a site graph (:mod:`surgery.sites.site_graph`) in which the adapter's
+nodes are inserted. Two ways to name one:
 
-    g = act(up_proj(x))        # x: the input the adapter reads
-    y = down_proj(g)           # y: the output it joins
+* **By name** (``pattern="mlp"``): any module holding linear layers whose ``forward``
+  returns one tensor. The adapter reads the module's first argument and joins its output.
+* **By role** (:func:`find_sublayers`, from the map): a feed-forward block spans its
+  ``ffn_up`` (and ``ffn_gate``) projection to its ``ffn_down`` projection, an attention
+  sub-layer its query projection to its output projection. The site is the smallest module
+  holding them (``layers.0.mlp``); its site graph calls both, so the adapter reads what the
+  up projection reads and joins what the down projection returns::
 
-:func:`find_sublayers` is the discovery function beside the selection of
-:class:`passes.adapters.ParallelAdapterPass`: it lists the spans that pass's ``role=``
-chooses from, and ``pattern=`` / ``exclude=`` match their member layers.
+      def forward(self, x):                       # layers.0.mlp
+          g = self.act(self.up_proj(x))           # reads x
+          y = self.down_proj(g)                   # joins y
+          return y
+
+  Where the projections sit in sibling modules (BERT: ``intermediate.dense`` and
+  ``output.dense``), the site is the module holding the down projection if one of its
+  arguments carries the value the up projection reads, as the map's dataflow shows
+  (``BertOutput.forward(hidden_states, input_tensor)``: ``input_tensor``).
+
+:func:`find_sublayers` is the discovery function beside
+:meth:`passes.parallel_adapter.ParallelAdapterPass.sublayers`;
+:func:`passes.branch_points.branch_points` finds the nodes to read and join in a sub-layer's
+site graph.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import networkx as nx
 from torch import fx, nn
 
-from surgery.map.dataflow import build_dataflow, node_id
 from surgery.errors import ConfigError
-from surgery.map.graphs import CallSite
-from surgery.sites.rewrite import call_input
+from surgery.map.dataflow import build_dataflow, node_id, op_name
+from surgery.map.graphs import call_sites, graph_modules
+from surgery.map.leaves import is_hf_conv1d
 from surgery.map.roles import ELEMENTWISE, ModelRoles, find_roles, walk
-from surgery.sites.resolve import Site, candidate_sites
-from surgery.map.trace import is_hf_conv1d
+from surgery.sites.marker import AdapterModule
+from surgery.sites.site_graph import base_module
+from surgery.targets import model_map
 
-__all__ = ["SubLayer", "find_sublayers", "is_linear_layer"]
+__all__ = [
+    "SubLayer",
+    "find_sublayers",
+    "is_linear_layer",
+    "is_sublayer_module",
+    "map_roles",
+    "use_signature",
+]
 
 
 def is_linear_layer(module: nn.Module) -> bool:
@@ -37,144 +64,214 @@ def is_linear_layer(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_hf_conv1d(module)
 
 
+def is_sublayer_module(module: nn.Module) -> bool:
+    """Whether ``module`` can be named as a sub-layer: a module with a ``forward`` of its own
+    (not a ``ModuleList`` / ``ModuleDict``, not an adapter) holding at least one linear layer
+    outside adapters (``mlp``, ``attn``, a whole block, an ``nn.Sequential``).
+
+    Whether its ``forward`` can be traced and returns one tensor is found when its site graph
+    is made.
+    """
+    if is_linear_layer(module) or isinstance(module, (nn.ModuleList, nn.ModuleDict,
+                                                      AdapterModule)):
+        return False
+    stack = list(module.children())
+    while stack:
+        child = stack.pop()
+        if isinstance(child, AdapterModule):
+            continue
+        if is_linear_layer(base_module(child)):
+            return True
+        stack.extend(child.children())
+    return False
+
+
 @dataclass(frozen=True)
 class SubLayer:
-    """A span of the graph a parallel adapter bridges.
+    """A span a parallel adapter bridges: what it reads and what it joins.
 
     Attributes:
         kind: ``"ffn"`` (a feed-forward block), ``"attention"`` (query projection to output
-            projection) or ``"layer"`` (one selected layer).
-        output: the layer whose output the adapter joins; the adapter is registered under it.
-        inputs: qualified names of the layers whose input the adapter reads (the ``ffn_up``
-            and ``ffn_gate`` of a block, the query projection, or the layer itself).
-        calls: ``(input call, output call)`` pairs, one per call of ``output``.
+            projection), ``"layer"`` (one linear layer, its input to its output) or
+            ``"module"`` (a module named by pattern, its first argument to its output).
+        module: the site: qualified name of the module whose site graph gets the adapter
+            (``"layers.0.mlp"``; ``""`` for the model itself).
+        inputs: the layers whose input the adapter reads (``ffn_up`` first, then
+            ``ffn_gate``; the query projection); ``()`` for ``"layer"`` and ``"module"``.
+        output: the layer whose output the adapter joins; ``None`` for ``"layer"`` and
+            ``"module"`` (the site's own output).
+        role: the role label the adapter records (``"ffn"``, ``"attention"``, a single
+            layer's own role).
+        carried: ``True`` when the input reaches ``module`` as one of its arguments rather
+            than through a call inside it (BERT's ``input_tensor``).
+        carrier: for a carried input, how the module's graph uses that argument (its
+            :func:`use_signature`, the same on the map and on the site graph), by which
+            :func:`passes.branch_points.branch_points` finds it.
     """
 
     kind: str
-    output: Site
-    inputs: tuple[str, ...]
-    calls: tuple[tuple[CallSite, CallSite], ...]
+    module: str
+    inputs: tuple[str, ...] = ()
+    output: str | None = None
+    role: str | None = None
+    carried: bool = False
+    carrier: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
     @property
     def members(self) -> tuple[str, ...]:
-        """Every layer of the span: inputs, then the output layer."""
-        return tuple(dict.fromkeys(self.inputs + (self.output.qname,)))
+        """Every name the sub-layer answers to: its input layers, output layer and module."""
+        names = self.inputs + ((self.output,) if self.output else ()) + (self.module,)
+        return tuple(dict.fromkeys(n for n in names if n))
 
 
-def _call_at(g: nx.DiGraph, nid: str, qname: str) -> CallSite:
-    ref = g.nodes[nid]["ref"]
-    return CallSite(qname, ref.prefix, ref.owner, ref.node)
+# ------------------------------------------------------------------------------ discovery
 
 
-def _nearest(g: nx.DiGraph, ids: list[str], *, before: str | None = None,
-             after: str | None = None) -> str | None:
-    """Of the call ids that reach ``before`` (or are reached from ``after``), the nearest.
-
-    A layer shared by several blocks has one call per block; every earlier call reaches a
-    later attention op through the residual stream, so the nearest is the one no other
-    candidate lies between.
-    """
-    if before is not None:
-        hits = [i for i in ids if nx.has_path(g, i, before)]
-        return next((i for i in hits
-                     if not any(j != i and nx.has_path(g, i, j) for j in hits)), None)
-    hits = [i for i in ids if nx.has_path(g, after, i)]
-    return next((i for i in hits
-                 if not any(j != i and nx.has_path(g, j, i) for j in hits)), None)
+def _ancestors(qname: str) -> list[str]:
+    """``"a.b.c"`` → ``["a.b", "a", ""]``."""
+    parts = qname.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts) - 1, -1, -1)]
 
 
-def _ffn_sublayers(g: nx.DiGraph, roles: ModelRoles, cands: dict[str, list[CallSite]]
-                   ) -> list[SubLayer]:
-    """One :class:`SubLayer` per feed-forward down projection, paired with its up / gate
-    projections by the same backward walk :func:`surgery.map.roles.find_roles` pairs them with."""
-    out = []
-    for qname, calls in cands.items():
-        info = roles.role_of(qname)
-        if info is None or "ffn_down" not in info.roles:
+def _inside(qname: str, module: str) -> bool:
+    return module == "" or qname.startswith(module + ".")
+
+
+def _source(g: nx.DiGraph, nid: str) -> str:
+    """Follow a value up through the placeholders of nested graphs to where it is made."""
+    seen = set()
+    while g.nodes[nid]["op"] == "placeholder" and nid not in seen:
+        seen.add(nid)
+        preds = list(g.predecessors(nid))
+        if len(preds) != 1:
+            break
+        nid = preds[0]
+    return nid
+
+
+def use_signature(owner: nn.Module, node: fx.Node) -> tuple[str, ...]:
+    """How the graph of ``owner`` uses the value of ``node``: the sorted uses (``"module:dense"``, ``"add"``), ignoring
+    inserted nodes. The same on the map and on a site graph of the same module."""
+    uses = []
+    for user in node.users:
+        if "surgery" in user.meta:
             continue
-        pairs, inputs = [], []
-        for call in calls:
-            x = call_input(call.node)
-            if not isinstance(x, fx.Node):
-                continue
-            sources, paths = walk(g, node_id(call.prefix, x), ELEMENTWISE)
-            ups = [s for s in sources
-                   if (r := roles.role_of(s)) and r.roles & {"ffn_up", "ffn_gate"}]
-            if not ups:
-                continue
-            ups.sort(key=lambda s: "ffn_up" not in roles.role_of(s).roles)  # ffn_up first
-            pairs.append((_call_at(g, paths[ups[0]][-1], ups[0]), call))
-            inputs.extend(ups)
-        if pairs:
-            site = Site(qname, calls[0].owner.get_submodule(str(calls[0].node.target)),
-                        tuple(calls), info)
-            out.append(SubLayer("ffn", site, tuple(dict.fromkeys(inputs)), tuple(pairs)))
-    return out
+        uses.append(f"module:{user.target}" if user.op == "call_module"
+                    else op_name(user, owner))
+    return tuple(sorted(uses))
 
 
-def _attention_sublayers(g: nx.DiGraph, roles: ModelRoles, cands: dict[str, list[CallSite]]
-                         ) -> list[SubLayer]:
-    """One :class:`SubLayer` per attention op with a query and an output projection."""
-    out = []
-    order = {q: i for i, q in enumerate(cands)}
-    for op in roles.attention:
-        query = [q for q in op.query if q in cands]
-        outs = [q for q in op.out if q in cands]
-        if op.kind == "mha" or not query or not outs:
-            continue
-        q_name, o_name = query[0], outs[0]
-        q_ids = [node_id(c.prefix, c.node) for c in cands[q_name]]
-        o_ids = [node_id(c.prefix, c.node) for c in cands[o_name]]
-        q_id = q_ids[0] if len(q_ids) == 1 else _nearest(g, q_ids, before=op.node)
-        o_id = o_ids[0] if len(o_ids) == 1 else _nearest(g, o_ids, after=op.node)
-        if q_id is None or o_id is None:
-            continue
-        site = Site(o_name, cands[o_name][0].owner.get_submodule(str(cands[o_name][0].node.target)),
-                    tuple(cands[o_name]), roles.role_of(o_name))
-        out.append(SubLayer("attention", site, (q_name,),
-                            ((_call_at(g, q_id, q_name), _call_at(g, o_id, o_name)),)))
-    merged: dict[str, SubLayer] = {}
-    for sub in out:  # an output projection shared by several attention ops: one entry
-        prev = merged.get(sub.output.qname)
-        if prev is not None:
-            sub = SubLayer("attention", sub.output, tuple(dict.fromkeys(prev.inputs + sub.inputs)),
-                           prev.calls + sub.calls)
-        merged[sub.output.qname] = sub
-    return sorted(merged.values(), key=lambda s: order[s.output.qname])
+def _input_source(g: nx.DiGraph, prefix: str, call: fx.Node) -> str | None:
+    arg = call.args[0] if call.args else call.kwargs.get("input")
+    return _source(g, node_id(prefix, arg)) if isinstance(arg, fx.Node) else None
 
 
-def find_sublayers(model: nn.Module, kind: str, *, dataflow: nx.DiGraph | None = None,
-                   roles: ModelRoles | None = None) -> list[SubLayer]:
+def _carrier(owner: nn.Module, prefix: str, g: nx.DiGraph, src: str) -> tuple[str, ...] | None:
+    """The signature of the one argument of ``owner`` that carries ``src``, if unambiguous."""
+    phs = [n for n in owner.graph.nodes if n.op == "placeholder"]
+    hits = [p for p in phs if _source(g, node_id(prefix, p)) == src]
+    if len(hits) != 1:
+        return None
+    sig = use_signature(owner, hits[0])
+    if not sig or any(use_signature(owner, p) == sig for p in phs if p is not hits[0]):
+        return None
+    return sig
+
+
+def _locate(kind: str, output: str, inputs: tuple[str, ...], src: str | None,
+            graphs: Mapping[str, nn.Module], g: nx.DiGraph) -> SubLayer:
+    """The smallest module holding ``output`` that holds ``inputs`` too, or that gets the
+    value they read as an argument."""
+    for anc in _ancestors(output):
+        if all(_inside(q, anc) for q in inputs):
+            return SubLayer(kind, anc, inputs, output, kind)
+        owner = graphs.get(anc)
+        if owner is not None and src is not None and anc:
+            sig = _carrier(owner, anc, g, src)
+            if sig is not None:
+                return SubLayer(kind, anc, inputs, output, kind, carried=True, carrier=sig)
+    return SubLayer(kind, "", inputs, output, kind)  # unreachable: the root holds everything
+
+
+def map_roles(graph_map: nn.Module) -> ModelRoles:
+    """The roles found on a map, found once and kept with it (as
+    :func:`surgery.targets.model_roles` keeps them)."""
+    roles = graph_map.__dict__.get("_surgery_roles")
+    if roles is None:
+        roles = find_roles(graph_map)
+        graph_map.__dict__["_surgery_roles"] = roles
+    return roles
+
+
+def _dataflow(graph_map: nn.Module) -> nx.DiGraph:
+    """The map's dataflow graph, built once and kept with the map (like its roles)."""
+    g = graph_map.__dict__.get("_surgery_dataflow")
+    if g is None:
+        g = build_dataflow(graph_map)
+        graph_map.__dict__["_surgery_dataflow"] = g
+    return g
+
+
+def find_sublayers(model: nn.Module, kind: str, example_inputs: tuple | None = None,
+                   example_kwargs: Mapping[str, Any] | None = None) -> list[SubLayer]:
     """The feed-forward blocks (``kind="ffn"``) or attention sub-layers
-    (``kind="attention"``) of a traced ``model``, in graph order.
+    (``kind="attention"``) of ``model``, in module order, from its map.
 
-    A feed-forward block reads the input of its ``ffn_up`` (and ``ffn_gate``) projection and
-    ends at the output of its ``ffn_down`` projection; an attention sub-layer reads the input
-    of its query projection (a fused qkv projection counts) and ends at the output of its
-    ``attn_out`` projection. ``nn.MultiheadAttention`` computes its projections inside one
-    opaque call and has no such span.
+    A feed-forward block reads the input of its ``ffn_up`` (and ``ffn_gate``) projection
+    and ends at the output of its ``ffn_down`` projection (paired by the same backward walk
+    that finds the roles); an attention sub-layer reads the input of its query projection
+    (a fused qkv projection counts) and ends at the output of its ``attn_out`` projection.
+    ``nn.MultiheadAttention`` computes its projections inside one call and has no such span.
 
     Args:
-        model: a traced model (:func:`surgery.map.trace.trace`, either front end).
+        model: the model (the user's, or one adapted before); it is not changed.
         kind: ``"ffn"`` or ``"attention"``.
-        dataflow / roles: prebuilt :func:`surgery.map.dataflow.build_dataflow` /
-            :func:`surgery.map.roles.find_roles` results, to share work.
+        example_inputs / example_kwargs: for tracing the map when torch.fx cannot (a
+            transformers model) and ``model`` carries none.
 
     Returns:
-        One :class:`SubLayer` per output layer (an output projection shared by several
-        attention ops gives one entry with a call pair per op); empty when the model has
-        none of that kind. On transformers' LLaMA, the block ending at
-        ``model.layers.0.mlp.down_proj`` has inputs
-        ``("model.layers.0.mlp.up_proj", "model.layers.0.mlp.gate_proj")``.
+        One :class:`SubLayer` per output layer; empty when the model has none of that kind.
+        On transformers' LLaMA: ``SubLayer("ffn", "model.layers.0.mlp",
+        ("model.layers.0.mlp.up_proj", "model.layers.0.mlp.gate_proj"),
+        "model.layers.0.mlp.down_proj")``; on BERT the block ending at
+        ``encoder.layer.0.output.dense`` has site ``encoder.layer.0.output``, ``carried``.
 
     Raises:
         ConfigError: ``kind`` is neither ``"ffn"`` nor ``"attention"``.
+        TraceError: the map cannot be traced.
     """
-    g = dataflow if dataflow is not None else build_dataflow(model)
-    roles = roles if roles is not None else find_roles(model, g)
-    cands = candidate_sites(model, is_linear_layer)
+    if kind not in ("ffn", "attention"):
+        raise ConfigError(f"find_sublayers: kind must be 'ffn' or 'attention', got {kind!r}")
+    graph_map = model_map(model, example_inputs, example_kwargs)
+    roles = map_roles(graph_map)
+    g = _dataflow(graph_map)
+    graphs = dict(graph_modules(graph_map))
+    calls = call_sites(graph_map)
+    found: dict[str, SubLayer] = {}
     if kind == "ffn":
-        return _ffn_sublayers(g, roles, cands)
-    if kind == "attention":
-        return _attention_sublayers(g, roles, cands)
-    raise ConfigError(f"find_sublayers: kind must be 'ffn' or 'attention', got {kind!r}")
+        for qname, sites in calls.items():
+            info = roles.role_of(qname)
+            if info is None or "ffn_down" not in info.roles:
+                continue
+            call = sites[0]
+            x = call.node.args[0] if call.node.args else None
+            if not isinstance(x, fx.Node):
+                continue
+            sources, paths = walk(g, node_id(call.prefix, x), ELEMENTWISE)
+            ups = [s for s in sources if (r := roles.role_of(s)) and r.roles & {"ffn_up", "ffn_gate"}]
+            if not ups:
+                continue
+            ups.sort(key=lambda s: "ffn_up" not in roles.role_of(s).roles)  # ffn_up first
+            ref = g.nodes[paths[ups[0]][-1]]["ref"]
+            src = _input_source(g, ref.prefix, ref.node)
+            found.setdefault(qname, _locate("ffn", qname, tuple(ups), src, graphs, g))
+    else:
+        for op in roles.attention:
+            if op.kind == "mha" or not op.query or not op.out:
+                continue
+            query, out = op.query[0], op.out[0]
+            q_calls = calls.get(query, [])
+            src = _input_source(g, q_calls[0].prefix, q_calls[0].node) if q_calls else None
+            found.setdefault(out, _locate("attention", out, (query,), src, graphs, g))
+    order = {n: i for i, (n, _) in enumerate(model.named_modules(remove_duplicate=False))}
+    return sorted(found.values(), key=lambda s: order.get(s.output or "", len(order)))

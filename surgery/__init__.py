@@ -20,13 +20,9 @@ from typing import Any
 
 from surgery.adapters.active import active_adapters, adapter_names, disable_adapters, set_active, set_trainable
 from surgery.sites.marker import AdapterModule
-from surgery.audit.count import Audit, audit
 from surgery.apply import (
-    Target,
-    TargetList,
     apply_passes,
     history,
-    list_targets,
     named_trainable_parameters,
     plan,
     trainable_parameters,
@@ -46,8 +42,10 @@ from surgery.errors import (
 from surgery.pass_base import Change, Pass, PassResult
 from surgery.map.roles import find_roles
 from surgery.map.trace import SurgeryTracer, trace
-from surgery.adapters.combine import combine_adapters
-from surgery.adapters.unload import unload
+from surgery.sites.site_graph import SiteGraph
+from surgery.listing import Target, TargetList, list_targets
+
+from surgery.audit.count import Audit, audit  # noqa: E402  (after the audit package)
 
 __version__ = "0.1.0"
 
@@ -60,7 +58,7 @@ _LAZY = {
     "UnmergeLoRAPass": ("passes.merge", "UnmergeLoRAPass"),
     "MergeIA3Pass": ("passes.merge", "MergeIA3Pass"),
     "UnmergeIA3Pass": ("passes.merge", "UnmergeIA3Pass"),
-    "merged_adapters": ("passes.merge", "merged_adapters"),
+    "merged_adapters": ("surgery.adapters.merge_state", "merged_adapters"),
     "AdapterStack": ("passes.stack", "AdapterStack"),
     "SerialAdapterPass": ("passes.adapters", "SerialAdapterPass"),
     "PrefixPass": ("passes.prefix", "PrefixPass"),
@@ -73,6 +71,8 @@ _LAZY = {
     "RenderOptions": ("visualize", "RenderOptions"),
     "DiffReport": ("visualize", "DiffReport"),
     "load_model": ("surgery.zoo", "load_model"),
+    "unload": ("surgery.adapters.unload", "unload"),
+    "combine_adapters": ("surgery.adapters.combine", "combine_adapters"),
     "zoo": ("surgery.zoo", None),
 }
 
@@ -114,6 +114,7 @@ __all__ = [
     "RenderError",
     "RenderOptions",
     "SerialAdapterPass",
+    "SiteGraph",
     "SurgeryError",
     "SurgeryTracer",
     "Target",

@@ -1,52 +1,84 @@
-"""Running passes: ``apply_passes``, ``plan``, ``list_targets``, ``trainable_parameters``."""
+"""Running passes: ``apply_passes``, ``plan``, ``trainable_parameters``, ``history``.
+
+The model a user gets back is their own: a weight-sharing copy of it (same class, methods,
+module tree and calling convention) in which each adapted site is a small fx graph
+(:mod:`surgery.sites.site_graph`). Nothing here runs a whole-model graph.
+"""
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 from surgery.errors import ConfigError
-from surgery.map.graphs import call_sites, recompile
-from surgery.sites.params import adapter_parameters, restore, share_weights_copy, snapshot
+from surgery.map.graphs import recompile
+from surgery.map.trace import is_map
 from surgery.pass_base import Change, Pass, PassResult, SurgeryState
-from surgery.map.roles import find_roles
-from surgery.sites.resolve import candidate_sites, layer_features
-from surgery.map.trace import is_leaf_type, is_traced, trace
+from surgery.sites.params import adapter_parameters, restore, share_weights_copy, snapshot
 
 __all__ = [
     "apply_passes",
     "plan",
-    "list_targets",
-    "Target",
-    "TargetList",
     "trainable_parameters",
     "named_trainable_parameters",
     "history",
+    "unwrap",
 ]
 
 
-def _prepare(model: nn.Module, example_inputs: tuple | None, example_kwargs: Mapping[str, Any] | None,
-             leaf_modules: Collection[str | type], inplace: bool) -> nn.Module:
-    if is_traced(model):
-        if inplace:
-            return model
-        state: SurgeryState = model._surgery
-        work = share_weights_copy(model)
-        if not is_traced(work):  # some module types drop plain attributes when copied
-            work._surgery = copy.copy(state)
-            work._surgery.history = list(state.history)
-        return work
-    if inplace:
+def unwrap(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """The bare model inside a ``torch.compile`` wrapper (``_orig_mod``) or a
+    ``DistributedDataParallel`` / ``DataParallel`` wrapper (``module``), and a note for each
+    wrapper taken off. Adapters are applied to the bare model, so their names and
+    state-dict keys are the bare model's."""
+    notes = []
+    while True:
+        inner = model.__dict__.get("_modules", {}).get("_orig_mod")
+        if inner is not None and type(model).__name__ == "OptimizedModule":
+            notes.append(f"the torch.compile wrapper ({type(model).__name__}) was taken off: "
+                         f"the adapted model is the bare {type(inner).__name__}; compile it again "
+                         f"if you want it compiled.")
+            model = inner
+            continue
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            notes.append(f"the {type(model).__name__} wrapper was taken off: the adapted model is "
+                         f"the bare {type(model.module).__name__}; wrap it again to train it "
+                         f"distributed.")
+            model = model.module
+            continue
+        return model, notes
+
+
+def _prepare(model: nn.Module, example_inputs: tuple | None,
+             example_kwargs: Mapping[str, Any] | None, leaf_modules: Collection[str | type],
+             inplace: bool) -> nn.Module:
+    """The model the passes edit: ``model`` itself (``inplace``) or a weight-sharing copy,
+    carrying its :class:`SurgeryState`."""
+    if is_map(model):
         raise ConfigError(
-            "inplace=True needs a model that is already traced (from surgery.map.trace or "
-            "apply_passes); a plain nn.Module is always traced into a new model, which shares "
-            "its weights' storage. Way out: drop inplace=True, or trace first: "
-            "traced = surgery.map.trace(model, ...); apply_passes(traced, passes, inplace=True).")
-    return trace(model, example_inputs, example_kwargs, leaf_modules=leaf_modules)
+            "apply_passes: this is a map from surgery.trace (a graph for analysis, traced from "
+            "a weight-free copy), not a model that runs. Way out: pass the model itself; "
+            "apply_passes builds the map it needs.")
+    model, notes = unwrap(model)
+    work = model if inplace else share_weights_copy(model)
+    state = getattr(work, "_surgery", None)
+    if example_inputs is not None and not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    if state is None:
+        work._surgery = SurgeryState(
+            source_class=type(model), example_inputs=example_inputs,
+            example_kwargs=dict(example_kwargs) if example_kwargs else None,
+            leaf_modules=tuple(leaf_modules), notes=notes)
+    else:
+        state.notes.extend(notes)
+        if example_inputs is not None and state.example_inputs is None:
+            state.example_inputs = example_inputs
+            state.example_kwargs = dict(example_kwargs) if example_kwargs else None
+            state.cached_map = None
+    return work
 
 
 def _check_passes(passes: Sequence[Pass] | Pass) -> list[Pass]:
@@ -95,8 +127,14 @@ def freeze_base(model: nn.Module) -> PassResult:
 
 
 def _adapted_before(model: nn.Module) -> bool:
-    """True when passes already ran on this traced model (its history is not empty)."""
-    return bool(history(model))
+    """True when passes already ran on this model (its history is not empty)."""
+    return bool(history(unwrap(model)[0]))
+
+
+def _record(state: SurgeryState, result: PassResult) -> None:
+    """Append ``result`` to the history, without its reference to the model (a history
+    that held models would copy them with every copy of the adapted model)."""
+    state.history.append(dataclasses.replace(result, module=None))
 
 
 def apply_passes(
@@ -109,38 +147,43 @@ def apply_passes(
     leaf_modules: Collection[str | type] = (),
     freeze: bool | None = None,
 ) -> nn.Module:
-    """Trace ``model`` if needed and run ``passes`` in order.
+    """Run ``passes`` in order on ``model`` and return the adapted model.
 
-    Each pass edits the graphs; after each one every graph is linted and recompiled, and its
-    :class:`PassResult` is appended to ``adapted._surgery.history``. Each pass freezes the
-    base parameters of the layers it adapts. The first time a model is adapted, every other
-    base parameter is frozen as well (a ``"freeze"`` step in the history), so exactly the
-    adapter parameters train; on a model adapted before, other parameters keep their
-    ``requires_grad``, so a base parameter you chose to train (``head.weight``) stays
-    trainable through later passes (merge, unmerge, more adapters).
+    The result is the user's own model: an object of the same class (for a model that is
+    itself one layer, the site graph standing for it), with the same methods and calling
+    convention, sharing the base weights' storage, in which every adapted site is a small
+    fx graph holding the base computation and the inserted nodes. Selection by pattern
+    reads module names and types only; selection by role reads the map, traced once (from a
+    weight-free copy) and cached on the result.
+
+    Each pass freezes the base parameters of the sites it adapts. The first time a model is
+    adapted, every other base parameter is frozen as well (a ``"freeze"`` step in the
+    history), so exactly the adapter parameters train; on a model adapted before, other
+    parameters keep their ``requires_grad``, so a base parameter you chose to train
+    (``head.weight``) stays trainable through later passes. Each pass's
+    :class:`PassResult` is appended to ``adapted._surgery.history``. A ``torch.compile`` or
+    DDP / DataParallel wrapper is taken off first (a note in ``adapted._surgery.notes``).
 
     Args:
-        model: a plain ``nn.Module`` (traced first; it is never changed) or a model returned
-            by :func:`trace` / :func:`apply_passes`.
+        model: the model to adapt; it is never changed unless ``inplace``.
         passes: the passes, run in order.
-        example_inputs: positional inputs, a tuple; needed where torch.fx cannot trace.
-        example_kwargs: keyword inputs (``attention_mask``); the adapted model accepts them.
-        inplace: rewrite an already traced ``model`` itself instead of a copy. Required for
-            a pass that :attr:`~surgery.pass_base.Pass.writes_in_place` (an in-place merge),
-            which must also be the last pass.
-        leaf_modules: extra modules to keep opaque when tracing.
+        example_inputs: positional inputs, a tuple; needed only where a pass reads the map
+            (roles, defaults, prefix) and torch.fx cannot trace the model.
+        example_kwargs: keyword inputs for the same (``attention_mask``).
+        inplace: edit ``model`` itself instead of a copy. Required for a pass that
+            :attr:`~surgery.pass_base.Pass.writes_in_place` (an in-place merge), which must
+            also be the last pass.
+        leaf_modules: extra modules to keep opaque when tracing the map.
         freeze: ``None`` (default): freeze every non-adapter parameter when ``model`` has not
-            been adapted before (a plain module, or a model fresh from :func:`trace`), and
-            otherwise leave parameters the passes do not touch alone. ``True``: freeze every
-            non-adapter parameter, whatever the model's history. ``False``: freeze nothing
+            been adapted before, and otherwise leave parameters the passes do not touch
+            alone. ``True``: freeze every non-adapter parameter. ``False``: freeze nothing
             beyond what the passes freeze at their own sites.
 
     Returns:
-        The adapted model (a new object unless ``inplace``); it shares the base weights'
-        storage with ``model``.
+        The adapted model (a new object unless ``inplace``).
 
     Raises:
-        TraceError: the model could not be traced.
+        TraceError: a pass needs the map and the model could not be traced.
         ConfigError: a pass that writes into existing weights was given without
             ``inplace=True``, or not as the last pass (checked before anything runs).
         NoMatchError, AlreadyAdaptedError, ConfigError, UnsupportedSiteError: from a pass;
@@ -150,23 +193,30 @@ def apply_passes(
     _check_in_place_writes(todo, inplace)
     if freeze is None:
         freeze = not _adapted_before(model)
+    fresh_state = getattr(unwrap(model)[0], "_surgery", None) is None
     work = _prepare(model, example_inputs, example_kwargs, leaf_modules, inplace)
     snap = snapshot(work) if inplace else None
     state: SurgeryState = work._surgery
+    root = work
     try:
         for p in todo:
-            result = p.run(work)
-            recompile(work)
-            state.history.append(result)
+            result = p.run(root)
+            if result.module is not None and result.module is not root:  # the root became a site
+                result.module.__dict__["_surgery"] = state
+                root = result.module
+            recompile(root)
+            _record(state, result)
         if freeze:
-            result = freeze_base(work)
+            result = freeze_base(root)
             if result.modified:
-                state.history.append(result)
+                _record(state, result)
     except BaseException:
         if snap is not None:
             restore(work, snap)
+            if fresh_state:  # a plain model edited in place: it had no state before
+                del work.__dict__["_surgery"]
         raise
-    return work
+    return root
 
 
 def plan(model: nn.Module, passes: Sequence[Pass] | Pass, example_inputs: tuple | None = None,
@@ -190,125 +240,20 @@ def plan(model: nn.Module, passes: Sequence[Pass] | Pass, example_inputs: tuple 
     todo = _check_passes(passes)
     _check_in_place_writes(todo, inplace=True)  # only the order matters for a dry run
     work = _prepare(model, example_inputs, example_kwargs, leaf_modules, inplace=False)
+    state = work._surgery
     results = []
     for p in todo:
         if p.writes_in_place:  # the last pass: its dry run leaves the weights alone
             changes = tuple(p.plan(work))
             results.append(PassResult(work, bool(changes), changes, p.name))
             break
-        results.append(p.run(work))
+        result = p.run(work)
+        if result.module is not None and result.module is not work:
+            result.module.__dict__["_surgery"] = state
+            work = result.module
         recompile(work)
+        results.append(result)
     return results
-
-
-@dataclass(frozen=True)
-class Target:
-    """A candidate site: a module called from the graph that a pass could adapt.
-
-    Attributes:
-        qname: qualified module name.
-        type: class name (``"Linear"``, ``"Conv1D"``).
-        role: role label (``"query"``, ``"qkv (fused)"``) or ``""``.
-        shape: weight shape as stored, which depends on the layer type: ``(out, in)`` for
-            ``nn.Linear``, ``(in, out)`` for transformers' ``Conv1D``,
-            ``(3 * embed_dim, embed_dim)`` (``in_proj_weight``) for ``nn.MultiheadAttention``.
-        calls: number of call sites (more than one when weights are shared).
-        adapters: adapters already attached (``"lora:default"``).
-        in_features / out_features: the layer's input and output sizes, the same way round
-            for every type (channels for convolutions, vocabulary and dimension for
-            embeddings); ``None`` when unknown.
-    """
-
-    qname: str
-    type: str
-    role: str
-    shape: tuple[int, ...]
-    calls: int
-    adapters: tuple[str, ...]
-    in_features: int | None = None
-    out_features: int | None = None
-
-    @property
-    def features(self) -> str:
-        """``"64 → 192"``: input and output size, or ``""`` when unknown."""
-        if self.in_features is None or self.out_features is None:
-            return ""
-        return f"{self.in_features} → {self.out_features}"
-
-
-class TargetList(list):
-    """A list of :class:`Target` that prints as a table.
-
-    The ``in → out`` column reads the same for every layer type; the markdown and rich
-    tables also show the weight shape as stored.
-    """
-
-    def to_markdown(self) -> str:
-        """The targets as a GitHub-flavoured markdown table."""
-        rows = ["| name | type | role | in → out | weight shape | calls | adapters |",
-                "|---|---|---|---|---|---|---|"]
-        for t in self:
-            rows.append(f"| {t.qname} | {t.type} | {t.role} | {t.features} | {tuple(t.shape)} | "
-                        f"{t.calls} | {', '.join(t.adapters)} |")
-        return "\n".join(rows)
-
-    def __str__(self) -> str:
-        width = max([len(t.qname) for t in self] + [4])
-        lines = [f"{'name':<{width}}  {'type':<20} {'role':<14} {'in → out':<14} calls"]
-        for t in self:
-            lines.append(f"{t.qname:<{width}}  {t.type:<20} {t.role:<14} "
-                         f"{t.features:<14} {t.calls}")
-        return "\n".join(lines)
-
-    def __rich__(self) -> Any:
-        from rich.table import Table
-
-        table = Table(title="candidate sites")
-        for col in ("name", "type", "role", "in → out", "weight shape", "calls", "adapters"):
-            table.add_column(col)
-        for t in self:
-            table.add_row(t.qname, t.type, t.role, t.features, str(tuple(t.shape)),
-                          str(t.calls), ", ".join(t.adapters))
-        return table
-
-
-def _adapters_on(module: nn.Module) -> tuple[str, ...]:
-    from surgery.sites.marker import AdapterModule
-
-    found = []
-    for slot, holder in module.named_children():
-        if isinstance(holder, nn.ModuleDict):
-            for name, sub in holder.items():
-                if isinstance(sub, AdapterModule):
-                    found.append(f"{sub.pass_name}:{name}")
-    return tuple(dict.fromkeys(found))
-
-
-def list_targets(model: nn.Module, example_inputs: tuple | None = None,
-                 example_kwargs: Mapping[str, Any] | None = None, *,
-                 leaf_modules: Collection[str | type] = ()) -> TargetList:
-    """Every candidate site of ``model``: name, type, role, ``in → out`` sizes and weight shape.
-
-    Candidates are the linear-like layers and attention modules called from the graph, in
-    graph order. ``model`` may be plain (it is traced, not changed) or already traced.
-    """
-    traced = model if is_traced(model) else trace(model, example_inputs, example_kwargs,
-                                                  leaf_modules=leaf_modules)
-    roles = find_roles(traced)
-    calls = call_sites(traced)
-    out = TargetList()
-    for qname in candidate_sites(traced, is_leaf_type):
-        mod = traced.get_submodule(qname)
-        weight = getattr(mod, "weight", None)
-        if weight is None:
-            weight = getattr(mod, "in_proj_weight", None)
-        info = roles.role_of(qname)
-        feats = layer_features(mod)
-        out.append(Target(qname, type(mod).__name__, info.label if info else "",
-                          tuple(weight.shape) if weight is not None else (),
-                          len(calls[qname]), _adapters_on(mod),
-                          feats[0] if feats else None, feats[1] if feats else None))
-    return out
 
 
 def named_trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -324,5 +269,5 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def history(model: nn.Module) -> list[PassResult]:
     """The :class:`PassResult` of every pass applied to ``model``, oldest first."""
-    state = getattr(model, "_surgery", None)
+    state = getattr(unwrap(model)[0], "_surgery", None)
     return list(state.history) if state is not None else []

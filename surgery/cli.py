@@ -155,7 +155,7 @@ def _load(spec: str) -> ModelSpec:
 
 
 def _targets(args: argparse.Namespace, out: TextIO) -> int:
-    from surgery.apply import list_targets
+    from surgery.listing import list_targets
 
     spec = _load(args.spec)
     found = list_targets(spec.model, spec.example_inputs, spec.example_kwargs)
@@ -163,6 +163,8 @@ def _targets(args: argparse.Namespace, out: TextIO) -> int:
         rows = [{"name": t.qname, "type": t.type, "role": t.role, "shape": list(t.shape),
                  "calls": t.calls, "adapters": list(t.adapters)} for t in found]
         print(json.dumps(rows, indent=2), file=out)
+        if found.note:  # names need no tracing; roles do
+            print(f"surgery: note: {found.note}", file=sys.stderr)
     else:
         print(f"{spec.name}: {spec.description}", file=out)
         print(found, file=out)
@@ -260,6 +262,7 @@ def _adapt_and_report(spec: ModelSpec, passes: list[Pass], out_dir: Path, out: T
     from surgery.audit.count import audit
 
     adapted = apply_passes(spec.model, passes, spec.example_inputs, spec.example_kwargs)
+    _build_map(adapted)
     report = audit(adapted)
     _print_audit(report, out)
     files, hints = _render(spec, adapted, out_dir)
@@ -276,6 +279,20 @@ def _adapt_and_report(spec: ModelSpec, passes: list[Pass], out_dir: Path, out: T
     for hint in hints:
         print(f"hint: {hint}", file=out)
     return EXIT_OK
+
+
+def _build_map(adapted: nn.Module) -> None:
+    """Trace and cache the adapted model's map and roles, so the audit shows roles (the
+    audit itself never traces) and the diagrams reuse the map; a model that cannot be
+    traced is audited without roles."""
+    from surgery.errors import TraceError
+    from surgery.targets import model_map, model_roles
+
+    try:
+        model_map(adapted)
+        model_roles(adapted)
+    except TraceError:
+        pass
 
 
 def _render(spec: ModelSpec, adapted: nn.Module, out_dir: Path) -> tuple[list[Path], list[str]]:

@@ -10,54 +10,14 @@ recompiling and atomicity, so a pass only edits graphs and registers modules.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 from torch import nn
 
 from surgery.errors import ConfigError
+from surgery.sites.changes import Change, ChangeKind
 
 __all__ = ["Change", "ChangeKind", "PassResult", "Pass"]
-
-ChangeKind = Literal[
-    "node_added",
-    "node_removed",
-    "module_added",
-    "module_removed",
-    "param_added",
-    "param_frozen",
-    "param_rewritten",
-    "param_removed",
-]
-
-
-@dataclass(frozen=True)
-class Change:
-    """One thing a pass did (or, from ``plan``, would do).
-
-    Attributes:
-        kind: what happened (see :data:`ChangeKind`).
-        pass_name: the stable name of the pass (``"lora"``).
-        site: qualified name of the module adapted (``"layers.0.attn.q_proj"``).
-        name: qualified name of the node, module or parameter concerned.
-        adapter: adapter name (``"default"``) or ``None``.
-        role: structural role of the site (``"q"``, ``"ffn_down"``, ...) or ``None``.
-        shape: parameter shape, ``()`` for nodes.
-        numel: number of elements of the parameter, 0 for nodes.
-        trainable: whether the parameter trains after the pass.
-        detail: a short human-readable note.
-    """
-
-    kind: ChangeKind
-    pass_name: str
-    site: str
-    name: str
-    adapter: str | None = None
-    role: str | None = None
-    shape: tuple[int, ...] = ()
-    numel: int = 0
-    trainable: bool = False
-    detail: str = ""
-
 
 @dataclass(frozen=True)
 class PassResult:
@@ -154,27 +114,49 @@ class Pass:
 class SurgeryState:
     """Bookkeeping stored on an adapted model as ``model._surgery``.
 
+    It travels with the model: ``copy.deepcopy``, ``pickle`` and ``torch.save`` keep it
+    (with the roles found; a pickled copy drops the cached map, rebuilt when next needed).
+
     Attributes:
-        frontend: ``"fx"`` or ``"export"``.
-        source_class: the class of the model that was traced.
+        source_class: the class of the model that was adapted.
         history: the :class:`PassResult` of every pass applied, oldest first.
-        example_inputs / example_kwargs: what tracing was given, if anything.
+        example_inputs / example_kwargs: what :func:`surgery.apply_passes` was given for
+            tracing the map, if anything.
+        leaf_modules: extra modules kept opaque when tracing the map.
         active: adapter names in use (``None`` = all).
-        source: an eager copy of the traced model (same class, sharing its weights' storage),
-            from which :func:`surgery.adapters.unload` builds a plain model.
-        fixed_inputs: forward parameters that tracing fixed to their default value (they were
-            not among the example inputs), name -> value. The traced model raises
-            :class:`surgery.errors.InputMismatchError` when one is given another value.
-        notes: what tracing changed on its private copy of the model, one sentence each
-            (``config.use_cache`` switched off, ...).
+        notes: what surgery did besides the passes, one sentence each (a ``torch.compile``
+            or DDP wrapper taken off, ...).
+        cached_map: the map (:func:`surgery.targets.model_map`), once built.
+        cached_roles: the structural roles (:func:`surgery.targets.model_roles`), once found.
     """
 
-    frontend: str
     source_class: type
     history: list[PassResult] = field(default_factory=list)
     example_inputs: tuple | None = None
     example_kwargs: dict | None = None
+    leaf_modules: tuple = ()
     active: set[str] | None = None
-    source: nn.Module | None = None
-    fixed_inputs: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    cached_map: nn.Module | None = field(default=None, repr=False, compare=False)
+    cached_roles: Any = field(default=None, repr=False, compare=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["cached_map"] = None  # a graph tree on meta tensors: rebuilt when next needed
+        return state
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SurgeryState:
+        import copy
+
+        new = SurgeryState.__new__(SurgeryState)
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__getstate__(), memo))
+        new.cached_map = self.cached_map  # read-only analysis: safe to share
+        new.cached_roles = self.cached_roles
+        return new
+
+    @property
+    def frontend(self) -> str | None:
+        """``"fx"`` or ``"export"`` once the map was built, else ``None``."""
+        info = getattr(self.cached_map, "_surgery_map", None)
+        return info.frontend if info is not None else None

@@ -23,7 +23,7 @@ HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 
 
 class Zoo:
-    """Session cache of :func:`surgery.zoo.load_model` specs and their traced models."""
+    """Session cache of :func:`surgery.zoo.load_model` specs and their maps."""
 
     def __init__(self) -> None:
         self._specs: dict[str, Any] = {}
@@ -44,7 +44,8 @@ class Zoo:
         return load_model(name)
 
     def traced(self, name: str) -> nn.Module:
-        """The shared traced model of ``name`` (fx or export, as ``trace`` chooses)."""
+        """The shared map of ``name`` (:func:`surgery.trace`: fx or export, weight-free);
+        for analysis only, never run as a model."""
         if name not in self._traced:
             from surgery.map.trace import trace
 

@@ -1,16 +1,17 @@
 """The invariants of the design, for every (model, pass) of the foundation table.
 
 1. the caller's model is unchanged (values, ``requires_grad``, submodules, ``training``,
-   no ``.grad``), whether it was a plain module or an already traced one;
+   no ``.grad``), whether it was a plain module or an already adapted one;
 2. a pass that raises leaves the model it was given exactly as it was, also with
-   ``inplace=True`` on a traced model;
+   ``inplace=True`` on an adapted model;
 3. outputs are bitwise equal at init, in evaluation mode;
 4. exactly the adapter parameters train, and their names follow from the selection;
 5. gradients reach every adapter parameter (LoRA's ``A`` once ``B`` is non-zero).
 
-Models: the built-in TinyTransformer (torch.fx), a torchvision-style CNN + MLP (torch.fx,
-selected by pattern since it has no attention), ``nn.TransformerEncoder``, GPT-2, LLaMA
-and BERT (torch.export).
+Models: the built-in TinyTransformer (map by torch.fx), a torchvision-style CNN + MLP
+(torch.fx, selected by pattern since it has no attention), ``nn.TransformerEncoder``, GPT-2,
+LLaMA and BERT (map by torch.export). In every case the adapted model is an object of the
+caller's class.
 """
 
 from __future__ import annotations
@@ -116,6 +117,15 @@ CELLS = [pytest.param(m, p, id=f"{m}-{p}") for m in MODELS for p in PASSES
          if p != "lora" or ROWS[m].lora_default_sites is not None]
 
 
+def _adapt(zoo, model: str, passes: list[Pass], given: nn.Module | None = None) -> nn.Module:
+    """``apply_passes`` on the zoo model (or ``given``), with its example inputs for the map."""
+    spec = zoo.spec(model)
+    adapted = apply_passes(spec.model if given is None else given, passes, spec.example_inputs,
+                           spec.example_kwargs or None)
+    assert type(adapted) is type(spec.model), "the adapted model is the caller's class"
+    return adapted
+
+
 def _cell(zoo, model: str, which: str) -> tuple[Row, list[Pass], set[str]]:
     row = ROWS[model]
     passes, expected = _passes(row, which)
@@ -125,12 +135,12 @@ def _cell(zoo, model: str, which: str) -> tuple[Row, list[Pass], set[str]]:
 @pytest.mark.parametrize("model", [m for m in MODELS if ROWS[m].lora_default_sites is None])
 def test_default_lora_without_attention_projections_raises(zoo, snapshot, model: str) -> None:
     row = ROWS[model]
-    traced = zoo.traced(model)
-    before = snapshot(traced)
+    spec = zoo.spec(model)
+    before = snapshot(spec.model)
     with pytest.raises(row.default_error, match=r"LoRAPass: no nn.Linear / Conv1D module plays "
                                                 r"default role\(s\) \['query', 'value'\]"):
-        apply_passes(traced, [LoRAPass()])
-    before.assert_unchanged(traced)
+        apply_passes(spec.model, [LoRAPass()], spec.example_inputs)
+    before.assert_unchanged(spec.model)
 
 
 def _reference(row: Row, spec, run_model) -> torch.Tensor:
@@ -161,11 +171,11 @@ def _randomise_lora_b(model: nn.Module) -> None:
 
 
 @pytest.mark.parametrize("model,which", CELLS)
-def test_traced_caller_unchanged(zoo, snapshot, run_model, model: str, which: str) -> None:
+def test_adapted_caller_unchanged(zoo, snapshot, run_model, model: str, which: str) -> None:
     row, passes, _ = _cell(zoo, model, which)
-    caller = zoo.traced(model)
+    caller = _adapt(zoo, model, [LoRAPass(pattern=row.lora_pattern_sites[0], name="first")])
     before = snapshot(caller)
-    adapted = apply_passes(caller, passes)
+    adapted = _adapt(zoo, model, passes, given=caller)
     assert adapted is not caller
     _randomise_lora_b(adapted)
     adapted.train()
@@ -197,9 +207,9 @@ def test_plain_caller_unchanged_and_storage_shared(zoo, snapshot, run_model, mod
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_failing_pass_leaves_inplace_traced_model_unchanged(zoo, snapshot, model: str) -> None:
+def test_failing_pass_leaves_inplace_adapted_model_unchanged(zoo, snapshot, model: str) -> None:
     row = ROWS[model]
-    work = apply_passes(zoo.traced(model), [LoRAPass(pattern=row.lora_pattern)])
+    work = _adapt(zoo, model, [LoRAPass(pattern=row.lora_pattern)])
     before = snapshot(work)
     with pytest.raises(AlreadyAdaptedError, match="already has an adapter named 'default' in slot 'lora_A'"):
         apply_passes(work, [IA3Pass(), LoRAPass(pattern=row.lora_pattern)], inplace=True)
@@ -229,7 +239,7 @@ def test_failing_pass_leaves_plain_model_unchanged(zoo, snapshot, model: str) ->
 def test_outputs_bitwise_equal_at_init(zoo, run_model, no_mha_fastpath, model: str, which: str) -> None:
     row, passes, _ = _cell(zoo, model, which)
     spec = zoo.spec(model)
-    adapted = apply_passes(zoo.traced(model), passes)
+    adapted = _adapt(zoo, model, passes)
     adapted.eval()
     expected = _reference(row, spec, run_model)
     got = run_model(adapted, spec)
@@ -245,12 +255,12 @@ def test_outputs_bitwise_equal_at_init(zoo, run_model, no_mha_fastpath, model: s
 @pytest.mark.parametrize("model,which", CELLS)
 def test_exactly_adapter_parameters_trainable(zoo, model: str, which: str) -> None:
     row, passes, expected = _cell(zoo, model, which)
-    adapted = apply_passes(zoo.traced(model), passes)
+    adapted = _adapt(zoo, model, passes)
     names = [n for n, _ in named_trainable_parameters(adapted)]
     assert sorted(names) == sorted(expected)
     assert len(trainable_parameters(adapted)) == len(expected)
     frozen = [n for n, p in adapted.named_parameters() if not p.requires_grad]
-    base = [n for n, _ in zoo.traced(model).named_parameters()]
+    base = [n for n, _ in zoo.spec(model).model.named_parameters()]
     assert sorted(frozen) == sorted(base), "every base parameter is frozen, nothing else"
 
 
@@ -260,7 +270,7 @@ def test_exactly_adapter_parameters_trainable(zoo, model: str, which: str) -> No
 @pytest.mark.parametrize("model,which", CELLS)
 def test_gradients_reach_every_adapter_parameter(zoo, run_model, model: str, which: str) -> None:
     _, passes, expected = _cell(zoo, model, which)
-    adapted = apply_passes(zoo.traced(model), passes)
+    adapted = _adapt(zoo, model, passes)
     adapted.train()
     _randomise_lora_b(adapted)
     run_model(adapted, zoo.spec(model)).float().pow(2).mean().backward()
@@ -271,10 +281,13 @@ def test_gradients_reach_every_adapter_parameter(zoo, run_model, model: str, whi
     assert {n for n, _ in named_trainable_parameters(adapted)} == expected
 
 
-def test_copy_of_traced_model_shares_storage_and_is_independent(zoo) -> None:
-    traced = zoo.traced("hf:gpt2")
-    copied = share_weights_copy(traced)
-    for (name, p), (_, q) in zip(traced.named_parameters(), copied.named_parameters(), strict=True):
-        assert p is not q and p.data_ptr() == q.data_ptr(), name
-    placeholders = [n for n in copied.graph.nodes if n.op == "placeholder"]
-    assert copied.input_placeholders == placeholders
+def test_copy_of_adapted_model_shares_base_storage_and_is_independent(zoo) -> None:
+    adapted = _adapt(zoo, "hf:gpt2", [LoRAPass()])
+    copied = share_weights_copy(adapted)
+    assert type(copied) is type(adapted)
+    for (name, p), (_, q) in zip(adapted.named_parameters(), copied.named_parameters(), strict=True):
+        assert p is not q, name
+        if p.requires_grad:  # adapters are trained in place: never shared
+            assert p.data_ptr() != q.data_ptr() and torch.equal(p, q), name
+        else:
+            assert p.data_ptr() == q.data_ptr(), name

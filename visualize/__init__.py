@@ -1,10 +1,13 @@
-"""Drawing traced models: networkx graphs, graphviz DOT, SVG/PNG, before/after diffs.
+"""Drawing models: networkx graphs, graphviz DOT, SVG/PNG, before/after diffs.
+
+The whole-model picture is the model's map (its graph tree, traced for analysis) with every
+adapted call expanded into its site graph, so the nodes a pass inserted appear in place.
 
 ::
 
     from visualize import render, render_diff, to_networkx, RenderOptions
 
-    graph = to_networkx(model)                        # one dataflow graph, calls inlined
+    graph = to_networkx(adapted)                      # one dataflow graph, site graphs in place
     render(model, "out/model.svg", options=RenderOptions(depth=2))
     report = render_diff(model, adapted, "out/")      # before/after SVG, diff.md, diff.html
     print(report.to_markdown())
@@ -15,7 +18,7 @@ with frozen parameters are grey-blue, trainable ones green, rewritten (merged) w
 
 from visualize.diff import node_diff, param_diff, render_diff
 from visualize.dot import to_dot
-from visualize.graph import to_networkx, traced_to_networkx
+from visualize.graph import to_networkx
 from visualize.options import Palette, RenderOptions
 from visualize.render import MissingRendererWarning, render
 from visualize.report import DiffReport, NodeChange, ParamChange
@@ -33,5 +36,4 @@ __all__ = [
     "render_diff",
     "to_dot",
     "to_networkx",
-    "traced_to_networkx",
 ]

@@ -13,11 +13,10 @@ import networkx as nx
 import torch
 from torch import nn
 
-from surgery.sites.marker import AdapterModule
 from surgery.errors import RenderError
-from surgery.map.trace import trace
+from surgery.sites.marker import AdapterModule
 from visualize.dot import default_title
-from visualize.graph import is_traced_like, param_totals, traced_to_networkx
+from visualize.graph import build_graph, map_of, param_totals
 from visualize.html import diff_html
 from visualize.options import RenderOptions
 from visualize.render import MissingRendererWarning, write_diagram
@@ -69,7 +68,7 @@ def param_diff(before: nn.Module, after: nn.Module) -> tuple[ParamChange, ...]:
     Two models that merely hold copies of the same values show no rewrite.
 
     Args:
-        before: the model before surgery (plain or traced).
+        before: the model before surgery (plain or adapted).
         after: the model after surgery.
 
     Returns:
@@ -134,16 +133,12 @@ def node_diff(before: nx.DiGraph, after: nx.DiGraph) -> tuple[NodeChange, ...]:
 
 
 def _source_name(model: nn.Module) -> str:
-    state = getattr(model, "_surgery", None)
-    cls = getattr(state, "source_class", None)
-    return cls.__name__ if cls is not None else type(model).__name__
-
-
-def _traced(model: nn.Module, frontend: str, example_inputs: tuple | None,
-            example_kwargs: Mapping[str, Any] | None) -> tuple[nn.Module, nn.Module | None]:
-    if is_traced_like(model):
-        return model, None
-    return trace(model, example_inputs, example_kwargs, frontend=frontend), model
+    """The class the model had before surgery (an adapted model's, a map's source class)."""
+    for info in (getattr(model, "_surgery", None), getattr(model, "_surgery_map", None)):
+        cls = getattr(info, "source_class", None)
+        if cls is not None:
+            return cls.__name__
+    return type(model).__name__
 
 
 def render_diff(
@@ -166,14 +161,19 @@ def render_diff(
     say so. Each title counts the parameters of its whole model as :func:`surgery.audit`
     does (each tensor once; trainable by ``requires_grad``).
 
+    Both pictures are maps (:func:`visualize.to_networkx`): ``after``'s with each adapted
+    call expanded into its site graph, ``before``'s traced by the same front end, so the
+    nodes both share keep their ids and the diff finds exactly what the passes inserted
+    (and, for a merge, what they took out).
+
     Args:
-        before: usually the caller's plain model (traced on a private copy, with the front
-            end ``after`` was traced with; it is not changed), or a traced model.
-        after: the adapted model from :func:`surgery.apply_passes` (or a plain model, traced
-            the same way).
+        before: usually the caller's plain model (its map is traced from a weight-free
+            copy; it is not changed), or an adapted model, or a map.
+        after: the adapted model from :func:`surgery.apply_passes` (or a plain model or a
+            map).
         out_dir: output folder.
-        example_inputs: inputs for tracing a plain model; by default those ``after`` was
-            traced with (``after._surgery.example_inputs``).
+        example_inputs: inputs for tracing; by default those ``after`` was adapted with
+            (``after._surgery.example_inputs``).
         example_kwargs: keyword inputs, likewise.
         options: drawing options (``depth``, colours, ...); ``RenderOptions()`` by default.
 
@@ -201,11 +201,12 @@ def render_diff(
         example_inputs = state.example_inputs
     if example_kwargs is None and state is not None:
         example_kwargs = state.example_kwargs
-    after_traced, after_source = _traced(after, "auto", example_inputs, example_kwargs)
-    frontend = getattr(getattr(after_traced, "_surgery", None), "frontend", None) or "auto"
-    before_traced, before_source = _traced(before, frontend, example_inputs, example_kwargs)
-    g_before = traced_to_networkx(before_traced, source=before_source, depth=options.depth)
-    g_after = traced_to_networkx(after_traced, source=after_source, depth=options.depth)
+    after_map = map_of(after, example_inputs, example_kwargs)
+    frontend = getattr(getattr(after_map, "_surgery_map", None), "frontend", None) or "auto"
+    before_map = map_of(before, example_inputs, example_kwargs, frontend=frontend,
+                        leaf_modules=getattr(state, "leaf_modules", None) or ())
+    g_before = build_graph(before_map, before, depth=options.depth)
+    g_after = build_graph(after_map, after, depth=options.depth)
     nodes = node_diff(g_before, g_after)
     added = frozenset(n.id for n in nodes if n.kind == "added")
     for change in nodes:

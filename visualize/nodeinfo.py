@@ -1,7 +1,7 @@
 """What the renderer shows about one fx node: names, shapes, parameters, provenance.
 
-Pure functions over fx nodes and modules; :mod:`visualize.graph` calls them while it walks
-the graphs of a traced model.
+Pure functions over fx nodes and modules; :mod:`visualize.walk` calls them while it walks
+the map and the site graphs of a model.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from torch import fx, nn
 
 from surgery.adapters.active import INACTIVE_KEY
 from surgery.sites.marker import AdapterModule
+from surgery.sites.site_graph import base_module
 from surgery.map.dataflow import op_name
 from surgery.map.graphs import is_interpreter_module, surgery_meta
 
@@ -278,15 +279,17 @@ def node_cluster(node: fx.Node, prefix: str, module_path: str | None, flat: bool
     return paths[-1] if paths else clean_path(prefix)
 
 
-def module_types(traced: nn.Module, graphs: Iterable[tuple[str, nn.Module]],
-                 source: nn.Module | None = None) -> dict[str, str]:
+def module_types(graph_map: nn.Module, graphs: Iterable[tuple[str, nn.Module]],
+                 model: nn.Module | None = None) -> dict[str, str]:
     """Map qualified module paths to class names, for cluster titles.
 
-    Export turns submodules into ``InterpreterModule`` objects, so their original classes are
-    read from ``nn_module_stack`` metadata; real modules (and ``source``, the caller's
-    untraced model, when given) say it directly.
+    Export turns submodules into ``InterpreterModule`` objects, so their classes are read
+    from ``nn_module_stack`` metadata; real modules say it directly. ``model`` (the model the
+    map stands for) has the last word: a site graph reads as the class it replaced, and
+    the modules of adapters are left out (they are drawn beside their site, not as
+    clusters).
     """
-    known = {clean_path(path) for path, _ in traced.named_modules(remove_duplicate=False)}
+    known = {clean_path(path) for path, _ in graph_map.named_modules(remove_duplicate=False)}
     types: dict[str, str] = {}
     for _, owner in graphs:
         for node in owner.graph.nodes:
@@ -295,16 +298,32 @@ def module_types(traced: nn.Module, graphs: Iterable[tuple[str, nn.Module]],
                 if path in known:
                     name = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
                     types.setdefault(path, name.rpartition(".")[2])
-    for path, mod in traced.named_modules(remove_duplicate=False):
+    for path, mod in graph_map.named_modules(remove_duplicate=False):
         if (not path or type(mod) is nn.Module  # containers fx creates for dotted paths
                 or is_interpreter_module(mod) or isinstance(mod, fx.GraphModule)):
             continue
         types[clean_path(path)] = type(mod).__name__
-    if source is not None:
-        for path, mod in source.named_modules(remove_duplicate=False):
-            types[clean_path(path)] = type(mod).__name__
-    state = getattr(traced, "_surgery", None)
-    root = getattr(state, "source_class", None) if state is not None else None
-    types[""] = root.__name__ if root is not None else (
-        type(source).__name__ if source is not None else type(traced).__name__)
+    if model is not None and model is not graph_map:
+        adapters = [path for path, mod in model.named_modules(remove_duplicate=False)
+                    if isinstance(mod, AdapterModule)]
+        for path, mod in model.named_modules(remove_duplicate=False):
+            if any(path == a or path.startswith(a + ".") for a in adapters):
+                continue
+            if isinstance(mod, nn.ModuleDict) and len(mod) and all(
+                    isinstance(m, AdapterModule) for m in mod.values()):
+                continue  # a site's slot of named adapters (lora_A)
+            types[clean_path(path)] = type(base_module(mod)).__name__
+    types[""] = _root_class(graph_map, model)
     return dict(sorted(types.items()))
+
+
+def _root_class(graph_map: nn.Module, model: nn.Module | None) -> str:
+    """The class name the model had before surgery."""
+    for holder in (model, graph_map):
+        state = getattr(holder, "_surgery", None)
+        cls = getattr(state, "source_class", None)
+        if cls is None:
+            cls = getattr(getattr(holder, "_surgery_map", None), "source_class", None)
+        if cls is not None:
+            return cls.__name__
+    return type(base_module(model if model is not None else graph_map)).__name__

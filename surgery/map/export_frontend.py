@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import inspect
 import io
 import logging
 import warnings
@@ -19,31 +18,11 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.export.unflatten import FlatArgsAdapter
 
-from surgery.errors import InputMismatchError
 from surgery.map.graphs import graph_modules, is_interpreter_module, qualified
 from surgery.map.leaves import MODE_TYPES, SIGNATURE_TYPES, is_linear_like
-from surgery.map.trace_inputs import ExportedCallCheck
 
 __all__ = ["trace_export"]
-
-
-def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> dict:
-    from torch.export import Dim
-
-    bound = inspect.signature(model.forward).bind(*args, **kwargs)
-
-    def spec(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return {d: Dim.AUTO for d in range(min(value.dim(), 2))} or None
-        if isinstance(value, (tuple, list)):
-            return type(value)(spec(v) for v in value)
-        if isinstance(value, dict):
-            return {k: spec(v) for k, v in value.items()}
-        return None
-
-    return {k: spec(v) for k, v in bound.arguments.items()}
 
 
 def trace_export(
@@ -52,7 +31,6 @@ def trace_export(
     example_kwargs: Mapping[str, Any] | None = None,
     *,
     leaf_modules: Collection[str | type] = (),
-    equivalent: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """Export ``model`` (``strict=False``), unflatten it, and put the real leaves back.
 
@@ -67,11 +45,9 @@ def trace_export(
     no weight is copied; (3) switches each graph to compiled code instead of the
     node-by-node interpreter.
 
-    Every input not among ``example_inputs`` / ``example_kwargs`` is traced at its default;
-    a forward pre-hook (:class:`surgery.map.trace_inputs.ExportedCallCheck`) turns a call that
-    differs into an :class:`InputMismatchError` naming the input. ``equivalent`` names, for
-    an input left at its default, a second value the check accepts as the same
-    (``{"use_cache": False}`` once tracing switched the cache off).
+    Every input not among ``example_inputs`` / ``example_kwargs`` is traced at its default.
+    The result is a map for analysis (roles, shapes, pictures); it is never run as the
+    adapted model.
 
     The model is exported in eval mode: functional dropout inside a layer (``F.dropout``,
     ``dropout_p`` of attention) is recorded as off. An ``nn.MultiheadAttention`` called with
@@ -86,17 +62,15 @@ def trace_export(
     model.eval()
     try:
         with _quiet():
-            dynamic = _dynamic_shapes(model, tuple(example_inputs), kwargs)
             try:
                 program = export(model, tuple(example_inputs), kwargs, strict=False,
-                                 dynamic_shapes=dynamic, preserve_module_call_signature=keep)
+                                 preserve_module_call_signature=keep)
             except Exception:
                 if not keep:
                     raise
                 keep = ()  # those modules stay decomposed; try once more without them
-                program = export(model, tuple(example_inputs), kwargs, strict=False,
-                                 dynamic_shapes=dynamic)
-            unflat = unflatten(program, flat_args_adapter=_ExportedInputs(type(model).__name__))
+                program = export(model, tuple(example_inputs), kwargs, strict=False)
+            unflat = unflatten(program)
     finally:
         model.train(was_training)
     names = {x for x in leaf_modules if isinstance(x, str)}
@@ -112,9 +86,6 @@ def trace_export(
             mod._run_with_interpreter = False
             mod.graph.owning_module = mod
             mod.finalize()
-    check = ExportedCallCheck.for_call(model, tuple(example_inputs), kwargs, equivalent)
-    if check is not None:
-        unflat.register_forward_pre_hook(check, with_kwargs=True)
     del program
     gc.collect()  # unflatten's cloned weights sit in reference cycles: free them now
     return unflat
@@ -133,43 +104,6 @@ def _quiet() -> Iterator[None]:
             yield
     finally:
         logger.setLevel(level)
-
-
-def _spec_inputs(spec: Any) -> tuple[int, list[str]]:
-    """``(number of positional inputs, keyword names)`` of an ``(args, kwargs)`` TreeSpec."""
-    try:
-        args_spec, kwargs_spec = spec.children()
-        return args_spec.num_children, list(kwargs_spec.context or [])
-    except Exception:  # an unexpected layout: say nothing precise
-        return -1, []
-
-
-class _ExportedInputs(FlatArgsAdapter):
-    """Turns a call of an exported model with other inputs than it was traced with into an
-    :class:`InputMismatchError` (``unflatten`` otherwise says only "no flat args adapter").
-
-    :class:`surgery.map.trace_inputs.ExportedCallCheck` catches such calls first, naming the
-    input; this is the fallback for a model whose hook was removed.
-    """
-
-    def __init__(self, class_name: str) -> None:
-        self.class_name = class_name
-
-    def adapt(self, target_spec: Any, input_spec: Any, input_args: list[Any],
-              metadata: dict[str, Any] | None = None, obj: Any | None = None) -> list[Any]:
-        n_want, kw_want = _spec_inputs(target_spec)
-        n_got, kw_got = _spec_inputs(input_spec)
-        missing = [k for k in kw_want if k not in kw_got]
-        extra = [k for k in kw_got if k not in kw_want]
-        raise InputMismatchError(
-            f"this {self.class_name} (traced through torch.export) was traced with {n_want} "
-            f"positional input(s) and keyword input(s) {kw_want}, and takes exactly those; it "
-            f"was called with {n_got} positional input(s) and keyword input(s) {kw_got}"
-            + (f" (missing: {missing})" if missing else "")
-            + (f" (not traced: {extra})" if extra else "")
-            + ". Way out: pass the inputs it was traced with (for an attention mask without "
-            "padding: torch.ones_like(input_ids)), or trace again with example_inputs / "
-            "example_kwargs that have the inputs you will use.")
 
 
 def _from_call_spec(arg: Any) -> bool:

@@ -25,7 +25,6 @@ from torch import nn
 from surgery.map.dataflow import build_dataflow
 from surgery.errors import ConfigError, near_matches
 from surgery.map.graphs import node_value
-from surgery.sites.rewrite import BRANCH_PARTS  # side branches: walks must not enter them
 from surgery.map.trace import is_linear_like
 
 __all__ = [
@@ -210,10 +209,7 @@ def walk(g: nx.DiGraph, start: str, allowed: set[str], *, forward: bool = False,
                     paths[qname] = path + [other]
                 continue
             data = g.nodes[other]
-            meta = data["ref"].node.meta.get("surgery")
-            if meta is not None and meta.get("part") in BRANCH_PARTS:
-                continue  # never walk into an adapter's side branch
-            if data.get("inlined") or meta is not None or _passes(data["name"], allowed):
+            if data.get("inlined") or _passes(data["name"], allowed):
                 queue.append((other, path + [other]))
                 if visited is not None:
                     visited.add(other)

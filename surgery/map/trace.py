@@ -12,9 +12,12 @@ and the :class:`TraceError` message in :mod:`surgery.map.trace_errors`.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import inspect
 import warnings
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,10 +25,7 @@ from torch import fx, nn
 
 from surgery.map.export_frontend import trace_export
 from surgery.map.leaves import LINEAR_TYPES, is_hf_conv1d, is_leaf_type, is_linear_like
-from surgery.sites.params import share_weights_copy
-from surgery.pass_base import SurgeryState
 from surgery.map.trace_errors import trace_error
-from surgery.map.trace_inputs import INPUT_CHECKS, install_fx_input_checks
 
 __all__ = [
     "LINEAR_TYPES",
@@ -33,7 +33,9 @@ __all__ = [
     "is_hf_conv1d",
     "is_linear_like",
     "is_leaf_type",
-    "is_traced",
+    "MapInfo",
+    "is_map",
+    "weight_free_copy",
     "trace",
     "trace_fx",
     "trace_export",
@@ -50,8 +52,7 @@ class SurgeryTracer(fx.Tracer):
     """
 
     def __init__(self, leaf_modules: Collection[str | type] = ()) -> None:
-        # The input checks stay calls when a saved traced model is traced again on load.
-        super().__init__(autowrap_functions=INPUT_CHECKS)
+        super().__init__()
         self.leaf_names = {x for x in leaf_modules if isinstance(x, str)}
         self.leaf_types = tuple(x for x in leaf_modules if isinstance(x, type))
 
@@ -63,9 +64,64 @@ class SurgeryTracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
-def is_traced(model: nn.Module) -> bool:
-    """True when ``model`` came out of :func:`trace` (or :func:`surgery.apply_passes`)."""
-    return isinstance(getattr(model, "_surgery", None), SurgeryState)
+@dataclass
+class MapInfo:
+    """What a map knows about how it was made, kept on it as ``._surgery_map``.
+
+    Attributes:
+        frontend: ``"fx"`` or ``"export"``.
+        source_class: the class of the model that was traced.
+        example_inputs / example_kwargs: what tracing was given, if anything.
+        notes: what tracing changed on its private copy (``config.use_cache`` switched off,
+            ...), one sentence each.
+        weight_free: ``True`` when the map was traced from a meta-device copy (its tensors
+            have shapes but no storage).
+    """
+
+    frontend: str
+    source_class: type
+    example_inputs: tuple | None = None
+    example_kwargs: dict | None = None
+    notes: list[str] = field(default_factory=list)
+    weight_free: bool = False
+
+
+def is_map(model: nn.Module) -> bool:
+    """True when ``model`` is a map made by :func:`trace`."""
+    return isinstance(getattr(model, "_surgery_map", None), MapInfo)
+
+
+def weight_free_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers live on the meta device, and
+    whose modules carry no hooks (the user's hooks are not run on the map's meta tensors).
+
+    Costs no copy of the weights: tracing reads shapes and dtypes only.
+    """
+    memo: dict[int, Any] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in memo:
+            continue
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        copied = copy.deepcopy(model, memo)
+    for mod in copied.modules():  # the map is traced and run on meta tensors: no user hooks
+        for hooks in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+                      "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called",
+                      "_backward_hooks", "_backward_pre_hooks"):
+            getattr(mod, hooks).clear()
+    return copied
+
+
+def _to_meta(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to("meta")
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_meta(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_meta(v) for k, v in value.items()}
+    return value
 
 
 def trace(
@@ -76,30 +132,33 @@ def trace(
     leaf_modules: Collection[str | type] = (),
     frontend: str = "auto",
 ) -> nn.Module:
-    """Trace ``model`` into a tree of fx graphs that passes can rewrite.
+    """Build the map of ``model``: its whole-model graph tree, for analysis only.
 
-    torch.fx is tried first (no inputs needed). When it fails and ``example_inputs`` are
-    given, torch.export (``strict=False``) with ``unflatten`` is used, with dimensions 0 and 1
-    (batch and sequence) of every tensor input exported dynamic.
+    The map is what selection by role, the audit and the pictures read; it is never run as
+    the adapted model (that is the user's own model with site graphs inside, see
+    :func:`surgery.apply_passes`). It is traced from a weight-free (meta-device) copy, so it
+    costs no second copy of the weights. torch.fx is tried first (no inputs needed); when
+    it fails and ``example_inputs`` are given, torch.export (``strict=False``) with
+    ``unflatten`` is used, with the shapes of the example inputs (the map is never run, so
+    nothing needs other sizes); where export cannot run on meta tensors, it runs on ``model`` itself (whose
+    cache setting is put back). Forward parameters not among the example inputs are traced at their default. A
+    Hugging Face model whose config has ``use_cache=True`` is traced with ``use_cache=False``
+    (a cache object cannot be a graph output); ``._surgery_map.notes`` says so.
 
-    Forward parameters that are not among the example inputs are fixed to their default
-    (recorded as ``._surgery.fixed_inputs``); calling the traced model with another value
-    for one, or without an input it was traced with, raises
-    :class:`surgery.errors.InputMismatchError` naming it. A Hugging Face model whose config
-    has ``use_cache=True`` is traced with ``use_cache=False`` on the private copy (a cache
-    object cannot be a graph output); ``._surgery.notes`` says so.
+    Every module keeps its qualified name in the map, so a role found there names the
+    module of the user's model.
 
     Args:
-        model: the module to trace. It is not changed: the result holds its own module and
-            ``Parameter`` objects, sharing the weights' storage.
+        model: the module to trace. It is not changed.
         example_inputs: positional inputs, as a tuple, used by export and for shapes.
-        example_kwargs: keyword inputs (``attention_mask``); the traced model accepts them too.
+        example_kwargs: keyword inputs (``attention_mask``).
         leaf_modules: extra modules to keep opaque (qualified names or classes).
         frontend: ``"auto"``, ``"fx"`` or ``"export"``.
 
     Returns:
-        A ``torch.fx.GraphModule`` (fx) or ``torch.export.UnflattenedModule`` (export) with
-        the same forward signature, carrying its bookkeeping as ``._surgery``.
+        A ``torch.fx.GraphModule`` (fx) or ``torch.export.UnflattenedModule`` (export)
+        carrying a :class:`MapInfo` as ``._surgery_map``. Its tensors are on the meta device
+        when ``._surgery_map.weight_free``.
 
     Raises:
         TraceError: neither front end could trace the model; the message names the module,
@@ -111,16 +170,15 @@ def trace(
     if example_inputs is not None and not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     kwargs = dict(example_kwargs or {})
-    work = share_weights_copy(model)
+    work = weight_free_copy(model)
     notes = switch_off_cache(work)
-    equivalent = {"use_cache": False} if notes else {}
     fx_error: BaseException | None = None
     traced: nn.Module | None = None
-    fixed: dict[str, Any] = {}
     used = frontend
+    weight_free = True
     if frontend in ("auto", "fx"):
         try:
-            traced, fixed = _trace_fx(work, leaf_modules, example_inputs or (), kwargs, equivalent)
+            traced = _trace_fx(work, leaf_modules, example_inputs or (), kwargs)
             used = "fx"
         except Exception as exc:  # any failure inside user code while tracing
             fx_error = exc
@@ -128,24 +186,28 @@ def trace(
                 raise trace_error(model, fx_error, None, example_inputs is None) from exc
     if traced is None:
         try:
-            traced = trace_export(work, example_inputs or (), kwargs, leaf_modules=leaf_modules,
-                                  equivalent=equivalent)
+            traced = trace_export(work, _to_meta(example_inputs or ()), _to_meta(kwargs),
+                                  leaf_modules=leaf_modules)
             used = "export"
-        except Exception as exc:
-            raise trace_error(model, fx_error, exc, False) from exc
-        fixed = _defaults_not_given(work, len(example_inputs or ()), kwargs)
-    traced._surgery = SurgeryState(
+        except Exception:  # some code cannot run on meta tensors: trace shared weights
+            try:
+                with _cache_switched_off(model):
+                    traced = trace_export(model, example_inputs or (), kwargs,
+                                          leaf_modules=leaf_modules)
+                used, weight_free = "export", False
+            except Exception as exc:
+                raise trace_error(model, fx_error, exc, False) from exc
+    traced._surgery_map = MapInfo(
         frontend=used,
         source_class=type(model),
         example_inputs=example_inputs,
         example_kwargs=kwargs or None,
-        source=share_weights_copy(model),
-        fixed_inputs=fixed,
         notes=notes,
+        weight_free=weight_free,
     )
     traced.train(model.training)
     if used == "fx" and example_inputs is not None:
-        propagate_shapes(traced, example_inputs, kwargs)
+        propagate_shapes(traced, _to_meta(example_inputs), _to_meta(kwargs))
     return traced
 
 
@@ -174,6 +236,19 @@ def switch_off_cache(model: nn.Module) -> list[str]:
                      f"cannot be a graph output); the model given keeps use_cache=True, and the "
                      f"traced model returns no cache.")
     return notes
+
+
+@contextlib.contextmanager
+def _cache_switched_off(model: nn.Module) -> Iterator[None]:
+    """:func:`switch_off_cache` on ``model`` itself, undone on exit."""
+    configs = [mod.__dict__["config"] for _, mod in model.named_modules()
+               if getattr(mod.__dict__.get("config"), "use_cache", None) is True]
+    switch_off_cache(model)
+    try:
+        yield
+    finally:
+        for config in configs:
+            config.use_cache = True
 
 
 def _positional_names(model: nn.Module, n: int) -> list[str]:
@@ -211,53 +286,17 @@ def trace_fx(
 
     Forward parameters that have a default and are not among the example inputs (by
     position or keyword) are fixed to their default (fx ``concrete_args``), so ``if
-    attention_mask is not None`` traces the branch the model takes by default; the traced
-    model still accepts the parameter by its name, and passing anything but the default
-    raises :class:`surgery.errors.InputMismatchError`. A parameter defaulting to ``None``
-    stays a real input when the graph hands it only to leaf modules or to functions kept
-    opaque with ``torch.fx.wrap`` (which can take ``None`` at run time): tracing is tried
-    that way first. A parameter defaulting to ``None`` that the example inputs give is a
-    real input; unless ``None`` can flow through the graph, calling without it raises
-    :class:`surgery.errors.InputMismatchError`.
-
-    Only the number of ``example_inputs`` matters (which parameters they give), not their
-    values.
+    attention_mask is not None`` traces the branch the model takes by default. Only the
+    number of ``example_inputs`` matters (which parameters they give), not their values.
     """
-    return _trace_fx(model, leaf_modules, example_inputs, example_kwargs or {})[0]
+    return _trace_fx(model, leaf_modules, example_inputs, example_kwargs or {})
 
 
 def _trace_fx(model: nn.Module, leaf_modules: Collection[str | type], example_inputs: tuple,
-              example_kwargs: Mapping[str, Any], equivalent: Mapping[str, Any] | None = None
-              ) -> tuple[fx.GraphModule, dict[str, Any]]:
-    """:func:`trace_fx`, also returning the parameters fixed to their default."""
-    defaults = _defaults_not_given(model, len(example_inputs), example_kwargs)
-    given_optional = {pname for pname, param in inspect.signature(model.forward).parameters.items()
-                      if param.default is None and pname not in defaults}
-    optional = {k for k, v in defaults.items() if v is None}
-    gm = None
-    fixed = defaults
-    if optional:
-        fixed = {k: v for k, v in defaults.items() if k not in optional}
-        try:
-            gm = _trace_fx_once(model, leaf_modules, fixed)
-        except Exception:  # the general trace failed: fix every default below
-            gm = None
-        if gm is not None and not all(_none_safe(n) for n in gm.graph.nodes
-                                      if n.op == "placeholder" and n.target in optional):
-            gm = None
-    if gm is None:
-        fixed = defaults
-        gm = _trace_fx_once(model, leaf_modules, fixed)
-    required = [str(n.target) for n in gm.graph.nodes
-                if n.op == "placeholder" and n.target in given_optional and not _none_safe(n)]
-    install_fx_input_checks(gm, fixed, required, equivalent)
-    return gm, dict(fixed)
-
-
-def _trace_fx_once(model: nn.Module, leaf_modules: Collection[str | type],
-                   concrete: dict[str, Any]) -> fx.GraphModule:
+              example_kwargs: Mapping[str, Any]) -> fx.GraphModule:
+    concrete = _defaults_not_given(model, len(example_inputs), example_kwargs)
     tracer = SurgeryTracer(leaf_modules)
-    with warnings.catch_warnings():  # inputs fx cannot check get a check of ours, or none
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Was not able to add assertion")
         graph = tracer.trace(model, concrete_args=concrete or None)
     for node in graph.nodes:  # fx names a fixed parameter "<name>_1"; keep the user's keyword
@@ -269,25 +308,8 @@ def _trace_fx_once(model: nn.Module, leaf_modules: Collection[str | type],
             if node.target == f"{pname}_1" and not isinstance(value, (tuple, list, dict)):
                 node.target = pname
     gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
-    # GraphModule copies only what the graph references; keep the rest of the bookkeeping.
     gm.train(model.training)
     return gm
-
-
-_OPAQUE_SKIP = ("torch", "_operator", "operator", "builtins", "math")
-
-
-def _none_safe(placeholder: fx.Node) -> bool:
-    """True when ``None`` can flow into every user of ``placeholder`` at run time."""
-    for user in placeholder.users:
-        if user.op == "call_module":
-            continue
-        if user.op == "call_function":
-            module = getattr(user.target, "__module__", None) or ""
-            if module and module.split(".")[0] not in _OPAQUE_SKIP:  # a torch.fx.wrap-ped function
-                continue
-        return False
-    return True
 
 
 def propagate_shapes(traced: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> None:

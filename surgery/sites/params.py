@@ -30,9 +30,8 @@ def share_weights_copy(model: nn.Module) -> nn.Module:
     """
     memo: dict[int, object] = {}
     state = getattr(model, "_surgery", None)
-    source = getattr(state, "source", None)
-    if source is not None:  # the eager copy kept for unload is read-only: share it
-        memo[id(source)] = source
+    if state is not None and state.cached_map is not None:  # the map is read-only: share it
+        memo[id(state.cached_map)] = state.cached_map
     adapter_ids = {id(p) for _, p in adapter_parameters(model)}
     for param in model.parameters():
         if id(param) not in memo:

@@ -1,49 +1,44 @@
-"""Small graph-editing helpers shared by the passes.
+"""Rewrite primitives on site graphs, shared by the passes.
 
-Passes edit the graph that holds a site's ``call_module`` node and register their modules
-under the site, so parameters read ``layers.0.attn.q_proj.lora_A.default.weight``.
+Passes insert nodes into a site's :class:`~surgery.sites.site_graph.SiteGraph` and register
+their modules on it, so parameters read ``layers.0.attn.q_proj.lora_A.default.weight``.
 
 Every node a pass inserts carries ``node.meta["surgery"] = {"pass", "site", "role",
 "adapter", "part"}`` (see :func:`mark`). The part says where the node sits:
 
 - side-branch parts (:data:`BRANCH_PARTS`: ``lora_dropout``, ``lora_A``, ``lora_B``,
   ``scale``, ``down``, ``act``, ``up``) read the site's input or output but are not on the
-  path the site's value takes to the rest of the graph; walks never enter them.
-- every other part is on the main path and is see-through: a walk from a layer's output
-  (role discovery, :func:`site_output`) passes it as if the layer were unadapted. Among them:
-  ``add`` (the sum of the layer's output and a branch), ``ia3_l`` (IA³ scaling), and
-  ``carry``, a placeholder :func:`carry_value` adds to pass a value into a submodule's
-  graph on the export front end.
+  path the site's value takes to the output;
+- every other part is on the main path and is see-through: :func:`site_output` passes it
+  as if the layer were unadapted. Among them: ``add`` (the sum of the layer's output and a
+  branch) and ``ia3_l`` (IA³ scaling).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from torch import fx, nn
 
-from surgery.errors import AlreadyAdaptedError, UnsupportedSiteError
-from surgery.map.graphs import CallSite, call_sites, graph_modules, qualified
-from surgery.pass_base import Change
+from surgery.errors import AlreadyAdaptedError
+from surgery.sites.changes import Change
+from surgery.sites.marker import AdapterModule
+from surgery.sites.site_graph import SiteGraph
 
 __all__ = [
+    "BRANCH_PARTS",
+    "follow_main_path",
     "freeze_site",
-    "register_adapter",
-    "call_input",
-    "set_call_input",
-    "replace_uses_after",
+    "insert_after",
     "mark",
-    "relative_target",
-    "editable_graph",
-    "insert_chain",
+    "register_adapter",
+    "replace_uses_after",
+    "site_input",
     "site_output",
-    "site_input_users",
-    "carry_value",
 ]
 
 # Parts of an inserted side branch: they read the site's input or output but are not on
-# the path the site's value takes to the rest of the graph.
+# the path the site's value takes to the output.
 BRANCH_PARTS = frozenset({"lora_dropout", "lora_A", "lora_B", "scale", "down", "act", "up"})
 
 
@@ -59,49 +54,12 @@ def register_adapter(site_module: nn.Module, slot: str, adapter_name: str, modul
         holder = nn.ModuleDict()
         site_module.add_module(slot, holder)
     if adapter_name in holder:
+        kind = type(site_module.template if isinstance(site_module, SiteGraph) else site_module)
         raise AlreadyAdaptedError(
-            f"{pass_name}: {site} ({type(site_module).__name__}) already has an adapter named "
+            f"{pass_name}: {site or 'the model'} ({kind.__name__}) already has an adapter named "
             f"{adapter_name!r} in slot {slot!r}. Way out: give the pass another name=..., or "
             f"exclude this site with exclude=[{site!r}].")
     holder[adapter_name] = module
-
-
-def editable_graph(call: CallSite) -> fx.Graph:
-    """The graph holding ``call``, made ready for inserting ``call_module`` nodes.
-
-    On the export front end a graph's ``owning_module`` is the compiled copy made when the
-    graph was last finalised, which does not know modules registered since; inserting a
-    ``call_module`` node checks the target against it. This points it back at the owner.
-    """
-    graph = call.owner.graph
-    if graph.owning_module is not call.owner and not isinstance(call.owner, fx.GraphModule):
-        graph.owning_module = call.owner
-    return graph
-
-
-def relative_target(call: CallSite, *parts: str) -> str:
-    """Target string, relative to the graph owner, of a module registered under the site."""
-    return ".".join((str(call.node.target),) + parts)
-
-
-def call_input(node: fx.Node) -> Any:
-    """The first input of a ``call_module`` node (positional or ``input=``)."""
-    if node.args:
-        return node.args[0]
-    if "input" in node.kwargs:
-        return node.kwargs["input"]
-    return next(iter(node.kwargs.values()))
-
-
-def set_call_input(node: fx.Node, value: fx.Node) -> None:
-    """Replace the first input of a ``call_module`` node."""
-    if node.args:
-        node.args = (value,) + tuple(node.args[1:])
-    elif "input" in node.kwargs:
-        node.kwargs = {**node.kwargs, "input": value}
-    else:
-        key = next(iter(node.kwargs))
-        node.kwargs = {**node.kwargs, key: value}
 
 
 def replace_uses_after(node: fx.Node, new: fx.Node) -> None:
@@ -131,160 +89,58 @@ def mark(node: fx.Node, *, pass_name: str, site: str, role: str | None, adapter:
     return node
 
 
-def insert_chain(graph: fx.Graph, after: fx.Node, build: Callable[[], fx.Node]) -> fx.Node:
+def insert_after(graph: fx.Graph, after: fx.Node, build: Callable[[], fx.Node]) -> fx.Node:
     """Run ``build`` with new nodes inserted right after ``after``, in creation order."""
-    anchor = after.next
-    with graph.inserting_before(anchor):
+    with graph.inserting_before(after.next):
         return build()
 
 
 def freeze_site(module: nn.Module, *, pass_name: str, site: str, role: str | None) -> list[Change]:
-    """Freeze the base parameters of an adapted layer (its own, not its adapters')."""
+    """Freeze the base parameters of an adapted site: its own and its children's, not its
+    adapters'."""
     changes = []
-    for pname, param in module.named_parameters(recurse=False):
-        if param.requires_grad:
+    adapters = {id(p) for m in module.modules() if isinstance(m, AdapterModule)
+                for p in m.parameters()}
+    for pname, param in module.named_parameters():
+        if param.requires_grad and id(param) not in adapters:
             param.requires_grad_(False)
-            changes.append(Change("param_frozen", pass_name, site, f"{site}.{pname}", role=role,
+            full = f"{site}.{pname}" if site else pname
+            changes.append(Change("param_frozen", pass_name, site, full, role=role,
                                   shape=tuple(param.shape), numel=param.numel()))
     return changes
 
 
-def _site_meta(node: fx.Node, site: str) -> dict | None:
+def _inserted_on_main_path(node: fx.Node) -> bool:
     meta = node.meta.get("surgery")
-    return meta if meta is not None and meta.get("site") == site else None
+    return meta is not None and meta.get("part") not in BRANCH_PARTS
 
 
-def site_output(base: fx.Node, site: str) -> fx.Node:
-    """The node carrying the adapted value of one call of ``site``.
-
-    Starting from the base ``call_module`` node, follows the nodes earlier passes inserted
-    on the main path of the same site (LoRA's ``add``, an IA³ output scaling), so a later
-    pass wraps the layer as already adapted: IA³ after LoRA scales ``W x + s · B A x``,
-    as it does when applied before LoRA.
-    """
-    node = base
+def follow_main_path(node: fx.Node) -> fx.Node:
+    """From ``node``, the last of the nodes earlier passes inserted on its main path (LoRA's
+    or an adapter's ``add``, an IA³ scaling); ``node`` itself when there are none."""
     while True:
-        nxt = [u for u in node.users
-               if (meta := _site_meta(u, site)) is not None and meta.get("part") not in BRANCH_PARTS]
+        nxt = [u for u in node.users if _inserted_on_main_path(u)]
         if len(nxt) != 1:
             return node
         node = nxt[0]
 
 
-def site_input_users(base: fx.Node, site: str, value: Any) -> list[fx.Node]:
-    """The nodes that read ``value`` as the input of one call of ``site``, in graph order:
-    the base call and the side branches earlier passes attached to it (LoRA's dropout)."""
-    if not isinstance(value, fx.Node):
-        return [base]
-    users = [u for u in value.users if u is base or _site_meta(u, site) is not None]
-    order = {n: i for i, n in enumerate(base.graph.nodes)}
-    return sorted(set(users) | {base}, key=order.__getitem__)
+def site_output(sg: SiteGraph) -> fx.Node:
+    """The node carrying the site's adapted value.
 
-
-def _within(inner: str, outer: str) -> bool:
-    return outer == "" or inner == outer or inner.startswith(outer + ".")
-
-
-def _argument(call: fx.Node, index: int, placeholder: fx.Node) -> Any:
-    """What a ``call_module`` node passes to the callee's ``index``-th placeholder."""
-    if index < len(call.args):
-        return call.args[index]
-    return call.kwargs.get(str(placeholder.target))
-
-
-def carry_value(model: nn.Module, value: fx.Node, src: str, dst: str, *, who: str, what: str,
-                pass_name: str, site: str, role: str | None, adapter: str
-                ) -> tuple[fx.Node, list[str]]:
-    """Make ``value`` (a node of the graph owned by ``src``) available in ``dst``'s graph.
-
-    On the export front end each submodule owns a graph, and a value produced in one is
-    read in another only through call arguments. This goes up from ``src`` through
-    placeholders to a graph that (transitively) calls ``dst``, then down to ``dst``,
-    reusing a placeholder already fed with the value or adding one (``carry_<value>``,
-    marked with part ``"carry"``) and the matching argument to the call. Before, with the
-    value ``x`` read in the root graph and wanted inside ``down``::
-
-        root:  y = down(h)                 down:  def forward(self, h): ...
-
-    After::
-
-        root:  y = down(h, x)              down:  def forward(self, h, carry_x): ...
-
-    On the fx front end (one graph, ``src == dst == ""``) this returns ``value`` unchanged.
-
-    Args:
-        model: the traced model owning both graphs.
-        value: the node to carry; a node of ``src``'s graph.
-        src / dst: qualified names of the graph owners (``""`` for the root).
-        who / what: the pass and the value, as named in error messages
-            (``"ParallelAdapterPass"``, ``"the input of up.lin"``).
-        pass_name, site, role, adapter: provenance for new placeholders (see :func:`mark`).
-
-    Returns:
-        The node carrying the value in ``dst``'s graph, and the qualified names of the
-        graphs that got a new placeholder, outermost first.
-
-    Raises:
-        UnsupportedSiteError: the value is computed inside a module that does not return it,
-            or a module on the way is called more than once.
+    Starting from the base module's result, follows the nodes earlier passes inserted on the
+    main path (LoRA's ``add``, an IA³ output scaling), so a later pass wraps the layer as
+    already adapted: IA³ after LoRA scales ``W x + s · B A x``, as it does when applied
+    before LoRA.
     """
-    if src == dst:
-        return value, []
-    owners = dict(graph_modules(model))
-    callers = call_sites(model)
-    where = lambda p: f"'{p}'" if p else "the root graph"  # noqa: E731
-    while not _within(dst, src):
-        if value.op != "placeholder":
-            raise UnsupportedSiteError(
-                f"{who}: {what} is computed inside {where(src)} ({value.name!r}), but the layer "
-                f"whose output the adapter joins is called in {where(dst)}, and {src} does not "
-                f"return that value, so the adapter cannot read it there. Way out: select "
-                f"single layers with pattern=... (a layer's input and output are in one graph).")
-        calls = callers.get(src, [])
-        if len(calls) != 1:
-            raise UnsupportedSiteError(
-                f"{who}: {src} is called {len(calls)} times, so {what} has no "
-                f"single source to pass on to {dst}. Way out: select a single layer with "
-                f"pattern=....")
-        index = [n for n in owners[src].graph.nodes if n.op == "placeholder"].index(value)
-        arg = _argument(calls[0].node, index, value)
-        if not isinstance(arg, fx.Node):
-            raise UnsupportedSiteError(f"{who}: {what} is a constant argument of {src}, not a "
-                                       f"graph value.")
-        value, src = arg, calls[0].prefix
-    added = []
-    while src != dst:
-        steps = [(n, qualified(src, str(n.target))) for n in owners[src].graph.nodes
-                 if n.op == "call_module" and qualified(src, str(n.target)) in owners
-                 and _within(dst, qualified(src, str(n.target)))]
-        if len(steps) != 1:
-            raise UnsupportedSiteError(
-                f"{who}: {where(src)} calls the module holding {dst} {len(steps)} times, so the "
-                f"input cannot be passed to it unambiguously. Way out: select a single layer "
-                f"with pattern=....")
-        call, child_name = steps[0]
-        child = owners[child_name].graph
-        placeholders = [n for n in child.nodes if n.op == "placeholder"]
-        fed = [ph for i, ph in enumerate(placeholders) if _argument(call, i, ph) is value]
-        if fed:
-            value, src = fed[0], child_name
-            continue
-        taken = {str(ph.target) for ph in placeholders}
-        target = f"carry_{value.name}"
-        while target in taken:
-            target += "_"
-        if placeholders:
-            ctx = child.inserting_after(placeholders[-1])
-        else:
-            ctx = child.inserting_before(next(iter(child.nodes), None))
-        with ctx:
-            ph = child.placeholder(target)
-        mark(ph, pass_name=pass_name, site=site, role=role, adapter=adapter,
-             part="carry", like=value)
-        if call.kwargs:
-            call.kwargs = {**call.kwargs, target: value}
-        else:
-            call.args = tuple(call.args) + (value,)
-        added.append(child_name)
-        value, src = ph, child_name
-    return value, added
+    return follow_main_path(sg.base_node)
+
+
+def site_input(sg: SiteGraph) -> fx.Node:
+    """The node carrying the site's input as the base computation reads it.
+
+    Starting from the first placeholder, follows the nodes earlier passes inserted on the
+    main path (an IA³ input scaling), so a LoRA branch added later reads what the base
+    layer reads: ``W (x * l) + s · B A (x * l)``.
+    """
+    return follow_main_path(sg.input_node)

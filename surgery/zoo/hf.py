@@ -59,7 +59,6 @@ def hf_gpt2() -> nn.Module:
         attn_pdrop=0.0,
         bos_token_id=_HF_VOCAB - 1,  # the default, 50256, lies outside this vocabulary
         eos_token_id=_HF_VOCAB - 1,
-        use_cache=False,
         attn_implementation="sdpa",
     )
     return tf.GPT2LMHeadModel(config)
@@ -86,7 +85,6 @@ def hf_llama() -> nn.Module:
         num_attention_heads=_HF_HEADS,
         num_key_value_heads=_HF_HEADS // 2,
         max_position_embeddings=_HF_MAX_POSITIONS,
-        use_cache=False,
         attn_implementation="sdpa",
     )
     return tf.LlamaForCausalLM(config)
@@ -113,7 +111,6 @@ def hf_bert() -> nn.Module:
         max_position_embeddings=_HF_MAX_POSITIONS,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
-        use_cache=False,
         attn_implementation="sdpa",
     )
     return tf.BertModel(config)

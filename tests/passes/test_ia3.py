@@ -9,6 +9,7 @@ from torch import nn
 
 from passes.modules import IA3Vector
 from surgery import (
+    TraceError,
     ConfigError,
     IA3Pass,
     LoRAPass,
@@ -36,7 +37,7 @@ def _random_vector(vec: IA3Vector, seed: int) -> torch.Tensor:
 
 
 def test_default_selection_is_keys_values_and_ffn_down(zoo) -> None:
-    adapted = apply_passes(zoo.traced("builtin:tiny"), [IA3Pass()])
+    adapted = apply_passes(zoo.spec("builtin:tiny").model, [IA3Pass()])
     expected = sorted(f"layers.{i}.{s}.ia3_l.default.weight" for i in range(2)
                       for s in ("attn.k_proj", "attn.v_proj", "mlp.down_proj"))
     assert sorted(n for n, _ in named_trainable_parameters(adapted)) == expected
@@ -75,7 +76,7 @@ def test_invalid_name() -> None:
 
 def test_gpt2_fused_qkv_learns_only_key_and_value(zoo, run_model) -> None:
     spec = zoo.spec("hf:gpt2")
-    adapted = apply_passes(zoo.traced("hf:gpt2"), [IA3Pass()])
+    adapted = apply_passes(zoo.spec("hf:gpt2").model, [IA3Pass()], zoo.spec("hf:gpt2").example_inputs)
     vec = adapted.get_submodule("transformer.h.0.attn.c_attn.ia3_l.default")
     assert vec.mode == "output" and vec.width == 192 and vec.parts == [(64, 128), (128, 192)]
     assert vec.weight.shape == (128,), "2/3 of c_attn's 192 output features"
@@ -123,3 +124,16 @@ def test_ia3_scales_the_layer_as_adapted_whatever_the_order(order: str) -> None:
     got = adapted(x.float())
     err = (got.double() - want).abs().max().item()
     assert err <= 1e-6 * want.abs().max().item()
+
+
+def test_pattern_selection_still_tells_feed_forward_layers_by_role(zoo) -> None:
+    spec = zoo.spec("builtin:tiny")
+    adapted = apply_passes(spec.model, [IA3Pass(pattern="down_proj")])
+    vec = adapted.get_submodule("layers.0.mlp.down_proj.ia3_l.default")
+    assert vec.mode == "input" and vec.weight.shape == (256,), "scales the down projection's input"
+    spec = zoo.spec("hf:llama")
+    with pytest.raises(TraceError, match=r"IA3Pass: telling feed-forward output layers .* "
+                                         r"feedforward=\[\.\.\.\] naming them"):
+        apply_passes(spec.model, [IA3Pass(pattern="down_proj")])
+    named = apply_passes(spec.model, [IA3Pass(pattern="down_proj", feedforward="down_proj")])
+    assert named.get_submodule("model.layers.1.mlp.down_proj.ia3_l.default").mode == "input"

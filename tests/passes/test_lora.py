@@ -1,4 +1,4 @@
-"""Tests of passes/lora.py: the math, the graph rewrite, shared layers and repeated adapters."""
+"""Tests of passes/lora.py: the math, the site-graph rewrite, shared layers and repeated adapters."""
 
 from __future__ import annotations
 
@@ -82,7 +82,9 @@ def test_adapted_output_is_base_plus_scaled_low_rank_update(kind: str, use_rslor
     base = layer(x).double()
     want = base + scaling * (x.double() @ a.double().T @ b.double().T)
     _assert_rel_close(adapted(x), want)
-    scale_nodes = [n for n in adapted.graph.nodes if (n.meta.get("surgery") or {}).get("part") == "scale"]
+    assert type(adapted) is One and type(adapted.layer).__name__ == type(layer).__name__
+    scale_nodes = [n for n in adapted.layer.graph.nodes
+                   if (n.meta.get("surgery") or {}).get("part") == "scale"]
     assert [n.args[1] for n in scale_nodes] == [pytest.approx(scaling)]
 
 
@@ -136,10 +138,11 @@ def test_adapter_modules_follow_the_weight_dtype_and_layout() -> None:
     assert layer.lora_A["task"].weight.dtype == torch.float64
     assert sorted(n for n, _ in named_trainable_parameters(adapted)) == [
         "layer.lora_A.task.weight", "layer.lora_B.task.weight"]
-    parts = [(n.meta["surgery"]["part"], n.meta["surgery"]["adapter"]) for n in adapted.graph.nodes
+    parts = [(n.meta["surgery"]["part"], n.meta["surgery"]["adapter"]) for n in layer.graph.nodes
              if "surgery" in n.meta]
     assert parts == [(p, "task") for p in ("lora_dropout", "lora_A", "lora_B", "scale", "add")]
-    add = next(n for n in adapted.graph.nodes if n.meta.get("surgery", {}).get("part") == "add")
+    add = next(n for n in layer.graph.nodes if n.meta.get("surgery", {}).get("part") == "add")
+    assert list(add.users)[0].op == "output", "the site's output is the sum"
     assert add.target is operator.add and add.meta["surgery"]["site"] == "layer"
     assert add.meta["surgery"]["pass"] == "lora"
 
@@ -171,16 +174,12 @@ def test_pass_is_frozen_and_keyword_only() -> None:
 # ---- a layer called twice -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("frontend", ["fx", "export"])
-def test_shared_layer_gets_one_adapter_used_at_both_calls(frontend: str) -> None:
+def test_shared_layer_gets_one_adapter_used_at_both_calls() -> None:
     torch.manual_seed(0)
     model = Shared()
     x = torch.randn(2, 5, 8)
-    traced = trace(model, (x,), frontend=frontend)
-    assert traced._surgery.frontend == frontend
-    adapted = apply_passes(traced, [LoRAPass(pattern="proj", rank=2, alpha=4)])
-    sites = call_sites(adapted)
-    assert len(sites["proj"]) == 2 and len(sites["proj.lora_A.default"]) == 2
+    assert len(call_sites(trace(model))["proj"]) == 2, "the map sees two calls"
+    adapted = apply_passes(model, [LoRAPass(pattern="proj", rank=2, alpha=4)])
     assert sorted(n for n, _ in named_trainable_parameters(adapted)) == [
         "proj.lora_A.default.weight", "proj.lora_B.default.weight"]
     assert torch.equal(adapted(x), model(x))
@@ -212,7 +211,7 @@ def test_shared_layer_gets_one_adapter_used_at_both_calls(frontend: str) -> None
 
 
 def test_same_name_twice_raises_and_changes_nothing(zoo, snapshot) -> None:
-    adapted = apply_passes(zoo.traced("builtin:tiny"), [LoRAPass()])
+    adapted = apply_passes(zoo.spec("builtin:tiny").model, [LoRAPass()])
     before = snapshot(adapted)
     with pytest.raises(AlreadyAdaptedError,
                        match=r"LoRAPass: layers.0.attn.q_proj \(Linear\) already has an adapter named "
@@ -228,7 +227,7 @@ def test_same_name_twice_raises_and_changes_nothing(zoo, snapshot) -> None:
 def test_another_name_gives_two_adapters_on_one_layer(zoo, run_model) -> None:
     spec = zoo.spec("builtin:tiny")
     site = "layers.0.attn.q_proj"
-    once = apply_passes(zoo.traced("builtin:tiny"), [LoRAPass(pattern=site, rank=2)])
+    once = apply_passes(spec.model, [LoRAPass(pattern=site, rank=2)])
     twice = apply_passes(once, [LoRAPass(pattern=site, rank=3, alpha=6, name="second")])
     assert sorted(twice.get_submodule(site).lora_A.keys()) == ["default", "second"]
     assert list(once.get_submodule(site).lora_A.keys()) == ["default"], "the input is left alone"

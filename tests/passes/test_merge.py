@@ -1,20 +1,24 @@
-"""LoRA merge and unmerge, IA³ fold and unfold (``passes/merge.py``).
+"""LoRA merge and unmerge, IA³ fold and unfold (``passes/merge.py``) on site graphs.
 
-Every model of the foundation table (TinyTransformer on torch.fx; GPT-2 with transposed
-``Conv1D`` weights, LLaMA with non-square grouped-query projections and BERT on
-torch.export) is adapted with LoRA on every projection and with IA³ (keys, values,
-feed-forward down projections, so output and input scaling), with random adapter values.
-Expected weights are written out below from the formulas, independently of
+Every model of the foundation table (TinyTransformer; GPT-2 with transposed ``Conv1D``
+weights, LLaMA with non-square grouped-query projections and BERT, all transformers models)
+is adapted, as the user's own model, with LoRA on every projection and with IA³ (keys,
+values, feed-forward down projections, so output and input scaling), with random adapter
+values. Expected weights are written out below from the formulas, independently of
 ``surgery.adapters.merge_math``.
 """
 
 from __future__ import annotations
 
+import copy
+import io
+import pickle
+
 import pytest
 import torch
 from torch import fx, nn
 
-from helpers import projection_roles, randomize_adapters
+from helpers import Shared, randomize_adapters
 from passes.merge import (
     MERGED_KEY,
     MergeIA3Pass,
@@ -37,16 +41,23 @@ from surgery import (
     set_active,
     trainable_parameters,
 )
-from surgery.map.graphs import call_sites, graph_modules
-from surgery.sites.rewrite import insert_chain, mark, register_adapter, replace_uses_after
+from surgery.sites.params import adapter_parameters
+from surgery.sites.rewrite import insert_after, mark, register_adapter, replace_uses_after
+from surgery.sites.site_graph import SiteGraph, base_module, site_graph_at, site_graphs
 
 TABLE = ["builtin:tiny", "hf:gpt2", "hf:llama", "hf:bert"]
+PROJECTIONS = {  # every projection of each model, by name (no map needed)
+    "builtin:tiny": "re:.*_proj",
+    "hf:gpt2": ["c_attn", "c_proj", "c_fc"],
+    "hf:llama": "re:.*_proj",
+    "hf:bert": ["query", "key", "value", "dense"],
+}
 MERGE_ALL = [MergeLoRAPass(), MergeIA3Pass()]  # IA³ scales the layer as LoRA adapted it
 UNMERGE_ALL = [UnmergeIA3Pass(), UnmergeLoRAPass()]
 
 
 def is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D"
+    return type(base_module(module)).__name__ == "Conv1D"
 
 
 def expected_weights(site: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -68,25 +79,42 @@ def expected_weights(site: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None
     return weight, bias
 
 
-def adapted_sites(model: nn.Module) -> dict[str, nn.Module]:
-    return {q: calls[0].owner.get_submodule(str(calls[0].node.target))
-            for q, calls in call_sites(model).items()
-            if any(hasattr(calls[0].owner.get_submodule(str(calls[0].node.target)), s)
-                   for s in ("lora_A", "ia3_l"))}
+def adapted_sites(model: nn.Module) -> dict[str, SiteGraph]:
+    return {q: sg for q, sg in site_graphs(model)
+            if any(isinstance(m, AdapterModule) for m in sg.modules())}
 
 
 def surgery_nodes(model: nn.Module) -> list[str]:
-    return [n.name for _, gm in graph_modules(model) for n in gm.graph.nodes
-            if "surgery" in n.meta]
+    return [n.name for _, sg in site_graphs(model) for n in sg.graph.nodes if "surgery" in n.meta]
 
 
 def graph_texts(model: nn.Module) -> dict[str, str]:
-    return {prefix: str(gm.graph) for prefix, gm in graph_modules(model)}
+    return {q: str(sg.graph) for q, sg in site_graphs(model)}
 
 
 def base_params(model: nn.Module) -> dict[str, nn.Parameter]:
-    return {n: p for n, p in model.named_parameters()
-            if ".lora_" not in n and ".ia3_l." not in n}
+    adapters = {id(p) for _, p in adapter_parameters(model)}
+    return {n: p for n, p in model.named_parameters() if id(p) not in adapters}
+
+
+def records(model: nn.Module, site: str) -> tuple:
+    return model.get_submodule(site).base_node.meta.get(MERGED_KEY, ())
+
+
+def roundtrip(model: nn.Module, via: str) -> nn.Module:
+    """``model`` through ``copy.deepcopy``, ``pickle`` or ``torch.save``/``torch.load``."""
+    if via == "deepcopy":
+        return copy.deepcopy(model)
+    if via == "pickle":
+        return pickle.loads(pickle.dumps(model))
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+def adapt(spec, passes: list[Pass]) -> nn.Module:
+    return apply_passes(spec.model, passes, spec.example_inputs, spec.example_kwargs or None)
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +125,8 @@ def adapted(zoo):
 
     def get(name: str) -> nn.Module:
         if name not in cache:
-            traced = zoo.traced(name)
-            model = apply_passes(traced, [LoRAPass(role=projection_roles(traced), rank=4, alpha=8),
-                                          IA3Pass()])
+            model = adapt(zoo.spec(name), [LoRAPass(pattern=PROJECTIONS[name], rank=4, alpha=8),
+                                           IA3Pass()])
             randomize_adapters(model)
             cache[name] = model
         return cache[name]
@@ -143,6 +170,15 @@ def test_merge_matches_formula_and_outputs_and_unmerge_restores_bitwise(zoo, ada
         assert after[pname] is not param  # but the copy's own Parameter
     assert merged_adapters(restored) == {}
     assert torch.equal(run_model(restored, spec), y)
+
+    # a pickled copy of the merged model is still merged, and unmerges exactly
+    copied = pickle.loads(pickle.dumps(merged))
+    assert merged_adapters(copied) == merged_adapters(merged)
+    assert torch.equal(run_model(copied, spec), y_merged)
+    again = apply_passes(copied, UNMERGE_ALL)
+    assert graph_texts(again) == graph_texts(model)
+    assert all(torch.equal(p, before[n]) for n, p in base_params(again).items())
+    assert torch.equal(run_model(again, spec), y)
 
 
 @pytest.mark.parametrize("name", TABLE)
@@ -215,7 +251,7 @@ def test_cycles_with_training_restore_base_weights_exactly(zoo, run_model, dtype
         opt.step()  # the adapters move between cycles
         last = cycle == 2
         y = run_model(model, spec) if last else None
-        if inplace:  # an in-place pass runs alone, on the traced model itself
+        if inplace:  # an in-place pass runs alone, on the adapted model itself
             merged = apply_passes(model, [MergeLoRAPass(inplace=True)], inplace=True)
             apply_passes(merged, [MergeIA3Pass(inplace=True)], inplace=True)
         else:
@@ -240,6 +276,147 @@ def test_cycles_with_training_restore_base_weights_exactly(zoo, run_model, dtype
             assert torch.equal(run_model(model, spec), y)
 
 
+@pytest.mark.parametrize(("via", "inplace", "dtype"), [
+    ("deepcopy", False, torch.float32), ("deepcopy", True, torch.bfloat16),
+    ("pickle", True, torch.float32), ("pickle", False, torch.bfloat16),
+    ("torch.save", False, torch.float32), ("torch.save", True, torch.bfloat16)])
+def test_a_copied_merged_model_is_still_merged_and_unmerges_exactly(
+        zoo, run_model, via: str, inplace: bool, dtype: torch.dtype) -> None:
+    spec = zoo.spec("builtin:tiny")
+    model = apply_passes(spec.model, [
+        LoRAPass(pattern=["q_proj", "v_proj", "down_proj"], rank=4),
+        IA3Pass(pattern=["k_proj", "v_proj", "down_proj"], feedforward="down_proj")]).to(dtype)
+    randomize_adapters(model, seed=3)
+    y = run_model(model, spec)
+    before = {n: p.detach().clone() for n, p in base_params(model).items()}
+    texts = graph_texts(model)
+    if inplace:  # writes the storage shared with spec.model: do it on a private copy
+        model = copy.deepcopy(model)
+        merged = apply_passes(model, [MergeLoRAPass(inplace=True)], inplace=True)
+        merged = apply_passes(merged, [MergeIA3Pass(inplace=True)], inplace=True)
+    else:
+        merged = apply_passes(model, MERGE_ALL)
+    y_merged = run_model(merged, spec)
+
+    copied = roundtrip(merged, via)
+    assert merged_adapters(copied) == merged_adapters(merged) != {}
+    assert [r.inplace for r in records(copied, "layers.0.mlp.down_proj")] == [inplace] * 2
+    assert torch.equal(run_model(copied, spec), y_merged)
+    if inplace:
+        back = apply_passes(copied, [UnmergeIA3Pass(inplace=True)], inplace=True)
+        back = apply_passes(back, [UnmergeLoRAPass(inplace=True)], inplace=True)
+    else:
+        back = apply_passes(copied, UNMERGE_ALL)
+    assert merged_adapters(back) == {}
+    assert graph_texts(back) == texts
+    for name, param in base_params(back).items():
+        assert torch.equal(param, before[name]), name
+    assert torch.equal(run_model(back, spec), y)
+    assert merged_adapters(merged) != {}  # the original merged model is left as it was
+    assert torch.equal(run_model(merged, spec), y_merged)
+
+
+def _set(model: nn.Module, slot: str, name: str, value: float) -> None:
+    """Give adapter ``name``'s modules in ``slot`` values far from init, ``value ± 0.3``."""
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for qname, mod in model.named_modules():
+            if qname.endswith(f"{slot}.{name}"):
+                mod.weight.copy_(value + 0.3 * torch.randn(mod.weight.shape, generator=gen))
+
+
+def test_adapters_added_between_merge_and_unmerge_keep_what_the_model_computes(zoo,
+                                                                            run_model) -> None:
+    spec = zoo.spec("builtin:tiny")
+    tol = 1e-5
+    # LoRA merged, then an IA³ output scaling: unmerged, the branch goes back inside it
+    model = apply_passes(spec.model, [LoRAPass(pattern="v_proj", rank=2, name="a")])
+    randomize_adapters(model)
+    later = apply_passes(apply_passes(model, [MergeLoRAPass()]),
+                         [IA3Pass(pattern="v_proj", name="v")])
+    _set(later, "ia3_l", "v", 1.0)
+    y = run_model(later, spec)
+    back = apply_passes(later, [UnmergeLoRAPass()])
+    assert (run_model(back, spec) - y).abs().max() <= tol * (1 + y.abs().max())
+    sg = back.get_submodule("layers.0.attn.v_proj")
+    assert [n.meta["surgery"]["part"] for n in sg.graph.nodes if "surgery" in n.meta][-2:] == \
+        ["add", "ia3_l"]
+    # IA³ input scaling merged, then LoRA 'b' reading the unscaled input: unmerged, the
+    # layer reads the scaled input again and 'b' still reads what it read
+    model = apply_passes(spec.model, [LoRAPass(pattern="down_proj", rank=2, name="a"),
+                                      IA3Pass(pattern="down_proj", feedforward="down_proj",
+                                              name="v")])
+    randomize_adapters(model)
+    later = apply_passes(apply_passes(model, MERGE_ALL),
+                         [LoRAPass(pattern="down_proj", rank=2, name="b")])
+    _set(later, "lora_B", "b", 0.0)
+    y = run_model(later, spec)
+    back = apply_passes(later, [UnmergeIA3Pass()])
+    assert (run_model(back, spec) - y).abs().max() <= tol * (1 + y.abs().max())
+    with pytest.raises(MergeError, match=r"cannot merge LoRA 'b' into layers\.0\.mlp\.down_proj: "
+                                         r"the layer reads its input through IA³ 'v'"):
+        apply_passes(back, [MergeLoRAPass(names="b")])
+    back = apply_passes(back, [UnmergeLoRAPass(names="a")])
+    assert (run_model(back, spec) - y).abs().max() <= tol * (1 + y.abs().max())
+
+
+def test_a_layer_called_twice_is_one_site_and_merges_once() -> None:
+    torch.manual_seed(0)
+    model = apply_passes(Shared(), [LoRAPass(pattern="proj", rank=2), IA3Pass(pattern="proj")])
+    randomize_adapters(model, seed=4)
+    x = torch.randn(5, 8)
+    y = model(x)
+    expected, _ = expected_weights(model.proj)
+    merged = apply_passes(model, MERGE_ALL)
+    assert merged_adapters(merged) == {"proj": ("lora:default", "ia3:default")}
+    assert torch.equal(merged.proj.weight, expected)
+    assert (merged(x) - y).abs().max() <= 1e-5 * (1 + y.abs().max())
+    back = apply_passes(merged, UNMERGE_ALL)
+    assert torch.equal(back(x), y) and graph_texts(back) == graph_texts(model)
+
+
+def test_a_model_that_is_one_layer_merges_at_its_root() -> None:
+    torch.manual_seed(0)
+    model = apply_passes(nn.Linear(8, 6), [LoRAPass(pattern="*", rank=2), IA3Pass(pattern="*")])
+    randomize_adapters(model, seed=5)
+    x = torch.randn(4, 8)
+    y = model(x)
+    expected = expected_weights(model)
+    merged = apply_passes(model, MERGE_ALL)
+    assert merged_adapters(merged) == {"": ("lora:default", "ia3:default")}
+    assert torch.equal(merged.weight, expected[0]) and torch.equal(merged.bias, expected[1])
+    assert surgery_nodes(merged) == []
+    back = apply_passes(merged, UNMERGE_ALL)
+    assert torch.equal(back(x), y) and torch.equal(back.weight, model.weight)
+
+
+@pytest.mark.filterwarnings("ignore")  # PEFT's own warnings (fan_in_fan_out, ...)
+@pytest.mark.parametrize(("name", "targets"), [("builtin:tiny", ["q_proj", "v_proj"]),
+                                               ("hf:gpt2", ["c_attn", "c_fc"])])
+def test_fp32_merge_and_unload_equal_peft_merge_and_unload(zoo, name: str,
+                                                          targets: list[str]) -> None:
+    peft = pytest.importorskip("peft")
+    from surgery import unload
+
+    spec = zoo.spec(name)
+    ours = apply_passes(spec.model, [LoRAPass(pattern=targets, rank=4, alpha=8)])
+    randomize_adapters(ours)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                             fan_in_fan_out=name == "hf:gpt2")
+    theirs = peft.get_peft_model(zoo.fresh(name).model, config)
+    with torch.no_grad():
+        for qname, sg in site_graphs(ours):
+            layer = theirs.base_model.model.get_submodule(qname)
+            layer.lora_A["default"].weight.copy_(sg.lora_A["default"].weight)
+            layer.lora_B["default"].weight.copy_(sg.lora_B["default"].weight)
+    plain = theirs.merge_and_unload()
+    merged, unloaded = apply_passes(ours, [MergeLoRAPass()]), unload(ours)
+    for qname, _ in site_graphs(ours):
+        want = plain.get_submodule(qname).weight
+        assert torch.equal(merged.get_submodule(qname).weight, want), qname
+        assert torch.equal(unloaded.get_submodule(qname).weight, want), qname
+
+
 def test_inplace_merge_keeps_storage_and_records_a_copy(adapted) -> None:
     model = apply_passes(adapted("builtin:tiny"), [])
     q = model.get_submodule("layers.0.attn.q_proj")
@@ -247,7 +424,8 @@ def test_inplace_merge_keeps_storage_and_records_a_copy(adapted) -> None:
     expected, _ = expected_weights(q)
     apply_passes(model, [MergeLoRAPass(inplace=True)], inplace=True)
     assert q.weight.data_ptr() == ptr and torch.equal(q.weight, expected)
-    (record,) = call_sites(model)["layers.0.attn.q_proj"][0].node.meta[MERGED_KEY]
+    assert model.get_submodule("layers.0.attn.q_proj") is q  # the same site graph, rewritten
+    (record,) = records(model, "layers.0.attn.q_proj")
     assert record.inplace and torch.equal(record.weight, original)
     assert record.weight.data_ptr() != ptr  # the exact copy that unmerge writes back
     apply_passes(model, [UnmergeLoRAPass(inplace=True)], inplace=True)
@@ -284,8 +462,8 @@ def test_plan_of_an_inplace_merge_writes_nothing(adapted, snapshot) -> None:
 
 
 def test_switched_off_adapters_are_left_out(zoo) -> None:
-    model = apply_passes(zoo.traced("builtin:tiny"), [LoRAPass(rank=2, name="a"),
-                                                      LoRAPass(rank=2, name="b")])
+    model = apply_passes(zoo.spec("builtin:tiny").model, [LoRAPass(rank=2, name="a"),
+                                                          LoRAPass(rank=2, name="b")])
     set_active(model, "b")  # a adds nothing now; merging it would add its update
     merged = apply_passes(model, [MergeLoRAPass()])
     assert set(merged_adapters(merged).values()) == {("lora:b",)}
@@ -297,7 +475,7 @@ def test_switched_off_adapters_are_left_out(zoo) -> None:
 
 
 def test_merge_freezes_merged_adapters_and_unmerge_gives_their_flags_back(zoo) -> None:
-    model = apply_passes(zoo.traced("builtin:tiny"), [
+    model = apply_passes(zoo.spec("builtin:tiny").model, [
         LoRAPass(role="query", rank=2, name="a"), LoRAPass(role="query", rank=2, name="b"),
         IA3Pass(name="v")])
     model.get_submodule("layers.0.attn.q_proj.lora_B.a").weight.requires_grad_(False)  # by hand
@@ -317,7 +495,7 @@ def test_merge_freezes_merged_adapters_and_unmerge_gives_their_flags_back(zoo) -
     frozen = [c.name for r in merged._surgery.history[-2:] for c in r.changes
               if c.kind == "param_frozen" and c.pass_name in ("merge_lora", "merge_ia3")]
     assert sorted(frozen) == sorted(n for n in merged_names if flags[n])
-    (record,) = call_sites(merged)["layers.0.attn.q_proj"][0].node.meta[MERGED_KEY][:1]
+    (record,) = records(merged, "layers.0.attn.q_proj")[:1]
     assert dict(record.adapter_grads) == {"lora_A.a.weight": True, "lora_B.a.weight": False}
 
     back = apply_passes(merged, [UnmergeIA3Pass(), UnmergeLoRAPass()])
@@ -353,12 +531,12 @@ def test_pass_result_records_removed_nodes_and_rewritten_weights(adapted) -> Non
 
 def test_names_select_adapters_and_unmerge_is_last_in_first_out(zoo, run_model) -> None:
     spec = zoo.spec("builtin:tiny")
-    model = apply_passes(zoo.traced("builtin:tiny"), [LoRAPass(rank=4, name="a"),
-                                                      LoRAPass(rank=2, name="b")])
+    model = apply_passes(spec.model, [LoRAPass(rank=4, name="a"), LoRAPass(rank=2, name="b")])
     randomize_adapters(model, seed=2)
     only_a = apply_passes(model, [MergeLoRAPass(names=["a"])])
     assert merged_adapters(only_a)["layers.0.attn.q_proj"] == ("lora:a",)
-    assert {n.meta["surgery"]["adapter"] for n in only_a.graph.nodes if "surgery" in n.meta} == {"b"}
+    assert {n.meta["surgery"]["adapter"] for _, sg in site_graphs(only_a) for n in sg.graph.nodes
+            if "surgery" in n.meta} == {"b"}
     both = apply_passes(only_a, [MergeLoRAPass()])  # None: the ones not merged yet
     assert merged_adapters(both)["layers.0.attn.q_proj"] == ("lora:a", "lora:b")
     with pytest.raises(MergeError, match=r"cannot unmerge LoRA 'a' .* 'b', merged after it"):
@@ -383,26 +561,27 @@ class FakeAdapter(AdapterModule):
 
 
 class FakeAdapterPass(Pass):
-    """Adds ``FakeAdapter`` ``"fake"`` after ``layers.0.mlp.up_proj``."""
+    """Adds ``FakeAdapter`` ``"fake"`` right after the layer ``layers.0.mlp.up_proj``."""
 
     name = "adapter"
 
     def run(self, model: nn.Module) -> PassResult:
         site = "layers.0.mlp.up_proj"
-        (call,) = call_sites(model)[site]
-        register_adapter(call.owner.get_submodule(site), "adapter", "fake",
-                         FakeAdapter(site=site, adapter_name="fake"), pass_name="Fake", site=site)
-        graph: fx.Graph = call.owner.graph
-        out = insert_chain(graph, call.node, lambda: mark(
-            graph.call_module(f"{site}.adapter.fake", (call.node,)), pass_name="adapter",
-            site=site, role=None, adapter="fake", part="adapter"))
-        replace_uses_after(call.node, out)
-        return PassResult(model, True, (), self.name)
+        root, sg = site_graph_at(model, site, who="FakeAdapterPass")
+        register_adapter(sg, "adapter", "fake", FakeAdapter(site=site, adapter_name="fake"),
+                         pass_name="Fake", site=site)
+        graph: fx.Graph = sg.graph
+        base = sg.base_node
+        out = insert_after(graph, base, lambda: mark(
+            graph.call_module("adapter.fake", (base,)), pass_name="adapter", site=site,
+            role=None, adapter="fake", part="adapter"))
+        replace_uses_after(base, out)
+        return PassResult(root, True, (), self.name)
 
 
 @pytest.fixture(scope="module")
 def lora_and_fake(zoo) -> nn.Module:
-    model = apply_passes(zoo.traced("builtin:tiny"), [LoRAPass(rank=4), FakeAdapterPass()])
+    model = apply_passes(zoo.spec("builtin:tiny").model, [LoRAPass(rank=4), FakeAdapterPass()])
     randomize_adapters(model)
     return model
 
@@ -429,8 +608,8 @@ def test_unmerge_without_merge_raises(adapted, snapshot) -> None:
 
 def test_merge_without_lora_raises(zoo) -> None:
     with pytest.raises(MergeError, match="nothing to merge: the model has no LoRA adapter"):
-        apply_passes(zoo.traced("builtin:tiny"), [MergeLoRAPass()])
-    only_ia3 = apply_passes(zoo.traced("builtin:tiny"), [IA3Pass()])
+        apply_passes(zoo.spec("builtin:tiny").model, [MergeLoRAPass()])
+    only_ia3 = apply_passes(zoo.spec("builtin:tiny").model, [IA3Pass()])
     with pytest.raises(MergeError, match="'default' is an IA³ adapter.*MergeIA3Pass"):
         apply_passes(only_ia3, [MergeLoRAPass(names=["default"])])
 
@@ -451,7 +630,7 @@ def test_non_mergeable_adapter_raises_and_says_why(lora_and_fake, snapshot) -> N
         apply_passes(lora_and_fake, [MergeIA3Pass(names=["fake"])], inplace=True)
     before.assert_unchanged(lora_and_fake)
     merged = apply_passes(lora_and_fake, [MergeLoRAPass()])  # the LoRA part merges fine
-    assert [n.name for n in merged.graph.nodes if "surgery" in n.meta] == ["layers_0_mlp_up_proj_adapter_fake"]
+    assert surgery_nodes(merged) == ["adapter_fake"]
 
 
 def test_order_that_cannot_fold_raises_and_names_what_to_merge_first(adapted, snapshot) -> None:
@@ -500,8 +679,8 @@ def test_param_diff_shows_merged_weights_as_rewritten(adapted) -> None:
 
 
 def test_lora_behind_a_non_mergeable_adapter_stays_unmerged(zoo, snapshot) -> None:
-    model = apply_passes(zoo.traced("builtin:tiny"), [LoRAPass(pattern="layers.0.mlp.up_proj"),
-                                                      FakeAdapterPass()])
+    model = apply_passes(zoo.spec("builtin:tiny").model, [LoRAPass(pattern="layers.0.mlp.up_proj"),
+                                                          FakeAdapterPass()])
     before = snapshot(model)
     with pytest.raises(MergeError, match=r"cannot merge LoRA 'default' into layers\.0\.mlp\.up_proj: "
                                          r"adapter 'fake' sits between.*'fake' cannot be merged"):

@@ -3,6 +3,8 @@
 References are the batch run with one adapter switched on (``set_active``, itself tested
 against models adapted with that adapter only in ``tests/surgery/test_active.py``); a routed
 batch must give, row by row, exactly the reference row of the adapter it was routed to.
+LoRA and IA³ select their own rows; bottleneck adapters and the gated prefix are routed by
+the stack's forward hook.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from passes.adapters import ParallelAdapterPass, SerialAdapterPass
+from passes.adapters import SerialAdapterPass
 from passes.merge import MergeLoRAPass
+from passes.parallel_adapter import ParallelAdapterPass
 from passes.prefix import PrefixPass
 from passes.stack import AdapterStack, route_samples
 from surgery import (
@@ -23,9 +26,8 @@ from surgery import (
     LoRAPass,
     MergeError,
     apply_passes,
-    trace,
 )
-from surgery.adapters.active import active_adapters, set_active
+from surgery.adapters.active import active_adapters, disable_adapters, is_disabled, set_active
 
 PASSES = [
     LoRAPass(role=["query", "key", "value", "attn_out"], rank=4, name="a"),
@@ -53,14 +55,16 @@ class Case:
     """A zoo model with the stack (plus an ungated prefix ``x``), a batch of 8, references."""
 
     def __init__(self, zoo, name: str) -> None:
-        traced = zoo.traced(name)
-        self.model = apply_passes(traced, [*PASSES, PrefixPass(length=2, name="x")])
+        spec = zoo.spec(name)
+        self.base = spec.model
+        self.model = apply_passes(spec.model, [*PASSES, PrefixPass(length=2, name="x")],
+                                  spec.example_inputs, spec.example_kwargs)
         randomize(self.model)
         gen = torch.Generator().manual_seed(1)
         ids = torch.randint(0, 128, (BATCH, 12), generator=gen)
         self.args = (ids,)
         self.kwargs = ({"attention_mask": torch.ones(BATCH, 12, dtype=torch.long)}
-                       if zoo.spec(name).example_kwargs else {})
+                       if spec.example_kwargs else {})
         self.refs = {}
         for key in [*ROUTED, "x"]:
             set_active(self.model, key)
@@ -104,17 +108,20 @@ def test_per_sample_routing_equals_per_adapter_runs(case: Case) -> None:
 
 
 def test_routing_keeps_gradients_per_sample(case: Case) -> None:
-    stack = AdapterStack(case.model, names=["a", "s"])
-    ids = torch.tensor([1] * BATCH)  # nobody routed to a: a contributes nothing
-    ids[0] = 0
-    out = stack(*case.args, adapter_id=ids, **case.kwargs)
-    (out if isinstance(out, torch.Tensor) else out.logits)[1:].sum().backward()
-    a_grads = [m.weight.grad for m in case.model.modules()
-               if isinstance(m, AdapterModule) and m.adapter_name == "a" and hasattr(m, "weight")]
-    assert a_grads and all(g is None or not g.any() for g in a_grads)  # rows 1.. never saw a
-    s_grads = [p.grad for n, p in case.model.named_parameters() if ".adapter.s." in n]
-    assert any(g is not None and g.any() for g in s_grads)
-    case.model.zero_grad(set_to_none=True)
+    for routed, other in (("a", "s"), ("p", "a")):  # self-routed, and routed by the hook
+        stack = AdapterStack(case.model, names=[routed, other])
+        ids = torch.tensor([1] * BATCH)  # only row 0 routed to ``routed``
+        ids[0] = 0
+        out = stack(*case.args, adapter_id=ids, **case.kwargs)
+        (out if isinstance(out, torch.Tensor) else out.logits)[1:].sum().backward()
+        grads: dict[str, list] = {routed: [], other: []}
+        for m in case.model.modules():
+            if isinstance(m, AdapterModule) and m.adapter_name in grads:
+                grads[m.adapter_name] += [p.grad for p in m.parameters(recurse=False)]
+        assert grads[routed] and grads[other]
+        assert all(g is None or not g.any() for g in grads[routed]), routed  # rows 1.. never saw it
+        assert any(g is not None and g.any() for g in grads[other]), other
+        case.model.zero_grad(set_to_none=True)
 
 
 def test_adapters_outside_the_stack_keep_their_state(case: Case) -> None:
@@ -138,6 +145,24 @@ def test_ungated_prefix_is_picked_per_call_but_not_routed(case: Case) -> None:
         case.run(stack, adapter_id=torch.tensor([6, 0] * (BATCH // 2)))
     assert routing_left_nothing(case.model)
     assert sorted(active_adapters(case.model)) == sorted(ROUTED)  # x still off, as before
+
+
+def test_disabling_wins_over_routing(case: Case) -> None:
+    base = case.run(case.base)
+    stack = AdapterStack(case.model, names=[*ROUTED, "x"])
+    mods = [m for m in case.model.modules() if isinstance(m, AdapterModule)]
+    with disable_adapters(case.model):
+        assert torch.equal(case.run(stack, adapter_id="x"), base)  # x, although off before
+        assert torch.equal(case.run(stack, adapter_id=0), base)
+        assert torch.equal(case.run(stack, adapter_id=IDS), base)
+        with route_samples(case.model, {"a": IDS == 0, "p": IDS == 4,
+                                        "s": torch.ones(BATCH, dtype=torch.bool)}):
+            assert torch.equal(case.run(case.model), base)
+        assert active_adapters(case.model) == [] and all(is_disabled(m) for m in mods)
+        assert routing_left_nothing(case.model)
+    assert not any(is_disabled(m) for m in mods)
+    assert sorted(active_adapters(case.model)) == sorted(ROUTED)
+    assert torch.equal(case.run(stack, adapter_id="x"), case.refs["x"])  # routing is back
 
 
 @pytest.mark.parametrize(("adapter_id", "error", "match"), [
@@ -164,8 +189,8 @@ def test_bad_adapter_ids(case: Case, adapter_id: object, error: type, match: str
 
 
 def test_bad_stacks(zoo) -> None:
-    model = apply_passes(zoo.traced("builtin"), [LoRAPass(rank=2, name="sst2"),
-                                                 LoRAPass(rank=2, name="mnli")])
+    plain = zoo.spec("builtin").model
+    model = apply_passes(plain, [LoRAPass(rank=2, name="sst2"), LoRAPass(rank=2, name="mnli")])
     with pytest.raises(AdapterNotFoundError, match=r"no adapter named 'sts2'; adapters present "
                                                    r"\(nearest first\): 'sst2', 'mnli'"):
         AdapterStack(model, names=["sts2"])
@@ -173,19 +198,21 @@ def test_bad_stacks(zoo) -> None:
         AdapterStack(model, names=["sst2", "sst2"])
     with pytest.raises(ConfigError, match="names must be a list of adapter names"):
         AdapterStack(model, names="sst2")
+    with pytest.raises(ConfigError, match="names is empty"):
+        AdapterStack(model, names=[])
     with pytest.raises(ConfigError, match="carries no adapter"):
-        AdapterStack(zoo.traced("builtin"))
+        AdapterStack(plain)
     assert AdapterStack(model).names == ("sst2", "mnli")  # None: all, in model order
     assert "0: 'sst2', 1: 'mnli'" in repr(AdapterStack(model))
 
 
 def test_merged_adapter_cannot_be_left_out(zoo) -> None:
-    model = apply_passes(zoo.traced("builtin"), [LoRAPass(rank=2, name="a"),
-                                                 LoRAPass(rank=2, name="b")])
+    model = apply_passes(zoo.spec("builtin").model, [LoRAPass(rank=2, name="a"),
+                                                     LoRAPass(rank=2, name="b")])
     merged = apply_passes(model, [MergeLoRAPass(names=["a"])])
     stack = AdapterStack(merged, names=["a", "b"])
     ids = torch.zeros(2, 16, dtype=torch.long)
-    stack(ids, adapter_id="a")  # a stays in the weights, b off: fine
+    stack(ids, adapter_id="a")
     with pytest.raises(MergeError, match="adapter 'a' is merged into the weights"):
         stack(ids, adapter_id="b")
     with pytest.raises(MergeError, match="route_samples: adapter 'a' is merged"):
@@ -204,8 +231,8 @@ class Flat(nn.Module):
 
 
 def test_flattened_batch_cannot_be_routed() -> None:
-    model = apply_passes(trace(Flat()), [LoRAPass(pattern="proj", name="a"),
-                                         LoRAPass(pattern="proj", name="b")])
+    model = apply_passes(Flat(), [LoRAPass(pattern="proj", name="a"),
+                                  LoRAPass(pattern="proj", name="b")])
     stack = AdapterStack(model)
     x = torch.randn(2, 3, 8)
     with pytest.raises(ConfigError, match=r"proj \(LoRAProjection, adapter '[ab]'\) sees a tensor "
@@ -217,7 +244,8 @@ def test_flattened_batch_cannot_be_routed() -> None:
 
 
 def test_route_samples_directly(zoo) -> None:
-    model = apply_passes(zoo.traced("builtin"), [LoRAPass(rank=2, name="a"), IA3Pass(name="c")])
+    model = apply_passes(zoo.spec("builtin").model, [LoRAPass(rank=2, name="a"),
+                                                     IA3Pass(name="c")])
     randomize(model)
     ids = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(0))
     full = model(ids)
@@ -228,12 +256,5 @@ def test_route_samples_directly(zoo) -> None:
     set_active(model, None)
     assert torch.equal(out[0], full[0]) and torch.equal(out[2], full[2])
     assert torch.equal(out[1], without_a[1])
+    assert not torch.equal(out[1], full[1])
     assert routing_left_nothing(model)
-
-
-def test_an_empty_names_list_says_names_is_empty() -> None:
-    from surgery.zoo import load_model
-
-    adapted = apply_passes(load_model("builtin").model, [LoRAPass(name="a")])
-    with pytest.raises(ConfigError, match="names is empty"):
-        AdapterStack(adapted, names=[])

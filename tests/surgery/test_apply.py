@@ -27,48 +27,63 @@ from surgery.pass_base import Pass
 
 
 def test_history_records_every_pass_and_the_freeze(zoo) -> None:
-    adapted = apply_passes(zoo.traced("builtin:tiny"), [LoRAPass(), IA3Pass()])
+    model = zoo.spec("builtin:tiny").model
+    adapted = apply_passes(model, [LoRAPass(), IA3Pass()])
     results = history(adapted)
     assert [r.pass_name for r in results] == ["lora", "ia3", "freeze"]
-    assert all(isinstance(r, PassResult) and r.modified and r.module is adapted for r in results)
+    assert all(isinstance(r, PassResult) and r.modified for r in results)
+    assert all(r.module is None for r in results), "the history holds no model (copies stay small)"
     assert results[0].sites == [f"layers.{i}.attn.{p}_proj" for i in range(2) for p in "qv"]
     added = [c.name for c in results[0].changes if c.kind == "param_added"]
     assert added[:2] == ["layers.0.attn.q_proj.lora_A.default.weight",
                          "layers.0.attn.q_proj.lora_B.default.weight"]
     frozen = {c.name for r in results for c in r.changes if c.kind == "param_frozen"}
-    assert frozen == {n for n, _ in zoo.traced("builtin:tiny").named_parameters()}
-    assert history(zoo.traced("builtin:tiny")) == [], "the traced input keeps its own history"
+    assert frozen == {n for n, _ in model.named_parameters()}
+    assert history(model) == [], "the model given keeps no history"
     assert history(nn.Linear(2, 2)) == []
 
 
 def test_a_single_pass_and_freeze_false(zoo) -> None:
-    adapted = apply_passes(zoo.traced("builtin:tiny"), LoRAPass(), freeze=False)
+    adapted = apply_passes(zoo.spec("builtin:tiny").model, LoRAPass(), freeze=False)
     q = adapted.get_submodule("layers.0.attn.q_proj")
     assert not q.weight.requires_grad, "the pass itself freezes the layer it adapts"
     assert adapted.get_submodule("lm_head").weight.requires_grad
 
 
-def test_non_pass_items_and_inplace_on_plain_models_are_config_errors(zoo) -> None:
+def test_non_pass_items_are_config_errors(zoo) -> None:
     with pytest.raises(ConfigError, match=r"item 1 is a str, not a Pass"):
-        apply_passes(zoo.traced("builtin:tiny"), [LoRAPass(), "ia3"])  # type: ignore[list-item]
-    with pytest.raises(ConfigError, match=r"inplace=True needs a model that is already traced"):
-        apply_passes(nn.Sequential(nn.Linear(2, 2)), [LoRAPass(pattern="0")], inplace=True)
+        apply_passes(zoo.spec("builtin:tiny").model, [LoRAPass(), "ia3"])  # type: ignore[list-item]
 
 
-def test_inplace_rewrites_the_traced_model_itself(zoo, run_model) -> None:
+def test_inplace_rewrites_the_model_itself(zoo, run_model) -> None:
     spec = zoo.spec("builtin:tiny")
-    work = apply_passes(zoo.traced("builtin:tiny"), [IA3Pass()])
+    work = apply_passes(spec.model, [IA3Pass()])
     out = apply_passes(work, [LoRAPass()], inplace=True)
     assert out is work
     assert [r.pass_name for r in history(work)] == ["ia3", "freeze", "lora"]
     assert work.get_submodule("layers.0.attn.q_proj.lora_A.default") is not None
     assert torch.equal(run_model(work, spec), run_model(spec.model, spec))
+    plain = nn.Sequential(nn.Linear(2, 2))
+    same = apply_passes(plain, [LoRAPass(pattern="0", rank=1)], inplace=True)
+    assert same is plain and type(plain[0]).__name__ == "Linear" and hasattr(plain[0], "lora_A")
+
+
+def test_compiled_and_data_parallel_wrappers_are_taken_off(zoo, run_model) -> None:
+    spec = zoo.spec("builtin:tiny")
+    for wrapped in (torch.compile(spec.model, backend="eager"), nn.DataParallel(spec.model)):
+        adapted = apply_passes(wrapped, [LoRAPass()])
+        assert type(adapted) is type(spec.model)
+        assert "layers.0.attn.q_proj.lora_A.default.weight" in adapted.state_dict()
+        assert "wrapper" in adapted._surgery.notes[0] and "was taken off" in adapted._surgery.notes[0]
+        assert torch.equal(run_model(adapted, spec), run_model(spec.model, spec))
+    assert history(nn.DataParallel(adapted))[0].pass_name == "lora"
 
 
 def test_plan_is_a_dry_run(zoo, snapshot) -> None:
-    traced = zoo.traced("hf:gpt2")
+    spec = zoo.spec("hf:gpt2")
+    traced = apply_passes(spec.model, [LoRAPass(pattern="c_proj", name="x")])
     before = snapshot(traced)
-    results = plan(traced, [LoRAPass(pattern="attn.*"), IA3Pass()])
+    results = plan(traced, [LoRAPass(pattern="attn.*"), IA3Pass()], spec.example_inputs)
     before.assert_unchanged(traced)
     assert [r.pass_name for r in results] == ["lora", "ia3"]
     assert results[0].sites == [f"transformer.h.{i}.attn.{p}" for i in range(2) for p in ("c_attn", "c_proj")]
@@ -107,7 +122,9 @@ def test_list_targets_of_the_builtin_model(zoo) -> None:
 
 
 def test_list_targets_shows_adapters_fused_roles_and_attention_modules(zoo) -> None:
-    adapted = apply_passes(zoo.traced("hf:gpt2"), [LoRAPass(), IA3Pass(), LoRAPass(name="b")])
+    spec = zoo.spec("hf:gpt2")
+    adapted = apply_passes(spec.model, [LoRAPass(), IA3Pass(), LoRAPass(name="b")],
+                           spec.example_inputs)
     by_name = {t.qname: t for t in list_targets(adapted)}
     c_attn = by_name["transformer.h.0.attn.c_attn"]
     assert (c_attn.type, c_attn.role, c_attn.shape) == ("Conv1D", "qkv (fused)", (64, 192))
@@ -118,17 +135,18 @@ def test_list_targets_shows_adapters_fused_roles_and_attention_modules(zoo) -> N
     assert c_attn.features == "64 → 192"
     assert c_attn.adapters == ("lora:default", "lora:b", "ia3:default")
     assert not any("lora" in q or "ia3" in q for q in by_name)
-    encoder = {t.qname: t for t in list_targets(zoo.traced("builtin:encoder"))}
+    encoder_model = zoo.spec("builtin:encoder")
+    encoder = {t.qname: t for t in list_targets(encoder_model.model, encoder_model.example_inputs)}
     mha = encoder["layers.0.self_attn"]
     assert (mha.type, mha.role, mha.shape) == ("MultiheadAttention", "attention", (192, 64))
     assert (mha.in_features, mha.out_features) == (64, 64)
-    rich_table = list_targets(zoo.traced("builtin:encoder")).__rich__()
+    rich_table = list_targets(encoder_model.model).__rich__()
     assert [c.header for c in rich_table.columns] == ["name", "type", "role", "in → out",
                                                       "weight shape", "calls", "adapters"]
 
 
 def test_trainable_parameters_are_exactly_the_adapters_without_duplicates(zoo) -> None:
-    adapted = apply_passes(zoo.traced("hf:gpt2"), [LoRAPass(pattern="c_fc")])
+    adapted = apply_passes(zoo.spec("hf:gpt2").model, [LoRAPass(pattern="c_fc")])
     params = trainable_parameters(adapted)
     names = [n for n, _ in named_trainable_parameters(adapted)]
     assert len(params) == len({id(p) for p in params}) == len(names) == 4
@@ -144,21 +162,22 @@ def test_trainable_parameters_are_exactly_the_adapters_without_duplicates(zoo) -
     (["linear1", "self_attn.*"], r"layers.0.self_attn.out_proj \(inside layers.0.self_attn\)"),
 ])
 def test_mha_projections_cannot_take_a_lora_branch(zoo, snapshot, pattern, what: str) -> None:
-    traced = zoo.traced("builtin:encoder")
-    before = snapshot(traced)
+    model = zoo.spec("builtin:encoder").model
+    before = snapshot(model)
     with pytest.raises(UnsupportedSiteError, match=what) as info:
-        apply_passes(traced, [LoRAPass(pattern=pattern)])
+        apply_passes(model, [LoRAPass(pattern=pattern)])
     msg = str(info.value)
     assert "in_proj_weight" in msg and "out_proj.weight directly" in msg
     assert "pattern='linear*'" in msg
-    before.assert_unchanged(traced)
+    before.assert_unchanged(model)
 
 
 def test_mha_default_lora_says_why_and_what_to_do(zoo) -> None:
     with pytest.raises(UnsupportedSiteError, match=r"the attention of this model is "
                                                    r"nn.MultiheadAttention \(layers.0.self_attn, "
                                                    r"layers.1.self_attn\).*pattern='linear\*'"):
-        apply_passes(zoo.traced("builtin:encoder"), [LoRAPass()])
+        spec = zoo.spec("builtin:encoder")
+        apply_passes(spec.model, [LoRAPass()], spec.example_inputs)
 
 
 def test_module_of_the_wrong_type_is_named() -> None:
@@ -169,11 +188,11 @@ def test_module_of_the_wrong_type_is_named() -> None:
         apply_passes(model, [LoRAPass(pattern="1")])
 
 
-def test_layer_inside_a_leaf_module_is_named() -> None:
+def test_a_layer_inside_a_leaf_module_of_the_map_is_still_a_site() -> None:
+    """leaf_modules= shapes the map only: the user's model runs its own code."""
     model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
-    with pytest.raises(UnsupportedSiteError, match=r"1.0, which runs inside 1 \(Sequential\).*"
-                                                   r"leaf_modules="):
-        apply_passes(model, [LoRAPass(pattern="1.0")], leaf_modules=["1"])
+    adapted = apply_passes(model, [LoRAPass(pattern="1.0", rank=2)], leaf_modules=["1"])
+    assert hasattr(adapted[1][0], "lora_A")
 
 
 class TwiceAttended(nn.Module):
@@ -190,7 +209,7 @@ class TwiceAttended(nn.Module):
         return self.fc(z)
 
 
-def test_mha_that_export_must_decompose_is_still_explained(no_mha_fastpath) -> None:
+def test_mha_called_with_different_arguments_is_refused_by_name(no_mha_fastpath) -> None:
     from surgery import trace
 
     torch.manual_seed(0)
@@ -199,11 +218,9 @@ def test_mha_that_export_must_decompose_is_still_explained(no_mha_fastpath) -> N
     pad[0, -1] = True
     traced = trace(model, (x, pad), frontend="export")
     assert not isinstance(traced.get_submodule("attn"), nn.MultiheadAttention)
-    assert torch.equal(traced(x, pad), model(x, pad))
-    with pytest.raises(UnsupportedSiteError, match=r"selects attn, part of an nn.MultiheadAttention "
-                                                   r"that torch.export decomposed.*pattern='linear\*'"):
-        apply_passes(traced, [LoRAPass(pattern="attn")])
-    adapted = apply_passes(traced, [LoRAPass(pattern="fc")])
+    with pytest.raises(UnsupportedSiteError, match=r"selects attn, part of an nn.MultiheadAttention"):
+        apply_passes(model, [LoRAPass(pattern="attn")])
+    adapted = apply_passes(model, [LoRAPass(pattern="fc")])
     frozen = copy.deepcopy(model).requires_grad_(False)  # same kernels as the frozen base
     assert torch.equal(adapted(x, pad), frozen(x, pad))
 
@@ -231,10 +248,10 @@ def test_a_base_parameter_chosen_to_train_stays_trainable_through_later_passes(z
     assert not adapted.get_submodule("lm_head").weight.requires_grad, "freeze=True: all again"
 
 
-def test_a_model_fresh_from_trace_is_frozen_like_a_plain_one(zoo) -> None:
-    traced = zoo.traced("builtin:tiny")
-    assert all(p.requires_grad for p in traced.parameters())
-    adapted = apply_passes(traced, [LoRAPass()])
+def test_a_plain_model_is_frozen_but_its_adapters(zoo) -> None:
+    model = zoo.spec("builtin:tiny").model
+    assert all(p.requires_grad for p in model.parameters())
+    adapted = apply_passes(model, [LoRAPass()])
     assert {n for n, _ in named_trainable_parameters(adapted)} == {
         f"layers.{i}.attn.{p}_proj.lora_{f}.default.weight"
         for i in range(2) for p in "qv" for f in "AB"}
@@ -301,3 +318,13 @@ def test_plan_of_an_in_place_merge_uses_its_dry_run(zoo, snapshot) -> None:
     assert [r.pass_name for r in results] == ["ia3", "merge_lora"]
     assert results[1].sites == [f"layers.{i}.attn.{p}_proj" for i in range(2) for p in "qv"]
     before.assert_unchanged(adapted)
+
+
+def test_a_failing_in_place_call_on_a_plain_model_leaves_it_exactly_as_it_was(snapshot) -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    before = snapshot(model)
+    with pytest.raises(Exception, match="'nowhere'"):
+        apply_passes(model, [LoRAPass(pattern="0", rank=2), LoRAPass(pattern="nowhere")],
+                     inplace=True)
+    before.assert_unchanged(model)
+    assert "_surgery" not in vars(model) and type(model[0]) is nn.Linear

@@ -1,21 +1,25 @@
-"""Tests of surgery/audit.py: totals, rows, provenance, formats, and agreement with PEFT."""
+"""Tests of surgery/audit: totals, rows, provenance, formats, copies, and agreement with PEFT."""
 
 from __future__ import annotations
 
 import copy
 import importlib.util
+import io
 import json
+import pickle
 import warnings
 from collections.abc import Callable
+from dataclasses import astuple, fields
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
-from surgery import IA3Pass, LoRAPass, apply_passes, trainable_parameters
+from surgery import IA3Pass, LoRAPass, apply_passes, list_targets, trainable_parameters
 from surgery.adapters.active import set_active, set_trainable
 from surgery.audit.count import Audit, audit, format_totals
+from surgery.sites.site_graph import SiteGraph
 from surgery.zoo import load_model
 
 HAS_PEFT = all(importlib.util.find_spec(m) is not None for m in ("peft", "transformers"))
@@ -75,9 +79,10 @@ def test_rows_add_up_to_totals_in_module_order(builtin_adapted: nn.Module,
 # rows and provenance
 
 
-def test_site_and_adapter_rows(builtin_audit: Audit) -> None:
+def test_site_and_adapter_rows(builtin_adapted: nn.Module, builtin_audit: Audit) -> None:
     rows = {r.name: r for r in builtin_audit.rows}
-    q = rows["layers.0.attn.q_proj"]
+    assert isinstance(builtin_adapted.get_submodule("layers.0.attn.q_proj"), SiteGraph)
+    q = rows["layers.0.attn.q_proj"]  # a site graph, listed as the layer it replaced
     assert (q.type, q.role, q.params, q.trainable_params, q.trainable) == (
         "Linear", "query", 4160, 0, "no")
     assert (q.dtype, q.device, q.frozen_by, q.added_by) == ("float32", "cpu", ("lora",), ())
@@ -241,8 +246,7 @@ def test_json_round_trip_and_stable_keys(builtin_audit: Audit) -> None:
     assert sorted(data) == ["adapters", "frontend", "model", "passes", "rows", "totals"]
     assert data["totals"] == {"trainable": 8_960, "total": 150_272,
                               "percent": 100 * 8_960 / 150_272}
-    assert (data["model"], data["frontend"], data["passes"]) == ("TinyTransformer", "fx",
-                                                                 ["lora", "ia3", "freeze"])
+    assert (data["model"], data["passes"]) == ("TinyTransformer", ["lora", "ia3", "freeze"])
     assert sorted(data["rows"][0]) == ["active", "adapters", "added_by", "device", "dtype",
                                        "frozen_by", "name", "params", "rewritten_by", "role",
                                        "tied", "trainable", "trainable_params", "type"]
@@ -274,7 +278,7 @@ def test_rich_table(builtin_audit: Audit) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# agreement with PEFT on transformers models (traced through torch.export)
+# agreement with PEFT on transformers models (their maps traced through torch.export)
 
 # (spec, our selection, PEFT target_modules, expected trainable computed by hand)
 LORA_CASES = [
@@ -295,8 +299,10 @@ def lora_adapted(zoo: Any) -> Callable[[str], tuple[nn.Module, nn.Module]]:
     def get(name: str) -> tuple[nn.Module, nn.Module]:
         if name not in cache:
             selection = next(c.values[1] for c in LORA_CASES if c.values[0] == name)
-            adapted = apply_passes(zoo.traced(name), [LoRAPass(rank=8, alpha=16, **selection)])
-            cache[name] = (zoo.spec(name).model, adapted)
+            spec = zoo.spec(name)
+            adapted = apply_passes(spec.model, [LoRAPass(rank=8, alpha=16, **selection)],
+                                   spec.example_inputs, spec.example_kwargs)
+            cache[name] = (spec.model, adapted)
         return cache[name]
 
     return get
@@ -333,16 +339,19 @@ def test_lora_totals_equal_peft(name: str, selection: dict, targets: list[str], 
 def test_ia3_totals_equal_peft_on_llama(zoo: Any) -> None:
     from peft import IA3Config
 
-    adapted = apply_passes(zoo.traced("hf:llama"), [IA3Pass()])
+    spec = zoo.spec("hf:llama")
+    adapted = apply_passes(spec.model, [IA3Pass()], spec.example_inputs, spec.example_kwargs)
     ours = audit(adapted)
-    theirs = _peft_counts(zoo.spec("hf:llama").model, IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+    theirs = _peft_counts(spec.model, IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
                                                 feedforward_modules=["down_proj"]))
     assert (ours.totals.trainable, ours.totals.total) == theirs
     assert ours.totals.trainable == 2 * (32 + 32 + 128)  # k, v (64 -> 32) outputs; down_proj input
     rows = {r.name: r for r in ours.rows}
     assert rows["model.layers.0.mlp.down_proj.ia3_l.default"].params == 128
-    # export turns submodules into generic containers; the audit names the original classes
+    down = rows["model.layers.0.mlp.down_proj"]  # a site graph, listed as the layer it replaced
+    assert (down.type, down.role, down.adapters) == ("Linear", "ffn_down", ("ia3:default",))
     assert rows["model.layers.0.input_layernorm"].type == "LlamaRMSNorm"
+    assert ours.model == "LlamaForCausalLM"
     assert audit(adapted, depth=3).rows[1].type == "LlamaDecoderLayer"
 
 
@@ -358,7 +367,25 @@ def test_gpt2_tied_lm_head_counted_once(lora_adapted: Callable) -> None:
     assert rows["transformer.wte"].params == 128 * 64
     others = sum(r.params for r in result.rows if r.name != "transformer.wte")
     assert result.totals.total == 128 * 64 + others
+    assert rows["transformer.h.0.attn.c_attn"].type == "Conv1D"
+
+
+@needs_peft
+@pytest.mark.filterwarnings("ignore")
+def test_roles_only_from_a_cached_map(lora_adapted: Callable) -> None:
+    _, adapted = lora_adapted("hf:gpt2")  # selected by pattern: no map was needed
+    before = audit(adapted)
+    assert adapted._surgery.cached_map is None  # the audit did not trace
+    assert {r.role for r in before.rows} == {""} and before.frontend is None
+    copied = copy.deepcopy(adapted)
+    list_targets(copied)  # builds and caches the map
+    after = audit(copied)
+    rows = {r.name: r for r in after.rows}
     assert rows["transformer.h.0.attn.c_attn"].role == "qkv (fused)"
+    assert rows["transformer.h.0.attn.c_attn.lora_A.default"].role == "qkv (fused)"
+    assert after.frontend == "export"
+    assert [(r.name, r.params, r.provenance) for r in after.rows] == [
+        (r.name, r.params, r.provenance) for r in before.rows]
 
 
 def test_facade_exports_the_function_after_the_submodule_import() -> None:
@@ -373,9 +400,49 @@ def test_facade_exports_the_function_after_the_submodule_import() -> None:
 
 def test_an_adapter_without_parameters_says_so() -> None:
     from passes.prefix import PrefixPass
-    from surgery.zoo import load_model
 
     spec = load_model("builtin")
     adapted = apply_passes(spec.model, [PrefixPass(length=0)], example_inputs=spec.example_inputs)
-    text = str(audit(adapted))
-    assert "trainable: no parameters" in text
+    lines = str(audit(adapted)).splitlines()
+    assert lines[:2] == ["trainable params: 0 || all params: 141,312 || trainable%: 0.0000",
+                         "adapter prefix:default: 2 site(s), 0 params, trainable: no parameters, "
+                         "active: yes"]
+
+
+# ---------------------------------------------------------------------------------------
+# copies, and a model that is one layer
+
+
+def _copies(model: nn.Module) -> dict[str, nn.Module]:
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    return {"deepcopy": copy.deepcopy(model), "pickle": pickle.loads(pickle.dumps(model)),
+            "torch.save": torch.load(buf, weights_only=False)}
+
+
+def _without_role(row: object) -> tuple:
+    return tuple(v for f, v in zip(fields(row), astuple(row)) if f.name != "role")
+
+
+def test_audit_of_copies(builtin_adapted: nn.Module, builtin_audit: Audit) -> None:
+    for how, other in _copies(builtin_adapted).items():
+        assert audit(other) == builtin_audit, how  # roles travel with the model
+        if how != "deepcopy":
+            assert other._surgery.cached_map is None, "a pickled copy leaves the map behind"
+
+
+def test_a_model_that_is_one_layer() -> None:
+    layer = nn.Linear(16, 8)
+    adapted = apply_passes(layer, [LoRAPass(pattern="*", rank=2), IA3Pass(pattern="*")])
+    result = audit(adapted)
+    assert result.model == "Linear" and result.passes == ("lora", "ia3")
+    assert [(r.name, r.type, r.params, r.trainable) for r in result.rows] == [
+        ("", "Linear", 16 * 8 + 8, "no"),
+        ("lora_A.default", "LoRAProjection", 2 * 16, "yes"),
+        ("lora_B.default", "LoRAProjection", 8 * 2, "yes"),
+        ("ia3_l.default", "IA3Vector", 8, "yes")]
+    assert result.rows[0].frozen_by == ("lora",) and result.rows[0].adapters == (
+        "lora:default", "ia3:default")
+    assert result.totals == (2 * 16 + 8 * 2 + 8, 16 * 8 + 8 + 2 * 16 + 8 * 2 + 8,
+                             100 * 56 / 192)

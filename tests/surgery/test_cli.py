@@ -73,6 +73,34 @@ def test_apply_lora_and_ia3(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     assert json.loads((tmp_path / "audit.json").read_text())["passes"] == ["lora", "ia3", "freeze"]
 
 
+def test_apply_audits_with_roles_and_writes_the_audit(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    import surgery.cli
+
+    drawn = []
+
+    def render(spec: object, adapted: object, out_dir: Path) -> tuple[list, list]:
+        drawn.append(adapted)  # no diagrams: only what the command does besides drawing
+        return [], []
+
+    monkeypatch.setattr(surgery.cli, "_render", render)
+    assert main(["apply", "builtin", "--lora", "attn.*", "--rank", "4",
+                 "--out", str(tmp_path)]) == 0
+    stdout = capsys.readouterr().out
+    # LoRA r=4 on 8 projections 64 -> 64: 8 * (4*64 + 64*4) = 4,096
+    assert "trainable params: 4,096 || all params: 145,408 || trainable%: 2.8169" in stdout
+    (adapted,) = drawn
+    assert adapted._surgery.cached_map is not None  # traced once, for the audit and the diagrams
+    data = json.loads((tmp_path / "audit.json").read_text(encoding="utf-8"))
+    rows = {r["name"]: r for r in data["rows"]}  # selected by pattern, roles shown all the same
+    assert (rows["layers.0.attn.q_proj"]["role"], rows["layers.0.attn.q_proj"]["type"]) == (
+        "query", "Linear")
+    assert rows["layers.1.attn.o_proj.lora_B.default"]["role"] == "attn_out"
+    assert data["passes"] == ["lora", "freeze"] and data["frontend"] == "fx"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["audit.json", "audit.md"]
+    assert f"wrote 2 file(s):\n  {tmp_path / 'audit.md'}\n  {tmp_path / 'audit.json'}" in stdout
+
+
 def test_apply_roles_pattern_ia3_and_rslora(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code = main(["apply", "builtin", "--lora-role", "query,value", "--rslora", "--rank", "2",
                  "--ia3", "mlp.down_proj", "--dry-run", "--out", str(tmp_path / "never")])
@@ -118,7 +146,7 @@ def test_apply_roles_pattern_ia3_and_rslora(tmp_path: Path, capsys: pytest.Captu
                   "2 site(s), 512 new params",
                   "IA3Pass(adapter_name='sst2'): 6 site(s), 768 new params",
                   "ParallelAdapterPass(adapter_name='sst2'): 2 site(s), 1,160 new params",
-                  "  layers.0.mlp.down_proj  [ffn]  + parallel_adapter.sst2.down.weight (4, 64), "
+                  "  layers.0.mlp  [ffn]  + parallel_adapter.sst2.down.weight (4, 64), "
                   "parallel_adapter.sst2.down.bias (4,), parallel_adapter.sst2.up.weight (64, 4), "
                   "parallel_adapter.sst2.up.bias (64,)"], id="name"),
 ])
@@ -155,6 +183,27 @@ def test_targets_json(capsys: pytest.CaptureFixture) -> None:
                                                "role": "query", "shape": [64, 64], "calls": 1,
                                                "adapters": []}
     assert by_name["layers.1.mlp.down_proj"]["role"] == "ffn_down"
+
+
+def test_targets_lists_names_when_the_map_cannot_be_traced(
+        capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    import surgery.targets
+    from surgery.errors import TraceError
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise TraceError("torch.fx and torch.export both failed")
+
+    monkeypatch.setattr(surgery.targets, "trace", fail)
+    assert main(["targets", "builtin"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    q_proj = next(line.split() for line in lines if line.startswith("layers.0.attn.q_proj "))
+    assert q_proj == ["layers.0.attn.q_proj", "Linear", "64", "→", "64", "1"]  # no role
+    assert lines[-1] == ("roles not shown: the model's map could not be traced (torch.fx and "
+                         "torch.export both failed); pass example_inputs= to see them.")
+    assert main(["targets", "builtin", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert len(json.loads(captured.out)) == 15
+    assert captured.err.startswith("surgery: note: roles not shown")
 
 
 @pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs transformers")

@@ -1,6 +1,9 @@
-"""``surgery.combine_adapters``: weighted combination of LoRA adapters (``surgery/combine.py``)."""
+"""``surgery.combine_adapters``: weighted combination of LoRA adapters
+(``surgery/adapters/combine.py``)."""
 
 from __future__ import annotations
+
+import pickle
 
 import pytest
 import torch
@@ -12,11 +15,13 @@ from surgery import (
     AdapterModule,
     AdapterNotFoundError,
     ConfigError,
+    IA3Pass,
     LoRAPass,
     MergeError,
     NoMatchError,
     active_adapters,
     apply_passes,
+    set_active,
 )
 from surgery.adapters.combine import combine_adapters
 from surgery.adapters.unload import unload
@@ -33,7 +38,7 @@ def factors(model: nn.Module, site: str, name: str) -> tuple[torch.Tensor, torch
 def three(zoo) -> nn.Module:
     """TinyTransformer with LoRA ``a`` (r=4, alpha=8), ``b`` (r=4, alpha=4) on q/v and ``c``
     (r=2, alpha=2) on ``layers.0.attn.q_proj`` only."""
-    model = apply_passes(zoo.traced("builtin:tiny"), [
+    model = apply_passes(zoo.spec("builtin:tiny").model, [
         LoRAPass(rank=4, alpha=8, name="a"), LoRAPass(rank=4, alpha=4, name="b"),
         LoRAPass(pattern="layers.0.attn.q_proj", rank=2, alpha=2, name="c")])
     randomize_adapters(model)
@@ -124,7 +129,7 @@ def test_errors(three, snapshot) -> None:
 
 
 def test_no_layer_carrying_all_sources(zoo) -> None:
-    model = apply_passes(zoo.traced("builtin:tiny"), [
+    model = apply_passes(zoo.spec("builtin:tiny").model, [
         LoRAPass(pattern="layers.0.attn.q_proj", name="a"),
         LoRAPass(pattern="layers.1.attn.q_proj", name="b")])
     with pytest.raises(NoMatchError, match=r"no layer carries all of \['a', 'b'\]"):
@@ -141,7 +146,7 @@ def test_only_the_combined_adapter_stays_active_so_its_update_counts_once(three,
     y = run_model(mixed, spec)
 
     # base + combined delta: the base model with W + Σ w_i s_i B_i A_i at every site
-    base = apply_passes(zoo.traced("builtin:tiny"), [])
+    base = apply_passes(zoo.spec("builtin:tiny").model, [])
     with torch.no_grad():
         for site in SITES:
             (a1, b1, s1), (a2, b2, s2) = factors(three, site, "a"), factors(three, site, "b")
@@ -150,7 +155,7 @@ def test_only_the_combined_adapter_stays_active_so_its_update_counts_once(three,
     want = run_model(base, spec)
     assert (y - want).abs().max() <= 1e-5 * (1 + want.abs().max())
     # and bit for bit what a model carrying the combined adapter alone computes
-    alone = apply_passes(zoo.traced("builtin:tiny"), [LoRAPass(rank=8, alpha=8, name="ab")])
+    alone = apply_passes(zoo.spec("builtin:tiny").model, [LoRAPass(rank=8, alpha=8, name="ab")])
     with torch.no_grad():
         for site in SITES:
             a_new, b_new, _ = factors(mixed, site, "ab")
@@ -173,3 +178,30 @@ def test_a_merged_source_cannot_be_combined(three, snapshot) -> None:
                                          r"UnmergeLoRAPass\(names=\['a'\]\)"):
         combine_adapters(merged, {"a": 0.5, "b": 0.5}, name="ab", inplace=True)
     before.assert_unchanged(merged)
+
+
+def test_the_combined_branch_sits_inside_an_ia3_scaling_and_survives_pickle(zoo, run_model) -> None:
+    spec = zoo.spec("builtin:tiny")
+    model = apply_passes(spec.model, [LoRAPass(rank=4, name="a"), LoRAPass(rank=2, name="b"),
+                                      IA3Pass(pattern="v_proj", name="v")])
+    randomize_adapters(model, seed=6)
+    mixed = combine_adapters(model, {"a": 0.5, "b": 2.0}, method="cat", name="ab")
+    assert active_adapters(mixed) == ["ab"]
+    set_active(mixed, ["ab", "v"])
+    # the same model built directly: LoRA 'ab' alone, then the same IA³ vectors
+    alone = apply_passes(spec.model, [LoRAPass(rank=6, alpha=6, name="ab"),
+                                      IA3Pass(pattern="v_proj", name="v")])
+    with torch.no_grad():
+        for site in SITES:
+            a_new, b_new, _ = factors(mixed, site, "ab")
+            alone.get_submodule(site).lora_A["ab"].weight.copy_(a_new)
+            alone.get_submodule(site).lora_B["ab"].weight.copy_(b_new)
+            if site.endswith("v_proj"):
+                alone.get_submodule(site).ia3_l["v"].weight.copy_(
+                    mixed.get_submodule(site).ia3_l["v"].weight)
+    y = run_model(mixed, spec)
+    assert torch.equal(run_model(alone, spec), y)  # IA³ scales base + combined update
+    copied = pickle.loads(pickle.dumps(mixed))
+    assert set(active_adapters(copied)) == {"ab", "v"}
+    assert torch.equal(run_model(copied, spec), y)
+    assert [c.pass_name for c in mixed._surgery.history[-1:]] == ["combine_lora"]

@@ -103,7 +103,7 @@ def test_no_match_mentions_modules_of_other_types() -> None:
 
 def test_no_match_on_a_real_model_names_nearest_sites(zoo) -> None:
     with pytest.raises(NoMatchError) as info:
-        apply_passes(zoo.traced("builtin:tiny"), [LoRAPass(pattern=["attn.q_proj", "attn.qproj"])])
+        apply_passes(zoo.spec("builtin:tiny").model, [LoRAPass(pattern=["attn.q_proj", "attn.qproj"])])
     msg = str(info.value)
     assert "'attn.qproj'" in msg and "'attn.q_proj'" not in msg
     near = msg.split("Nearest candidates: ", 1)[1].split(". ", 1)[0].split(", ")
@@ -118,14 +118,14 @@ def test_patterns_must_be_non_empty_strings(bad: object) -> None:
 
 def test_excluding_the_whole_selection_says_so(zoo) -> None:
     with pytest.raises(NoMatchError) as info:
-        apply_passes(zoo.traced("builtin:tiny"), [LoRAPass(pattern="attn.*", exclude="attn.*")])
+        apply_passes(zoo.spec("builtin:tiny").model, [LoRAPass(pattern="attn.*", exclude="attn.*")])
     assert str(info.value).startswith(
         "LoRAPass: the selection is empty after exclude='attn.*': it removed every module that "
         "pattern 'attn.*' selected (layers.0.attn.q_proj, layers.0.attn.k_proj, "
         "layers.0.attn.v_proj, layers.0.attn.o_proj, layers.1.attn.q_proj, ... (8 in all)).")
     with pytest.raises(NoMatchError, match=r"empty after exclude=\['q_proj', 'v_proj'\]: it "
                                            r"removed every module that was selected \(layers.0.attn.q_proj, "):
-        apply_passes(zoo.traced("builtin:tiny"), [LoRAPass(exclude=["q_proj", "v_proj"])])
+        apply_passes(zoo.spec("builtin:tiny").model, [LoRAPass(exclude=["q_proj", "v_proj"])])
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -147,7 +147,7 @@ def test_ia3_feedforward_must_be_patterns() -> None:
 
 
 def test_each_role_of_a_list_must_match(zoo) -> None:
-    traced = zoo.traced("builtin:tiny")  # no gated feed-forward: no ffn_gate
+    traced = zoo.spec("builtin:tiny").model  # no gated feed-forward: no ffn_gate
     with pytest.raises(NoMatchError, match=r"LoRAPass: role 'ffn_gate' \(of role=\['query', "
                                            r"'ffn_gate'\]\) matches no nn.Linear / Conv1D module. "
                                            r"Roles found in this model: .*Way out: drop 'ffn_gate'"):

@@ -1,17 +1,44 @@
-"""``surgery.adapters.unload``: merge-and-unload back to the original class (``surgery/unload.py``)."""
+"""``surgery.unload``: merge-and-unload back to the user's class (``surgery/adapters/unload.py``)."""
 
 from __future__ import annotations
+
+import copy
+import pickle
 
 import pytest
 import torch
 from torch import nn
 
-from helpers import projection_roles, randomize_adapters
+from helpers import randomize_adapters
 from passes.merge import MergeIA3Pass, MergeLoRAPass
-from surgery import AdapterModule, ConfigError, IA3Pass, LoRAPass, MergeError, apply_passes
+from surgery import (
+    AdapterModule,
+    ConfigError,
+    IA3Pass,
+    LoRAPass,
+    MergeError,
+    SiteGraph,
+    apply_passes,
+    set_active,
+)
 from surgery.adapters.unload import unload
 
 TABLE = ["builtin:tiny", "hf:gpt2", "hf:llama", "hf:bert"]
+PASSES = {  # LoRA on every projection, IA³ with output and input scaling; by name, no map
+    "builtin:tiny": (r"re:.*_proj", ["k_proj", "v_proj", "down_proj"], "down_proj"),
+    "hf:gpt2": (["c_attn", "c_proj", "c_fc"], ["c_attn", "mlp.c_proj"], "mlp.c_proj"),
+    "hf:llama": (r"re:.*_proj", ["k_proj", "v_proj", "down_proj"], "down_proj"),
+    "hf:bert": (["query", "key", "value", "dense"], ["key", "value", "output.dense"],
+                "layer.*.output.dense"),
+}
+
+
+def adapted_model(spec, name: str) -> nn.Module:
+    lora, ia3, feedforward = PASSES[name]
+    model = apply_passes(spec.model, [LoRAPass(pattern=lora, rank=4, alpha=8),
+                                      IA3Pass(pattern=ia3, feedforward=feedforward)])
+    randomize_adapters(model)
+    return model
 
 
 def fresh_instance(spec) -> nn.Module:
@@ -24,17 +51,15 @@ def fresh_instance(spec) -> nn.Module:
 def test_unload_loads_strictly_into_the_original_class_and_matches(zoo, run_model, snapshot,
                                                                     name: str) -> None:
     spec = zoo.spec(name)
-    traced = zoo.traced(name)
-    adapted = apply_passes(traced, [LoRAPass(role=projection_roles(traced), rank=4, alpha=8),
-                                    IA3Pass()])
-    randomize_adapters(adapted)
+    adapted = adapted_model(spec, name)
     caller, given = snapshot(spec.model), snapshot(adapted)
     plain = unload(adapted)
 
     given.assert_unchanged(adapted)
     caller.assert_unchanged(spec.model)
     assert type(plain) is type(spec.model) is adapted._surgery.source_class
-    assert not any(isinstance(m, AdapterModule) for m in plain.modules())
+    assert not any(isinstance(m, (AdapterModule, SiteGraph)) for m in plain.modules())
+    assert not hasattr(plain, "_surgery")
     assert list(plain.state_dict()) == list(spec.model.state_dict())
     assert plain.training == adapted.training
 
@@ -46,13 +71,19 @@ def test_unload_loads_strictly_into_the_original_class_and_matches(zoo, run_mode
     fresh.load_state_dict(plain.state_dict(), strict=True)
     assert torch.equal(run_model(fresh, spec), y_plain)
 
-    apply_passes(adapted, [MergeLoRAPass(), MergeIA3Pass()], inplace=True)
-    assert torch.equal(run_model(adapted, spec), y_plain)  # the merge passes' exact arithmetic
+    merged = apply_passes(adapted, [MergeLoRAPass(), MergeIA3Pass()])
+    assert torch.equal(run_model(merged, spec), y_plain)  # the merge passes' exact arithmetic
+
+    if name in ("hf:gpt2", "hf:llama"):  # a transformers LM stays one: generate works
+        ids = spec.example_inputs[0][:1, :4]
+        out = plain.generate(ids, max_new_tokens=4, do_sample=False)
+        assert out.shape == (1, 8)
+        assert torch.equal(out, merged.generate(ids, max_new_tokens=4, do_sample=False))
 
 
 def test_unload_shares_unmerged_weights_and_keeps_merged_ones(zoo) -> None:
     spec = zoo.spec("builtin:tiny")
-    adapted = apply_passes(zoo.traced("builtin:tiny"), [LoRAPass(rank=4)])
+    adapted = apply_passes(spec.model, [LoRAPass(rank=4)])
     randomize_adapters(adapted)
     merged_q = apply_passes(adapted, [MergeLoRAPass()])
     plain = unload(adapted)
@@ -70,29 +101,112 @@ def test_unload_shares_unmerged_weights_and_keeps_merged_ones(zoo) -> None:
         assert n1 == n2 and torch.equal(p1, p2)
 
 
+@pytest.mark.parametrize("via", ["deepcopy", "pickle"])
+def test_unload_of_a_copied_model(zoo, run_model, via: str) -> None:
+    spec = zoo.spec("builtin:tiny")
+    adapted = adapted_model(spec, "builtin:tiny")
+    half = apply_passes(adapted, [MergeLoRAPass()])  # some merged, some not
+    copied = copy.deepcopy(half) if via == "deepcopy" else pickle.loads(pickle.dumps(half))
+    want, got = unload(half), unload(copied)
+    assert type(got) is type(spec.model)
+    for (n1, p1), (n2, p2) in zip(want.named_parameters(), got.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+    assert torch.equal(run_model(got, spec), run_model(want, spec))
+
+
+def test_switched_off_adapters_contribute_nothing(zoo) -> None:
+    spec = zoo.spec("builtin:tiny")
+    adapted = apply_passes(spec.model, [LoRAPass(rank=4, name="a"), IA3Pass(name="b")])
+    randomize_adapters(adapted)
+    set_active(adapted, "b")
+    plain = unload(adapted)
+    k = plain.get_submodule("layers.0.attn.k_proj")
+    assert not torch.equal(k.weight, spec.model.get_submodule("layers.0.attn.k_proj").weight)
+    q_name = "layers.0.attn.q_proj.weight"  # LoRA 'a' only: switched off, nothing folded
+    assert plain.get_parameter(q_name).data_ptr() == spec.model.get_parameter(q_name).data_ptr()
+    set_active(adapted, [])
+    for (n, p), q in zip(unload(adapted).named_parameters(), spec.model.parameters()):
+        assert p.data_ptr() == q.data_ptr() and torch.equal(p, q), n
+
+
 class _Gate(AdapterModule):
     """An adapter that is neither LoRA nor IA³."""
 
     pass_name = "prefix"
 
 
-def test_unload_refuses_adapters_it_cannot_merge(zoo) -> None:
-    adapted = apply_passes(zoo.traced("builtin:tiny"), [LoRAPass(rank=4)])
+def test_unload_refuses_adapters_it_cannot_merge(zoo, snapshot) -> None:
+    adapted = apply_passes(zoo.spec("builtin:tiny").model, [LoRAPass(rank=4)])
     adapted.get_submodule("layers.0.attn").add_module(
         "gate", _Gate(site="layers.0.attn", adapter_name="p"))
+    before = snapshot(adapted)
     with pytest.raises(MergeError, match=r"unload: adapter 'p' \(prefix\) cannot be merged: it is "
                                          r"not linear in the base weights"):
         unload(adapted)
+    before.assert_unchanged(adapted)
 
 
-def test_unload_needs_a_traced_model(zoo) -> None:
+def test_unload_refuses_a_bottleneck_adapter(zoo) -> None:
+    from surgery import SerialAdapterPass
+
+    adapted = apply_passes(zoo.spec("builtin:tiny").model,
+                           [LoRAPass(rank=4), SerialAdapterPass(pattern="layers.0.mlp.down_proj",
+                                                                name="bn")])
+    with pytest.raises(MergeError, match=r"unload: adapter 'bn' \(\w+\) cannot be merged"):
+        unload(adapted)
+
+
+def test_unload_needs_an_adapted_model(zoo) -> None:
     with pytest.raises(ConfigError, match="unload takes a model from surgery.apply_passes"):
         unload(zoo.spec("builtin:tiny").model)
 
 
 def test_unload_refuses_non_finite_weights(zoo) -> None:
-    adapted = apply_passes(zoo.traced("builtin:tiny"), [LoRAPass(rank=4)])
+    adapted = apply_passes(zoo.spec("builtin:tiny").model, [LoRAPass(rank=4)])
     with torch.no_grad():
         adapted.get_submodule("layers.1.attn.v_proj.lora_B.default").weight.fill_(float("nan"))
     with pytest.raises(MergeError, match=r"layers\.1\.attn\.v_proj gives non-finite values"):
         unload(adapted)
+
+
+class _Tied(nn.Module):
+    """An embedding and an output head sharing one weight ``(10, 8)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.mid = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mid(self.emb(ids))))
+
+
+def test_tied_weights_stay_tied_or_the_fold_is_refused() -> None:
+    torch.manual_seed(0)
+    model = _Tied()
+    ids = torch.randint(0, 10, (2, 5))
+    adapted = apply_passes(model, [LoRAPass(pattern="mid", rank=2)])
+    randomize_adapters(adapted)
+    plain = unload(adapted)
+    assert plain.head.weight is plain.emb.weight  # untouched tie kept
+    assert list(plain.state_dict()) == list(model.state_dict())
+    assert (plain(ids) - adapted(ids)).abs().max() <= 1e-6
+
+    tied = apply_passes(model, [LoRAPass(pattern="head", rank=2)])
+    randomize_adapters(tied)
+    with pytest.raises(MergeError, match=r"unload: the weight folded at head is tied to "
+                                         r"emb\.weight .*exclude=\['head'\]"):
+        unload(tied)
+
+
+def test_a_model_that_is_one_layer_unloads_to_that_layer() -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 6)
+    adapted = apply_passes(layer, [LoRAPass(pattern="*", rank=2), IA3Pass(pattern="*")])
+    randomize_adapters(adapted)
+    plain = unload(adapted)
+    assert type(plain) is nn.Linear
+    x = torch.randn(3, 8)
+    assert torch.equal(plain(x), apply_passes(adapted, [MergeLoRAPass(), MergeIA3Pass()])(x))

@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from surgery import LoRAPass, apply_passes
 from surgery.map.trace import trace
-from viz_models import TinyNet, adapt_by_hand, example_ids
+from viz_models import SITE, TinyNet, example_ids
 
 
 @pytest.fixture
@@ -18,8 +19,8 @@ def tiny() -> TinyNet:
 
 @pytest.fixture
 def tiny_adapted(tiny: TinyNet) -> nn.Module:
-    """``tiny`` traced by torch.fx with shapes, LoRA-like branch on ``blocks.0.attn.q_proj``."""
-    return adapt_by_hand(trace(tiny, (example_ids(),)), "blocks.0.attn.q_proj")
+    """``tiny`` with LoRA (rank 2) on ``blocks.0.attn.q_proj``, example inputs recorded."""
+    return apply_passes(tiny, [LoRAPass(pattern=SITE, rank=2)], example_inputs=(example_ids(),))
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +30,6 @@ def branchy() -> TinyNet:
 
 
 @pytest.fixture(scope="module")
-def branchy_traced(branchy: TinyNet) -> nn.Module:
-    """``branchy`` traced by torch.export (fx cannot), shared by a module's tests."""
+def branchy_map(branchy: TinyNet) -> nn.Module:
+    """The map of ``branchy``, traced by torch.export (fx cannot), shared by a module's tests."""
     return trace(branchy, (example_ids(),))

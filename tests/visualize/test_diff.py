@@ -11,17 +11,27 @@ from pathlib import Path
 import pytest
 from torch import nn
 
-from viz_models import D, TinyNet, adapt_by_hand, example_ids, renderer_works
+from surgery import LoRAPass, apply_passes
 from surgery.pass_base import Change, PassResult
-from surgery.map.trace import trace
-from visualize import DiffReport, MissingRendererWarning, ParamChange, RenderOptions, render_diff
+from viz_models import D, SITE, TinyNet, example_ids, renderer_works, wrap_by_hand
+from visualize import (
+    DiffReport,
+    MissingRendererWarning,
+    ParamChange,
+    RenderOptions,
+    render_diff,
+    to_networkx,
+)
 from visualize.diff import param_diff
 from visualize.dot import format_count
 from visualize.html import diff_html, inline_svg
 from visualize.report import NodeChange
 
-SITE = "blocks.0.attn.q_proj"
-LORA_NODES = ("/blocks_0_attn_q_proj_lora_default", "/add_4")
+LORA_NODES = tuple(f"{SITE}:{name}" for name in (
+    "lora_dropout_default", "lora_a_default", "lora_b_default", "mul", "add"))
+LORA_PARTS = (("call_module", "lora_dropout.default"), ("call_module", "lora_A.default"),
+              ("call_module", "lora_B.default"), ("call_function", "mul"),
+              ("call_function", "add"))
 
 
 def _base_names(model: nn.Module) -> list[str]:
@@ -37,8 +47,8 @@ def report(tiny: TinyNet, tiny_adapted: nn.Module, tmp_path: Path) -> DiffReport
 
 def test_added_parameters_exact(report: DiffReport) -> None:
     assert report.added == (
-        ParamChange("added", f"{SITE}.lora.default.A", (2, D), 16, True, "lora"),
-        ParamChange("added", f"{SITE}.lora.default.B", (D, 2), 16, True, "lora"),
+        ParamChange("added", f"{SITE}.lora_A.default.weight", (2, D), 16, True, "lora"),
+        ParamChange("added", f"{SITE}.lora_B.default.weight", (D, 2), 16, True, "lora"),
     )
     assert report.removed == () and report.unfrozen == () and report.rewritten == ()
 
@@ -46,16 +56,16 @@ def test_added_parameters_exact(report: DiffReport) -> None:
 def test_frozen_parameters(tiny: TinyNet, report: DiffReport) -> None:
     assert [r.name for r in report.frozen] == _base_names(tiny)
     q = next(r for r in report.frozen if r.name == f"{SITE}.weight")
-    assert q == ParamChange("frozen", f"{SITE}.weight", (D, D), 64, False, None)
+    assert q == ParamChange("frozen", f"{SITE}.weight", (D, D), 64, False, "lora")
+    head = next(r for r in report.frozen if r.name == "head.weight")
+    assert head == ParamChange("frozen", "head.weight", (4, D), 32, False, "freeze")
     assert (report.before_total, report.before_trainable) == (1184, 1184)
     assert (report.after_total, report.after_trainable) == (1216, 32)
 
 
 def test_node_diff_finds_inserted_nodes(report: DiffReport) -> None:
-    assert report.nodes == (
-        NodeChange("added", LORA_NODES[0], "call_module", "lora.default", "lora", SITE),
-        NodeChange("added", LORA_NODES[1], "call_function", "add", "lora", SITE),
-    )
+    assert report.nodes == tuple(NodeChange("added", nid, op, label, "lora", SITE)
+                                 for nid, (op, label) in zip(LORA_NODES, LORA_PARTS))
     assert report.nodes_removed == ()
 
 
@@ -87,11 +97,12 @@ def test_after_diagram_highlights_added_nodes(report: DiffReport, tmp_path: Path
 
 def test_markdown(report: DiffReport) -> None:
     md = report.to_markdown()
-    assert md.startswith("# Diff: TinyNet → TinyNet\n")
-    assert "2 added, 26 frozen; 2 nodes added, 0 removed; trainable 1.2K → 32 of 1.2K" in md
-    assert f"| added | `{SITE}.lora.default.A` | 2×8 | 16 | yes | lora |" in md
-    assert f"| frozen | `{SITE}.weight` | 8×8 | 64 | no | — |" in md
-    assert f"| added | `{LORA_NODES[1]}` | call\\_function | add | lora | `{SITE}` |" in md
+    assert md.startswith("# Diff: TinyNet → TinyNet (adapted)\n")
+    assert "2 added, 26 frozen; 5 nodes added, 0 removed; trainable 1.2K → 32 of 1.2K" in md
+    assert f"| added | `{SITE}.lora_A.default.weight` | 2×8 | 16 | yes | lora |" in md
+    assert f"| frozen | `{SITE}.weight` | 8×8 | 64 | no | lora |" in md
+    assert "| frozen | `head.weight` | 4×8 | 32 | no | freeze |" in md
+    assert f"| added | `{LORA_NODES[4]}` | call\\_function | add | lora | `{SITE}` |" in md
     assert "| parameters | 1,184 | 1,216 |" in md
 
 
@@ -114,13 +125,12 @@ def test_models_are_not_changed(tiny: TinyNet, tiny_adapted: nn.Module, tmp_path
 
 
 def test_pass_attribution_from_history(tiny: TinyNet, tiny_adapted: nn.Module) -> None:
-    changes = (Change("param_frozen", "lora", SITE, f"{SITE}.weight"),
-               Change("param_frozen", "freeze", "head", "head.weight"))
-    tiny_adapted._surgery.history.append(PassResult(tiny_adapted, True, changes, "lora"))
     rows = {r.name: r.pass_name for r in param_diff(tiny, tiny_adapted) if r.kind == "frozen"}
-    assert rows[f"{SITE}.weight"] == "lora"
-    assert rows["head.weight"] == "freeze"
-    assert rows[f"{SITE}.bias"] is None
+    assert rows[f"{SITE}.weight"] == rows[f"{SITE}.bias"] == "lora"  # LoRA froze its site
+    assert rows["head.weight"] == "freeze"  # apply_passes froze the rest
+    del tiny_adapted._surgery.history[:]  # nothing records a pass any more
+    rows = {r.name: r.pass_name for r in param_diff(tiny, tiny_adapted) if r.kind == "frozen"}
+    assert rows["head.weight"] is None and rows[f"{SITE}.weight"] is None
 
 
 def test_rewritten_weights(tiny: TinyNet, tiny_adapted: nn.Module) -> None:
@@ -166,17 +176,37 @@ def test_no_renderer_warns_once_and_html_points_at_dot(tiny: TinyNet, tiny_adapt
     assert "the diagram is in <code>before.dot</code>" in page
 
 
-def test_depth_option_and_export_front_end(branchy: TinyNet, branchy_traced: nn.Module,
+def test_depth_option_and_export_front_end(branchy: TinyNet, branchy_map: nn.Module,
                                            tmp_path: Path) -> None:
-    adapted = adapt_by_hand(trace(branchy, (example_ids(),)), SITE)
+    adapted = apply_passes(branchy, [LoRAPass(pattern=SITE, rank=2)],
+                           example_inputs=(example_ids(),))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MissingRendererWarning)
-        rep = render_diff(branchy_traced, adapted, tmp_path, options=RenderOptions(depth=2))
-    assert [r.name for r in rep.added] == [f"{SITE}.lora.default.A", f"{SITE}.lora.default.B"]
-    assert [(n.id, n.pass_name) for n in rep.nodes] == [
-        ("blocks.0.attn/q_proj_lora_default", "lora"), ("blocks.0.attn/add", "lora")]
+        rep = render_diff(branchy_map, adapted, tmp_path, options=RenderOptions(depth=2))
+    assert [r.name for r in rep.added] == [f"{SITE}.lora_A.default.weight",
+                                           f"{SITE}.lora_B.default.weight"]
+    assert [(n.id, n.pass_name) for n in rep.nodes] == [(nid, "lora") for nid in LORA_NODES]
     after = (tmp_path / "after.dot").read_text(encoding="utf-8")
     assert "traced by export" in after and '"blocks.0/*"' in after and "adapted: lora" in after
+    assert (rep.before_name, rep.after_name) == ("TinyNet", "TinyNet (adapted)")
+
+
+def test_sub_layer_site_diff(tiny: TinyNet, tmp_path: Path) -> None:
+    adapted = apply_passes(tiny, [LoRAPass(pattern="blocks.0.mlp.0", rank=2)],
+                           example_inputs=(example_ids(),))
+    wrap_by_hand(adapted, "blocks.0.mlp", D)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MissingRendererWarning)
+        rep = render_diff(tiny, adapted, tmp_path)
+    assert [(n.id, n.pass_name, n.site) for n in rep.nodes[-2:]] == [
+        ("blocks.0.mlp:bottleneck_default", "adapter", "blocks.0.mlp"),
+        ("blocks.0.mlp:add", "adapter", "blocks.0.mlp")]
+    assert len(rep.nodes_added) == 7 and rep.nodes_removed == ()
+    assert [r.name for r in rep.added][2:] == [
+        f"blocks.0.mlp.bottleneck.default.{p}" for p in ("down.weight", "down.bias", "up.weight",
+                                                         "up.bias")]
+    after = (tmp_path / "after.dot").read_text(encoding="utf-8")
+    assert '"/blocks_0_mlp_2" -> "blocks.0.mlp:bottleneck_default"' in after
 
 
 def test_html_escapes_everything() -> None:
@@ -212,10 +242,25 @@ def test_inline_svg_drops_prolog() -> None:
     assert inline_svg(svg) == '<svg width="1"><g/></svg>'
 
 
+def test_diff_the_other_way_marks_removed_nodes(tiny: TinyNet, tiny_adapted: nn.Module,
+                                                tmp_path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MissingRendererWarning)
+        rep = render_diff(tiny_adapted, tiny, tmp_path, example_inputs=(example_ids(),))
+    assert [n.id for n in rep.nodes_removed] == list(LORA_NODES) and rep.nodes_added == ()
+    assert [r.name for r in rep.removed] == [f"{SITE}.lora_A.default.weight",
+                                             f"{SITE}.lora_B.default.weight"]
+    assert len(rep.unfrozen) == 26
+    before = (tmp_path / "before.dot").read_text(encoding="utf-8")
+    for nid in LORA_NODES:
+        line = next(l for l in before.splitlines() if l.strip().startswith(f'"{nid}" ['))
+        assert 'color="#333333"' in line and "penwidth=3" in line and "dashed,bold" in line
+    assert "removed" not in (tmp_path / "after.dot").read_text(encoding="utf-8")
+
+
 def test_diff_of_a_merge_marks_removed_nodes_and_counts_like_the_audit(tiny: TinyNet,
                                                                        tmp_path: Path) -> None:
-    from surgery import LoRAPass, MergeLoRAPass, apply_passes, audit
-    from visualize.graph import traced_to_networkx
+    from surgery import MergeLoRAPass, audit
 
     sites = [f"blocks.{i}.attn.{p}_proj" for i in range(2) for p in "qv"]
     adapted = apply_passes(tiny, [LoRAPass(pattern=sites, rank=8)])
@@ -224,7 +269,11 @@ def test_diff_of_a_merge_marks_removed_nodes_and_counts_like_the_audit(tiny: Tin
         warnings.simplefilter("ignore", MissingRendererWarning)
         rep = render_diff(adapted, merged, tmp_path)
     removed = [n.id for n in rep.nodes_removed]
-    assert len(removed) == 5 * 4 and rep.added == () and len(rep.rewritten) == 4
+    assert removed == [f"{site}:{name}" for site in sites for name in (
+        "lora_dropout_default", "lora_a_default", "lora_b_default", "mul", "add")]
+    assert rep.added == () and rep.nodes_added == ()
+    assert [(r.name, r.pass_name) for r in rep.rewritten] == [
+        (f"{site}.weight", "merge_lora") for site in sites]
     before = (tmp_path / "before.dot").read_text(encoding="utf-8")
     after = (tmp_path / "after.dot").read_text(encoding="utf-8")
     for nid in removed:
@@ -233,11 +282,14 @@ def test_diff_of_a_merge_marks_removed_nodes_and_counts_like_the_audit(tiny: Tin
         assert "\\n− removed" in line
     assert '"legend:removed" [label="removed (diff)"' in before
     assert "removed" not in after  # nothing of after is gone from after
+    q = next(l for l in after.splitlines() if l.strip().startswith('"/blocks_0_attn_q_proj" ['))
+    assert 'fillcolor="#fdc086"' in q and "rewritten by merge_lora" in q  # the merged weight
+    assert '"/blocks_0_attn_q_proj" -> "/softmax"' in after
 
     # the titles count what the audit counts: every parameter once, trainable by flag
     for model, text, word in ((adapted, before, "before"), (merged, after, "after")):
         totals = audit(model).totals
-        graph = traced_to_networkx(model)
+        graph = to_networkx(model)
         assert (graph.graph["param_total"], graph.graph["param_trainable"]) == \
             (totals.total, totals.trainable)
         assert f'label="{word}: TinyNet · traced by fx · {format_count(totals.total)} params, ' \

@@ -22,10 +22,10 @@ import pytest
 import torch
 from torch import nn
 
-from viz_models import IDS_SHAPE, TinyNet, adapt_by_hand, example_ids
+from surgery import LoRAPass, apply_passes
 from surgery.errors import ConfigError
-from surgery.map.trace import trace
 from surgery.zoo import TinyConfig, TinyTransformer
+from viz_models import IDS_SHAPE, SITE, TinyNet, example_ids
 from visualize import Palette, RenderOptions, to_dot, to_networkx
 from visualize.dot import format_count, format_shape, quote
 
@@ -102,13 +102,15 @@ def test_colours_of_inserted_frozen_and_trainable_nodes(tiny: TinyNet,
     dot = to_dot(to_networkx(tiny_adapted))
     lora_fill, lora_border = PALETTE.for_pass("lora")
     assert (lora_fill, lora_border) == ("#f9c6df", "#c2185b")
-    for nid in ("/blocks_0_attn_q_proj_lora_default", "/add_4"):
+    for nid in (f"{SITE}:lora_a_default", f"{SITE}:add"):
         attrs = _attrs_of(dot, nid)
         assert f'fillcolor="{lora_fill}"' in attrs and f'color="{lora_border}"' in attrs
     assert f'fillcolor="{PALETTE.frozen}"' in _attrs_of(dot, "/blocks_0_attn_q_proj")
     assert f'fillcolor="{PALETTE.frozen}"' in _attrs_of(dot, "/head")
     # edges into inserted nodes take the pass colour
-    assert re.search(r'"/blocks_0_ln" -> "/blocks_0_attn_q_proj_lora_default" \[.*color="#c2185b"', dot)
+    assert re.search(rf'"/blocks_0_ln" -> "{SITE}:lora_dropout_default" \[.*color="#c2185b"', dot)
+    assert re.search(rf'"{SITE}:add" -> "/softmax" \[.*color="#c2185b"', dot)
+    assert "+ lora · lora_A" in _attrs_of(dot, f"{SITE}:lora_a_default")
     assert '"legend:pass:lora" [label="added by lora"' in dot
 
 
@@ -161,10 +163,11 @@ def test_shapes_label_edges(tiny: TinyNet) -> None:
 
 def test_highlight_and_title_and_legend_options(tiny_adapted: nn.Module) -> None:
     g = to_networkx(tiny_adapted)
-    dot = to_dot(g, RenderOptions(highlight=frozenset({"/add_4", "/head"}), title="T", legend=False,
+    add = f"{SITE}:add"
+    dot = to_dot(g, RenderOptions(highlight=frozenset({add, "/head"}), title="T", legend=False,
                                   rankdir="LR"))
-    assert "penwidth=3" in _attrs_of(dot, "/add_4")
-    assert 'color="#c2185b"' in _attrs_of(dot, "/add_4")
+    assert "penwidth=3" in _attrs_of(dot, add)
+    assert 'color="#c2185b"' in _attrs_of(dot, add)
     assert f'color="{PALETTE.added}", penwidth=3' in _attrs_of(dot, "/head")
     assert 'label="T"' in dot and "rankdir=LR" in dot and "cluster_legend" not in dot
     default = to_dot(g)
@@ -227,7 +230,8 @@ def _tiny_transformer_graph(depth: int | None = None, adapted: bool = False) -> 
     model = TinyTransformer(_TINY)
     ids = torch.arange(IDS_SHAPE[0] * 4).reshape(IDS_SHAPE[0], 4) % _TINY.vocab_size
     if adapted:
-        return to_networkx(adapt_by_hand(trace(model, (ids,)), "layers.0.attn.q_proj"), depth=depth)
+        model = apply_passes(model, [LoRAPass(pattern="layers.0.attn.q_proj", rank=2)],
+                             example_inputs=(ids,))
     return to_networkx(model, (ids,), depth=depth)
 
 

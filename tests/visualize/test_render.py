@@ -150,3 +150,11 @@ def test_png_with_dot_program(tiny: TinyNet, tmp_path: Path) -> None:
 def test_bad_format_is_rejected(tiny: TinyNet, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"format must be one of \('svg', 'png', 'dot'\), got 'pdf'"):
         render(tiny, tmp_path / "m", format="pdf")
+
+
+def test_adapted_model_is_drawn_with_its_site_graphs(tiny_adapted, tmp_path: Path) -> None:
+    out = render(tiny_adapted, tmp_path / "adapted.dot")
+    text = out.read_text(encoding="utf-8")
+    assert text.startswith('digraph "TinyNet" {')
+    assert '"blocks.0.attn.q_proj:lora_a_default" [label="lora_A.default\\nLoRAProjection' in text
+    assert '"blocks.0.attn.q_proj:add" -> "/softmax"' in text

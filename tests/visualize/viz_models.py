@@ -1,8 +1,9 @@
-"""Small models and a hand-made "adapted" model for the visualize tests.
+"""Small models for the visualize tests, and a sub-layer site graph made by hand.
 
-``adapt_by_hand`` imitates what a LoRA pass does to a traced model (an adapter module under
-the site, a ``call_module`` node and an ``add`` carrying ``meta["surgery"]``, base weights
-frozen), so these tests do not depend on the real passes.
+``wrap_by_hand`` does to a sub-layer what a serial adapter pass does (a site graph at the
+sub-layer's qualified name, an adapter module registered on it, a tagged branch and
+residual ``add`` after its result), with the core's rewrite primitives only, so the
+pictures of sub-layer sites are tested without depending on that pass.
 """
 
 from __future__ import annotations
@@ -11,14 +12,22 @@ import operator
 import shutil
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from surgery.sites.marker import AdapterModule
-from surgery.map.graphs import call_sites, recompile
+from surgery.sites.rewrite import (
+    insert_after,
+    mark,
+    register_adapter,
+    replace_uses_after,
+    site_output,
+)
+from surgery.sites.site_graph import site_graph_at
 
 D = 8  # model width
 VOCAB = 16
 IDS_SHAPE = (2, 5)  # (batch, seq)
+SITE = "blocks.0.attn.q_proj"  # the layer the tests adapt
 
 
 class Attention(nn.Module):
@@ -70,49 +79,47 @@ class TinyNet(nn.Module):
         return self.head(x)
 
 
-class FakeLoRA(AdapterModule):
-    """``x @ A.T @ B.T`` with ``A`` ``(rank, in)`` and ``B`` ``(out, rank)``."""
+class Bottleneck(AdapterModule):
+    """``up(relu(down(h)))`` with ``up`` zero at init: ``(..., d) -> (..., d)``."""
 
-    pass_name = "lora"
+    pass_name = "adapter"
 
-    def __init__(self, d_in: int, d_out: int, rank: int, *, site: str) -> None:
-        super().__init__(site=site, adapter_name="default", role="query")
-        self.A = nn.Parameter(torch.randn(rank, d_in))
-        self.B = nn.Parameter(torch.zeros(d_out, rank))
+    def __init__(self, d: int, rank: int, *, site: str) -> None:
+        super().__init__(site=site, adapter_name="default")
+        self.down = nn.Linear(d, rank)
+        self.up = nn.Linear(rank, d)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.A.T @ self.B.T
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.up(torch.relu(self.down(h)))
 
 
-def adapt_by_hand(traced: nn.Module, site: str, *, rank: int = 2,
-                  pass_name: str = "lora") -> nn.Module:
-    """Insert a fake LoRA branch beside ``site`` of ``traced`` (in place) and freeze the base.
+def wrap_by_hand(model: nn.Module, site: str, width: int, *, rank: int = 2) -> nn.Module:
+    """Put ``h + bottleneck(h)`` after the sub-layer at ``site`` of ``model`` (in place);
+    ``width`` is the last dimension of the sub-layer's output.
 
-    Adds ``<site>.lora.default`` (a :class:`FakeLoRA`) and, after the site's call node, a
-    ``call_module`` node for it and an ``operator.add`` of the two, both carrying
-    ``meta["surgery"]``.
+    ``model`` is an adapted model (or any model); the sub-layer becomes a site graph (the
+    site graphs already inside it stay as they are), a :class:`Bottleneck` is registered
+    on it as ``bottleneck.default``, and two nodes tagged ``meta["surgery"]`` (pass
+    ``"adapter"``: the bottleneck call, part ``"up"``, and the residual ``add``) follow its
+    result. Returns the model root.
     """
-    for p in traced.parameters():
-        p.requires_grad_(False)
-    call = call_sites(traced)[site][0]
-    linear = call.owner.get_submodule(str(call.node.target))
-    holder = nn.ModuleDict({"default": FakeLoRA(linear.in_features, linear.out_features, rank,
-                                                site=site)})
-    linear.add_module("lora", holder)
-    meta = {"pass": pass_name, "site": site, "role": "query", "adapter": "default"}
-    graph = call.owner.graph
-    base = call.node
-    with graph.inserting_after(base):
-        delta = graph.call_module(f"{base.target}.lora.default", (base.args[0],))
-    with graph.inserting_after(delta):
-        out = graph.call_function(operator.add, (base, delta))
-    base.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
-    for node in (delta, out):
-        node.meta["surgery"] = dict(meta)
-        if "val" in base.meta:
-            node.meta["val"] = base.meta["val"]
-    recompile(traced)
-    return traced
+    root, sg = site_graph_at(model, site, who="wrap_by_hand")
+    register_adapter(sg, "bottleneck", "default", Bottleneck(width, rank, site=site),
+                     pass_name="adapter", site=site)
+    graph = sg.graph
+    h = site_output(sg)
+    tag = dict(pass_name="adapter", site=site, role=None, adapter="default")
+
+    def build() -> fx.Node:
+        b = mark(graph.call_module("bottleneck.default", (h,)), part="up", **tag)
+        return mark(graph.call_function(operator.add, (h, b)), part="add", **tag)
+
+    out = insert_after(graph, h, build)
+    replace_uses_after(h, out)
+    sg.recompile()
+    return root
 
 
 def example_ids() -> torch.Tensor:

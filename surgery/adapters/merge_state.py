@@ -1,8 +1,12 @@
-"""What a merge keeps, which adapters a model carries, and the merge passes' errors.
+"""What a merge keeps, where it keeps it, and which adapters a model carries.
 
-The merge state lives in the graph: every call node of a merged layer carries
-``node.meta[MERGED_KEY]``, a tuple of :class:`MergeRecord` (oldest first), the same tuple
-on every call of a shared layer. The passes of :mod:`passes.merge` are the only writers.
+The merge state of a layer lives in its site graph: the node carrying the base result
+(``site_graph.base_node``) holds ``node.meta[MERGED_KEY]``, a tuple of :class:`MergeRecord`
+(oldest first). Like every ``node.meta["surgery*"]`` entry it survives ``copy.deepcopy``,
+``pickle`` and ``torch.save`` / ``torch.load`` of the model, so a copy of a merged model
+knows what is merged and can unmerge it; and :func:`surgery.apply_passes` rolls it back with
+the graph when a pass fails. Only the merge engines (:mod:`surgery.adapters.fold`,
+:mod:`surgery.adapters.unfold`) write it.
 """
 
 from __future__ import annotations
@@ -13,9 +17,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from surgery.errors import AdapterNotFoundError, MergeError
 from surgery.sites.marker import AdapterModule
-from surgery.errors import AdapterNotFoundError, ConfigError, MergeError
-from surgery.map.graphs import CallSite, call_sites
+from surgery.sites.site_graph import SiteGraph, site_graphs
 
 __all__ = [
     "MERGED_KEY",
@@ -23,25 +27,25 @@ __all__ = [
     "MERGE_PASS",
     "UNMERGE_PASS",
     "WHY_NOT_LINEAR",
+    "NodeRef",
     "NodeSpec",
-    "CallSpec",
     "MergeRecord",
-    "merged_adapters",
     "read_records",
     "write_records",
+    "merged_adapters",
     "adapter_inventory",
     "inactive_adapters",
     "describe_present",
+    "label",
     "not_mergeable_error",
     "resolve_names",
-    "check_names",
 ]
 
 MERGED_KEY = "surgery_merged"
-"""``node.meta`` key, on a merged layer's call nodes, holding its :class:`MergeRecord` tuple."""
+"""``node.meta`` key, on a site graph's base node, holding its :class:`MergeRecord` tuple."""
 
 KIND_LABEL = {"lora": "LoRA", "ia3": "IA³"}
-"""Pass name → how messages name the adapter kind."""
+"""Adapter kind (the pass name its modules carry) → how messages name it."""
 MERGE_PASS = {"lora": "MergeLoRAPass", "ia3": "MergeIA3Pass"}
 UNMERGE_PASS = {"lora": "UnmergeLoRAPass", "ia3": "UnmergeIA3Pass"}
 WHY_NOT_LINEAR = (
@@ -50,9 +54,21 @@ WHY_NOT_LINEAR = (
     "keys and values an attention op sees); only LoRA and IA³ fold into a weight")
 
 
+def label(kind: str, name: str) -> str:
+    """``"LoRA 'default'"``: an adapter as messages name it."""
+    return f"{KIND_LABEL.get(kind, kind)} {name!r}"
+
+
 # --------------------------------------------------------------------------------------
 # Records
 # --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeRef:
+    """A reference, by name, from a removed node to another node of the same graph."""
+
+    name: str
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,36 +77,20 @@ class NodeSpec:
 
     Attributes:
         name: the node's name.
-        target: module target (relative to the graph owner) or function.
-        op: ``"call_module"`` or ``"call_function"``.
-        part: ``lora_dropout`` / ``lora_A`` / ``lora_B`` / ``scale`` / ``add`` / ``ia3_l``.
-        meta: a copy of ``node.meta``.
-        const: the constant operand of the ``scale`` node (LoRA's ``scaling``).
+        op: ``"call_module"``, ``"call_function"``, ...
+        target: module path relative to the site graph, or the function.
+        args / kwargs: the node's arguments, with other nodes as :class:`NodeRef`.
+        meta: its ``surgery*`` metadata.
+        after: name of the node right before it in the graph when it was removed.
     """
 
     name: str
-    target: Any
     op: str
-    part: str
+    target: Any
+    args: tuple
+    kwargs: dict
     meta: dict
-    const: Any = None
-
-
-@dataclass(frozen=True, eq=False)
-class CallSpec:
-    """The nodes a merge removed at one call of the layer.
-
-    Attributes:
-        prefix: qualified name of the module owning the graph ("" for the root).
-        base: name of the layer's ``call_module`` node.
-        anchor: name of the node the LoRA ``add`` read (the base call or another LoRA add).
-        nodes: removed nodes, in graph order.
-    """
-
-    prefix: str
-    base: str
-    anchor: str
-    nodes: tuple[NodeSpec, ...]
+    after: str
 
 
 @dataclass(frozen=True, eq=False)
@@ -98,22 +98,27 @@ class MergeRecord:
     """What one merge of one adapter into one layer replaced.
 
     Attributes:
-        kind: ``"lora"`` or ``"ia3"``.
+        kind: the adapter's kind (``"lora"``, ``"ia3"``: the pass name of its modules).
         adapter: adapter name.
         site: qualified name of the layer.
-        mode: ``"lora"``, or ``"output"`` / ``"input"`` for IA³.
+        mode: how it folded (``"add"``, ``"output"``, ``"input"``).
         inplace: whether the merge wrote into the existing storage.
         weight: the replaced weight: the original ``Parameter`` itself (``inplace=False``)
             or an exact copy of the overwritten values (``inplace=True``).
         bias: the same for the bias, when the merge rewrote it (IA³ output scaling).
         weight_grad / bias_grad: ``requires_grad`` of the replaced parameters.
-        calls: the removed nodes, one :class:`CallSpec` per call of the layer.
+        nodes: the removed nodes, in graph order.
+        main: name of the removed node on the layer's path (LoRA's ``add``, the IA³
+            scaling); its first argument is what the path read instead once it was gone.
         adapter_grads: ``(name relative to the layer, requires_grad)`` of every parameter of
             the merged adapter's modules (``lora_A.default.weight``, ...) before the merge
             froze them; unmerge puts these flags back.
 
-    Records are immutable and shared, never copied, when a model is copied: the tensors
-    they hold are never written.
+    Records are immutable and shared, never copied, when a model is deep-copied: the
+    tensors they hold are never written (so a deep copy of a merged model, once unmerged,
+    views the same base-weight storage as the original, as every model
+    :func:`surgery.apply_passes` makes does). ``pickle`` and ``torch.save`` store them with
+    the model.
     """
 
     kind: str
@@ -125,7 +130,8 @@ class MergeRecord:
     bias: Tensor | None
     weight_grad: bool
     bias_grad: bool
-    calls: tuple[CallSpec, ...] = field(default=())
+    nodes: tuple[NodeSpec, ...] = field(default=())
+    main: str = ""
     adapter_grads: tuple[tuple[str, bool], ...] = field(default=())
 
     @property
@@ -137,37 +143,30 @@ class MergeRecord:
         return self
 
 
+def read_records(sg: SiteGraph) -> tuple[MergeRecord, ...]:
+    """The merge records of a site graph, oldest first (``()`` when nothing is merged)."""
+    return sg.base_node.meta.get(MERGED_KEY, ())
+
+
+def write_records(sg: SiteGraph, records: tuple[MergeRecord, ...]) -> None:
+    """Store ``records`` on the site graph (and drop the key when empty)."""
+    if records:
+        sg.base_node.meta[MERGED_KEY] = records
+    else:
+        sg.base_node.meta.pop(MERGED_KEY, None)
+
+
 def merged_adapters(model: nn.Module) -> dict[str, tuple[str, ...]]:
-    """Layers with merged adapters: qualified name → ``("lora:default", ...)``, oldest first."""
+    """Layers with merged adapters: qualified name → ``("lora:default", ...)``, oldest first.
+
+    A site graph shared under several names is listed under its first name.
+    """
     out: dict[str, tuple[str, ...]] = {}
-    for qname, calls in call_sites(model).items():
-        records = calls[0].node.meta.get(MERGED_KEY, ())
+    for qname, sg in site_graphs(model):
+        records = read_records(sg)
         if records:
             out[qname] = tuple(r.label for r in records)
     return out
-
-
-def read_records(calls: Sequence[CallSite], site: str) -> tuple[MergeRecord, ...]:
-    """The records of a layer, oldest first.
-
-    Raises:
-        MergeError: the calls of a shared layer disagree (the graph was edited by hand).
-    """
-    records = calls[0].node.meta.get(MERGED_KEY, ())
-    for call in calls[1:]:
-        if call.node.meta.get(MERGED_KEY, ()) != records:
-            raise MergeError(f"the calls of {site} disagree on what is merged into it; the "
-                             f"graph was edited outside the merge passes")
-    return records
-
-
-def write_records(calls: Sequence[CallSite], records: tuple[MergeRecord, ...]) -> None:
-    """Store ``records`` on every call of a layer (and drop the key when empty)."""
-    for call in calls:
-        if records:
-            call.node.meta[MERGED_KEY] = records
-        else:
-            call.node.meta.pop(MERGED_KEY, None)
 
 
 # --------------------------------------------------------------------------------------
@@ -176,7 +175,7 @@ def write_records(calls: Sequence[CallSite], records: tuple[MergeRecord, ...]) -
 
 
 def adapter_inventory(model: nn.Module) -> dict[str, dict[str, list[str]]]:
-    """Adapter name → pass name → qualified names of the layers carrying it (model order)."""
+    """Adapter name → kind → qualified names of the layers carrying it (model order)."""
     out: dict[str, dict[str, list[str]]] = {}
     for _, mod in model.named_modules():
         if isinstance(mod, AdapterModule):
@@ -187,7 +186,7 @@ def adapter_inventory(model: nn.Module) -> dict[str, dict[str, list[str]]]:
 
 
 def inactive_adapters(model: nn.Module, kind: str | None = None) -> set[str]:
-    """Names of the adapters (of pass ``kind``, or any) with a module switched off.
+    """Names of the adapters (of ``kind``, or any) with a module switched off.
 
     An inactive adapter (:func:`surgery.set_active`) contributes nothing to the outputs.
     """
@@ -214,7 +213,7 @@ def not_mergeable_error(who: str, name: str, kinds: Sequence[str]) -> MergeError
 
 def resolve_names(who: str, kind: str, names: tuple[str, ...] | None,
                   inv: dict[str, dict[str, list[str]]]) -> list[str]:
-    """The adapter names a pass of ``kind`` acts on.
+    """The adapter names a merge or unmerge of ``kind`` acts on.
 
     Raises:
         AdapterNotFoundError: a name the model does not carry.
@@ -236,20 +235,3 @@ def resolve_names(who: str, kind: str, names: tuple[str, ...] | None,
                     f"{UNMERGE_PASS[other[0]]} for it.")
             raise not_mergeable_error(who, name, kinds)
     return list(dict.fromkeys(names))
-
-
-def check_names(who: str, names: str | Sequence[str] | None) -> tuple[str, ...] | None:
-    """Validate a pass's ``names`` setting: ``None``, one name or a sequence of names.
-
-    Raises:
-        ConfigError: anything else, or an empty sequence.
-    """
-    if names is None:
-        return None
-    if isinstance(names, str):
-        names = (names,)
-    out = tuple(names)
-    if not out or not all(isinstance(n, str) for n in out):
-        raise ConfigError(f"{who}: names must be None (all adapters) or adapter names, got "
-                          f"{names!r}")
-    return out

@@ -66,7 +66,7 @@ class EagerBlock(nn.Module):
 
 def test_hand_written_eager_attention_on_fx() -> None:
     traced = trace(EagerBlock())
-    assert traced._surgery.frontend == "fx"
+    assert traced._surgery_map.frontend == "fx"
     roles = find_roles(traced)
     assert [op.kind for op in roles.attention] == ["eager"]
     op = roles.attention[0]
@@ -164,11 +164,13 @@ def test_convnet_classifier_is_a_feed_forward_block(zoo) -> None:
     assert roles.role_of("features.0") is None
 
 
-def test_roles_see_through_inserted_adapters(zoo) -> None:
+def test_roles_of_an_adapted_model_are_those_of_its_layers(zoo) -> None:
     from surgery import IA3Pass, LoRAPass, apply_passes
 
-    adapted = apply_passes(zoo.traced("builtin:tiny"), [LoRAPass(pattern="attn.*"), IA3Pass()])
-    roles = find_roles(adapted)
+    from surgery.targets import model_roles
+
+    adapted = apply_passes(zoo.spec("builtin:tiny").model, [LoRAPass(pattern="attn.*"), IA3Pass()])
+    roles = model_roles(adapted)  # the map of an adapted model reads site graphs as their layers
     assert _roles(roles, "layers.0.attn.q_proj") == {"query"}
     assert _roles(roles, "layers.1.attn.v_proj") == {"value"}
     assert _roles(roles, "layers.1.attn.o_proj") == {"attn_out"}

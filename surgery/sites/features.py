@@ -1,0 +1,77 @@
+"""Layer sizes whatever the weight layout, and the warning for a rank a layer cannot hold."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from collections.abc import Iterable
+
+from torch import nn
+
+from surgery.map.leaves import is_hf_conv1d
+from surgery.sites.site_graph import base_module
+
+__all__ = ["layer_features", "user_stacklevel", "warn_rank_exceeds"]
+
+
+
+def layer_features(module: nn.Module) -> tuple[int, int] | None:
+    """``(in_features, out_features)`` of a layer, whatever its weight layout.
+
+    ``nn.Linear`` stores its weight ``(out, in)``, transformers' ``Conv1D`` ``(in, out)``,
+    ``nn.Conv*`` ``(out, in / groups, *kernel)``, ``nn.Embedding`` ``(num_embeddings, dim)``
+    (in = the vocabulary); ``nn.MultiheadAttention`` maps ``embed_dim`` to ``embed_dim``.
+    A site graph is judged by the module it replaced. Returns ``None`` for a module without
+    a recognisable weight.
+    """
+    module = base_module(module)
+    if is_hf_conv1d(module):
+        return int(module.weight.shape[0]), int(module.weight.shape[1])
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.in_channels, module.out_channels
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    if isinstance(module, nn.MultiheadAttention):
+        return module.embed_dim, module.embed_dim
+    weight = getattr(module, "weight", None)
+    if weight is not None and getattr(weight, "dim", lambda: 0)() == 2:
+        return int(weight.shape[1]), int(weight.shape[0])
+    return None
+
+
+def warn_rank_exceeds(sites: Iterable, rank: int, *, pass_name: str) -> None:
+    """Warn when ``rank`` is larger than ``min(in_features, out_features)`` of a site.
+
+    ``sites`` are :class:`surgery.targets.Site` records. A low-rank update ``B A`` of such a
+    layer cannot have a rank above that minimum, so the extra rank only adds parameters. This is a warning, not an error: the result is still a
+    correct (if wasteful) adapter.
+    """
+    over = []
+    for site in sites:
+        feats = layer_features(site.module)
+        if feats is not None and rank > min(feats):
+            over.append(f"{site.qname} ({type(base_module(site.module)).__name__}, "
+                        f"{feats[0]} -> {feats[1]})")
+    if over:
+        shown = ", ".join(over[:5]) + (f", ... ({len(over)} layers)" if len(over) > 5 else "")
+        warnings.warn(
+            f"{pass_name}: rank {rank} is larger than min(in_features, out_features) of {shown}; "
+            f"the update B A there cannot have a rank above that minimum, so the extra rank only "
+            f"adds parameters. Way out: a smaller rank, or exclude=... those layers.",
+            UserWarning, stacklevel=user_stacklevel())
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning raised in the caller at the first frame
+    outside this package and ``passes`` (the user's ``apply_passes(...)`` line)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # surgery/
+    roots = (package + os.sep, os.path.join(os.path.dirname(package), "passes") + os.sep)
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(roots):
+        frame = frame.f_back
+        level += 1
+    return level

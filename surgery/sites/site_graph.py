@@ -1,0 +1,330 @@
+"""Site graphs: the unit of rewrite, installed inside the user's own module tree.
+
+A *site* is one module of the user's model that a pass adapts (a linear layer, a named
+sub-layer such as ``mlp``, an attention module). Its site graph is the module's own
+``forward`` traced with torch.fx, as a :class:`SiteGraph` (a ``torch.fx.GraphModule``)
+installed at the site's qualified name in place of the module. Before any pass, for an
+``nn.Linear`` at ``layers.0.attn.q_proj``::
+
+    def forward(self, input):
+        weight = self.weight
+        bias = self.bias
+        linear = torch._C._nn.linear(input, weight, bias)
+        return linear
+
+Passes then insert their nodes (LoRA's ``lora_A → lora_B → × scaling → +``, an IA³
+multiply, a bottleneck branch) into this small graph, tagged ``node.meta["surgery"]``.
+Everything else about the model stays the user's: class, methods, calling convention.
+
+Invariants kept here:
+
+* **Keys.** The site graph holds the module's own parameters and buffers under their own
+  names (``q_proj.weight`` stays ``q_proj.weight``) and every child module, called or not,
+  under its name, so every state-dict key of the user's model is unchanged. Adapters
+  register under the site (``q_proj.lora_A.default.weight``).
+* **Weights are shared.** The site graph holds the very ``Parameter`` objects of the module
+  it replaces (themselves sharing the caller's storage, see :mod:`surgery.sites.params`).
+* **Training behaviour.** Dropout and normalisation layers stay modules (they switch with
+  ``train()``/``eval()``); a ``forward`` whose code depends on ``self.training`` is
+  refused, since a trace would freeze the mode.
+* **Copies.** ``copy.deepcopy`` and ``pickle`` keep the graph, node tags, adapters and the
+  template (a weight-free copy of the original module, from which :func:`plain_module`
+  rebuilds it for ``unload``).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Collection, Iterator
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from surgery.errors import UnsupportedSiteError
+
+__all__ = [
+    "SiteGraph",
+    "base_module",
+    "install",
+    "is_site_graph",
+    "make_site_graph",
+    "plain_weight_free",
+    "module_aliases",
+    "plain_module",
+    "site_graph_at",
+    "site_graphs",
+]
+
+# ``GraphModule`` attributes that hold generated code or the graph itself; everything else
+# of a site graph's ``__dict__`` is its state (modules, parameters, buffers, flags, tags).
+_CODE_KEYS = frozenset({"_graph", "_code", "_lineno_map", "_prologue_start"})
+
+
+def _plain_meta(graph: fx.Graph) -> fx.Graph:
+    """A copy of ``graph`` keeping only picklable node metadata (the ``surgery*`` tags)."""
+    out = copy.deepcopy(graph)
+    for node in out.nodes:
+        node.meta = {k: v for k, v in node.meta.items() if k.startswith("surgery")}
+    out._owning_module = None
+    return out
+
+
+def _rebuild(state: dict[str, Any], graph: fx.Graph) -> SiteGraph:
+    """Inverse of :meth:`SiteGraph.__reduce__` / the core of its ``__deepcopy__``."""
+    res = SiteGraph.__new__(SiteGraph)
+    res.__dict__.update(state)
+    res.graph = graph  # sets the owning module and regenerates the code
+    return res
+
+
+class SiteGraph(fx.GraphModule):
+    """One adapted module as a small fx graph, installed where the module was.
+
+    Attributes:
+        site: the qualified name of the site in the model (``"layers.0.attn.q_proj"``;
+            ``""`` for a model that is itself one layer).
+        template: a weight-free (meta-device) copy of the module the site graph replaced,
+            not registered as a submodule; :func:`plain_module` binds it to the site
+            graph's tensors to put a plain module back.
+        base_output: name of the node that carries the base module's result.
+
+    Do not construct directly: :func:`make_site_graph` traces a module,
+    :func:`site_graph_at` gets or installs the site graph at a qualified name.
+    """
+
+    site: str
+    template: nn.Module
+    base_output: str
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SiteGraph:
+        state = {k: v for k, v in self.__dict__.items() if k not in _CODE_KEYS}
+        res = SiteGraph.__new__(SiteGraph)
+        memo[id(self)] = res
+        res.__dict__.update(copy.deepcopy(state, memo))
+        res.graph = copy.deepcopy(self.graph, memo)
+        return res
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        state = {k: v for k, v in self.__dict__.items() if k not in _CODE_KEYS}
+        return (_rebuild, (state, _plain_meta(self.graph)))
+
+    def __copy__(self) -> SiteGraph:
+        state = {k: v for k, v in self.__dict__.items() if k not in _CODE_KEYS}
+        return _rebuild(dict(state), copy.deepcopy(self.graph))
+
+    @property
+    def input_node(self) -> fx.Node:
+        """The first placeholder: the site's input ``x``."""
+        return next(n for n in self.graph.nodes if n.op == "placeholder")
+
+    @property
+    def base_node(self) -> fx.Node:
+        """The node carrying the base module's result (before any inserted node)."""
+        return next(n for n in self.graph.nodes if n.name == self.base_output)
+
+    @property
+    def output_node(self) -> fx.Node:
+        """The graph's ``output`` node."""
+        return next(n for n in reversed(self.graph.nodes) if n.op == "output")
+
+    def extra_repr(self) -> str:
+        return f"site={self.site!r}, base={type(self.template).__name__}"
+
+
+def is_site_graph(module: nn.Module) -> bool:
+    """True for a :class:`SiteGraph`."""
+    return isinstance(module, SiteGraph)
+
+
+def base_module(module: nn.Module) -> nn.Module:
+    """The module a pass should judge by type and shape: the template of a site graph (a
+    weight-free copy of the original), or ``module`` itself."""
+    return module.template if isinstance(module, SiteGraph) else module
+
+
+class _SiteTracer(fx.Tracer):
+    """Traces one module's ``forward``; children that are leaves to the map stay calls."""
+
+    def __init__(self, leaf: Any) -> None:
+        super().__init__()
+        self._leaf = leaf
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, SiteGraph) or self._leaf(m):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _trace_once(module: nn.Module, leaf: Any) -> fx.Graph:
+    tracer = _SiteTracer(leaf)
+    graph = tracer.trace(module)
+    for node in graph.nodes:
+        if isinstance(node.type, str):  # a postponed annotation cannot be pickled
+            node.type = None
+    return graph
+
+
+def make_site_graph(module: nn.Module, site: str, *, who: str,
+                    leaf: Any = None) -> SiteGraph:
+    """Trace ``module``'s own ``forward`` into a :class:`SiteGraph` that replaces it.
+
+    Args:
+        module: the module to replace (``nn.Linear``, transformers' ``Conv1D``, an ``mlp``
+            block, an attention module). It is not changed.
+        site: its qualified name in the model, for messages and tags.
+        who: the pass asking, named in errors (``"LoRAPass"``).
+        leaf: ``leaf(child) -> bool``, children kept as ``call_module`` nodes besides the
+            ones torch.fx keeps (modules of ``torch.nn``); by default the layers adapters
+            attach to (:func:`surgery.map.leaves.is_leaf_type`).
+
+    Returns:
+        A site graph that computes exactly what ``module`` computes (bitwise: the same
+        operations in the same order), holding the same parameter, buffer and child
+        objects under the same names, and the module's plain attributes
+        (``in_features``, ...).
+
+    Raises:
+        UnsupportedSiteError: torch.fx cannot trace the module's ``forward``, or its code
+            reads ``self.training`` (a trace would freeze the mode).
+    """
+    from surgery.map.leaves import is_leaf_type
+
+    leaf = leaf or is_leaf_type
+    kind = type(module).__name__
+    was_training = module.training
+    try:
+        module.train(True)
+        g_train = _trace_once(module, leaf)
+        module.train(False)
+        g_eval = _trace_once(module, leaf)
+    except Exception as exc:  # any failure inside the module's own code while tracing
+        raise UnsupportedSiteError(
+            f"{who}: {site or 'the model'} ({kind}) cannot be turned into a site graph: "
+            f"torch.fx cannot trace its forward ({type(exc).__name__}: {exc}). Way out: "
+            f"select the layers inside it instead (pattern='{site + '.' if site else ''}*'), "
+            f"see surgery.list_targets(model).") from exc
+    finally:
+        module.train(was_training)
+    if g_train.python_code("self").src != g_eval.python_code("self").src:
+        raise UnsupportedSiteError(
+            f"{who}: {site or 'the model'} ({kind}) computes something different in train() "
+            f"and eval() inside its own forward (it reads self.training, e.g. functional "
+            f"dropout), so a traced site graph would freeze one mode. Way out: select the "
+            f"layers inside it instead (pattern='{site + '.' if site else ''}*').")
+    graph = g_eval
+    sg = SiteGraph(module, graph, class_name=kind)
+    # Keep every child, parameter and buffer, called or not, as the very same objects.
+    for name, child in module._modules.items():
+        sg._modules[name] = child
+    for name, param in module._parameters.items():
+        sg._parameters[name] = param
+    for name, buf in module._buffers.items():
+        sg._buffers[name] = buf
+    sg._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
+    for key, val in vars(module).items():  # plain attributes other code may read
+        if not key.startswith("_") and key != "training" and key not in sg.__dict__:
+            sg.__dict__[key] = val
+    for hooks in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+                  "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):
+        getattr(sg, hooks).update(getattr(module, hooks))
+    sg.train(was_training)
+    out = next(n for n in reversed(graph.nodes) if n.op == "output")
+    result = out.args[0]
+    if not isinstance(result, fx.Node):
+        raise UnsupportedSiteError(
+            f"{who}: {site or 'the model'} ({kind}) returns {type(result).__name__}, not one "
+            f"tensor; a site must return one tensor. Way out: select the layers inside it "
+            f"(pattern='{site + '.' if site else ''}*').")
+    sg.__dict__["site"] = site
+    sg.__dict__["template"] = _weight_free(module)
+    sg.__dict__["base_output"] = result.name
+    return sg
+
+
+def _weight_free(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` whose tensors are on the meta device (no storage)."""
+    memo: dict[int, Any] = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    for sub in module.modules():  # children already replaced by site graphs: their plain form
+        if isinstance(sub, SiteGraph) and sub is not module:
+            memo[id(sub)] = copy.deepcopy(sub.template)
+    return copy.deepcopy(module, memo)
+
+
+def plain_weight_free(model: nn.Module) -> nn.Module:
+    """A weight-free (meta-device) copy of ``model`` as the user wrote it: every site graph
+    reads as the module it replaced. What the map is traced from."""
+    if isinstance(model, SiteGraph):
+        return copy.deepcopy(model.template)
+    return _weight_free(model)
+
+
+def module_aliases(model: nn.Module, module: nn.Module) -> list[str]:
+    """Every qualified name under which ``module`` sits in ``model`` (several when shared)."""
+    return [n for n, m in model.named_modules(remove_duplicate=False) if m is module]
+
+
+def install(model: nn.Module, names: Collection[str], new: nn.Module) -> nn.Module:
+    """Put ``new`` at every qualified name in ``names``; return the model root.
+
+    The root itself (name ``""``) cannot be replaced inside a parent: the returned root is
+    then ``new``.
+    """
+    root = model
+    for qname in names:
+        if qname == "":
+            root = new
+            continue
+        parent_name, _, leaf = qname.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        parent._modules[leaf] = new
+    return root
+
+
+def site_graph_at(model: nn.Module, qname: str, *, who: str,
+                  leaf: Any = None) -> tuple[nn.Module, SiteGraph]:
+    """The site graph at ``qname``, made and installed first if the module there is plain.
+
+    Returns:
+        ``(root, site_graph)``: the model root (``model`` itself, unless ``qname`` is the
+        root, which the site graph then replaces) and the site graph, installed at every
+        name the module had (a module shared under two names gets one site graph).
+
+    Raises:
+        UnsupportedSiteError: from :func:`make_site_graph`.
+    """
+    module = model.get_submodule(qname) if qname else model
+    if isinstance(module, SiteGraph):
+        return model, module
+    sg = make_site_graph(module, qname, who=who, leaf=leaf)
+    names = module_aliases(model, module) or [qname]
+    return install(model, names, sg), sg
+
+
+def site_graphs(model: nn.Module) -> Iterator[tuple[str, SiteGraph]]:
+    """Every site graph of ``model`` with its qualified name (first name of a shared one)."""
+    for qname, mod in model.named_modules():
+        if isinstance(mod, SiteGraph):
+            yield qname, mod
+
+
+def plain_module(sg: SiteGraph) -> nn.Module:
+    """The plain module a site graph stands for, over the site graph's own tensors.
+
+    A copy of the template whose parameters and buffers are the site graph's objects (same
+    names), and whose children are the site graph's children (themselves made plain when they
+    are site graphs). Adapters are not carried over; a merged weight is carried as it is.
+    """
+    plain = copy.deepcopy(sg.template)
+    for name in list(plain._parameters):
+        plain._parameters[name] = sg._parameters.get(name)
+    for name in list(plain._buffers):
+        plain._buffers[name] = sg._buffers.get(name)
+    for name in list(plain._modules):
+        child = sg._modules.get(name)
+        plain._modules[name] = plain_module(child) if isinstance(child, SiteGraph) else child
+    plain.train(sg.training)
+    return plain
