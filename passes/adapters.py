@@ -158,7 +158,8 @@ class SerialAdapterPass(Pass):
         changes: list[Change] = []
         root = model
         for site in self.sites(model):
-            root, sg = site_graph_at(root, site.qname, who="SerialAdapterPass")
+            root, sg = site_graph_at(root, site.qname, who="SerialAdapterPass",
+                                     aliases=site.aliases)
             if is_linear_layer(site.base):
                 d, weight = layer_features(sg)[1], sg.weight
             else:

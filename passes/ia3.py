@@ -131,7 +131,7 @@ class IA3Pass(Pass):
         parts = None
         if not feedforward and site.role is not None and site.role.is_fused:
             parts = [site.role.fused[r] for r in ("key", "value") if r in site.role.fused]
-        root, sg = site_graph_at(model, qname, who="IA3Pass")
+        root, sg = site_graph_at(model, qname, who="IA3Pass", aliases=site.aliases)
         vec = IA3Vector(in_f if feedforward else out_f, parts=parts,
                         mode="input" if feedforward else "output", site=qname,
                         adapter_name=self.adapter_name, role=role, dtype=sg.weight.dtype,

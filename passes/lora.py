@@ -157,7 +157,7 @@ class LoRAPass(Pass):
     def _adapt(self, model: nn.Module, site: Site) -> tuple[nn.Module, list[Change]]:
         qname, role = site.qname, site.label
         in_f, out_f = lora_features(site.base)
-        root, sg = site_graph_at(model, qname, who="LoRAPass")
+        root, sg = site_graph_at(model, qname, who="LoRAPass", aliases=site.aliases)
         weight = sg.weight
         common = dict(rank=self.rank, alpha=float(self.alpha), scaling=self.scaling, site=qname,
                       adapter_name=self.adapter_name, role=role, dtype=weight.dtype,

@@ -15,6 +15,7 @@ from torch import nn
 
 from surgery.errors import ConfigError
 from surgery.map.graphs import recompile
+from surgery.sites.site_graph import recompile_sites
 from surgery.map.trace import is_map
 from surgery.pass_base import Change, Pass, PassResult, SurgeryState
 from surgery.sites.params import adapter_parameters, restore, share_weights_copy, snapshot
@@ -204,7 +205,7 @@ def apply_passes(
             if result.module is not None and result.module is not root:  # the root became a site
                 result.module.__dict__["_surgery"] = state
                 root = result.module
-            recompile(root)
+            recompile_sites(root, result.sites)
             _record(state, result)
         if freeze:
             result = freeze_base(root)

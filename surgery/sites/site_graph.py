@@ -50,6 +50,7 @@ __all__ = [
     "is_site_graph",
     "make_site_graph",
     "plain_weight_free",
+    "recompile_sites",
     "module_aliases",
     "plain_module",
     "site_graph_at",
@@ -165,6 +166,37 @@ def _trace_once(module: nn.Module, leaf: Any) -> fx.Graph:
     return graph
 
 
+# Traced graphs of the layers adapters attach to, by :func:`_layer_key`: every
+# ``nn.Linear(64, 64)`` has the same forward, traced once.
+_LAYER_GRAPHS: dict[tuple, fx.Graph] = {}
+
+
+def _layer_key(module: nn.Module) -> tuple | None:
+    """A key under which ``module``'s traced forward can be reused, or ``None``.
+
+    Only for linear-like layers of ``torch.nn`` and transformers' ``Conv1D``, whose forward
+    reads nothing but the module's own attributes (never ``self.training``): the key is the
+    class, which tensors are present, and every plain attribute (sizes, strides, ``nf``).
+    """
+    from surgery.map.leaves import is_linear_like
+
+    cls = type(module)
+    if not is_linear_like(module) or module._modules:
+        return None
+    if not (cls.__module__.startswith("torch.nn.") or cls.__module__.startswith("transformers")):
+        return None
+    attrs = []
+    for k, v in sorted(vars(module).items()):
+        if k.startswith("_") or k == "training":
+            continue
+        if not isinstance(v, (int, float, str, bool, tuple, type(None))):
+            return None
+        attrs.append((k, v))
+    present = tuple((k, v is None) for k, v in module._parameters.items())
+    buffers = tuple((k, v is None) for k, v in module._buffers.items())
+    return (cls, present, buffers, tuple(attrs))
+
+
 def make_site_graph(module: nn.Module, site: str, *, who: str,
                     leaf: Any = None) -> SiteGraph:
     """Trace ``module``'s own ``forward`` into a :class:`SiteGraph` that replaces it.
@@ -193,11 +225,17 @@ def make_site_graph(module: nn.Module, site: str, *, who: str,
     leaf = leaf or is_leaf_type
     kind = type(module).__name__
     was_training = module.training
+    key = _layer_key(module)
     try:
-        module.train(True)
-        g_train = _trace_once(module, leaf)
-        module.train(False)
-        g_eval = _trace_once(module, leaf)
+        if key is not None:  # a layer whose forward reads nothing but its own attributes
+            if key not in _LAYER_GRAPHS:
+                _LAYER_GRAPHS[key] = _trace_once(module, leaf)
+            graph = copy.deepcopy(_LAYER_GRAPHS[key])
+        else:
+            module.train(True)
+            g_train = _trace_once(module, leaf)
+            module.train(False)
+            graph = _trace_once(module, leaf)
     except Exception as exc:  # any failure inside the module's own code while tracing
         raise UnsupportedSiteError(
             f"{who}: {site or 'the model'} ({kind}) cannot be turned into a site graph: "
@@ -206,13 +244,12 @@ def make_site_graph(module: nn.Module, site: str, *, who: str,
             f"see surgery.list_targets(model).") from exc
     finally:
         module.train(was_training)
-    if g_train.python_code("self").src != g_eval.python_code("self").src:
+    if key is None and g_train.python_code("self").src != graph.python_code("self").src:
         raise UnsupportedSiteError(
             f"{who}: {site or 'the model'} ({kind}) computes something different in train() "
             f"and eval() inside its own forward (it reads self.training, e.g. functional "
             f"dropout), so a traced site graph would freeze one mode. Way out: select the "
             f"layers inside it instead (pattern='{site + '.' if site else ''}*').")
-    graph = g_eval
     sg = SiteGraph(module, graph, class_name=kind)
     # Keep every child, parameter and buffer, called or not, as the very same objects.
     for name, child in module._modules.items():
@@ -242,23 +279,40 @@ def make_site_graph(module: nn.Module, site: str, *, who: str,
     return sg
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+               "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+               "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+               "_load_state_dict_post_hooks")
+
+
 def _weight_free(module: nn.Module) -> nn.Module:
-    """A deep copy of ``module`` whose tensors are on the meta device (no storage)."""
-    memo: dict[int, Any] = {}
-    for t in list(module.parameters()) + list(module.buffers()):
-        meta = torch.empty_like(t, device="meta")
-        memo[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
-    for sub in module.modules():  # children already replaced by site graphs: their plain form
-        if isinstance(sub, SiteGraph) and sub is not module:
-            memo[id(sub)] = copy.deepcopy(sub.template)
-    return copy.deepcopy(module, memo)
+    """A copy of ``module`` whose tensors are on the meta device (no storage) and that
+    carries no hooks; children that are site graphs read as their templates.
+
+    A shallow copy per module (plain attributes are shared with ``module``, never written:
+    a template is read, copied or rebuilt, never run).
+    """
+    if isinstance(module, SiteGraph):
+        return module.template
+    new = copy.copy(module)
+    new._parameters = {k: None if p is None else nn.Parameter(torch.empty_like(p, device="meta"),
+                                                               p.requires_grad)
+                       for k, p in module._parameters.items()}
+    new._buffers = {k: None if b is None else torch.empty_like(b, device="meta")
+                    for k, b in module._buffers.items()}
+    new._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
+    new._modules = {k: None if m is None else _weight_free(m) for k, m in module._modules.items()}
+    for hooks in _HOOK_DICTS:
+        if hooks in module.__dict__:
+            new.__dict__[hooks] = type(module.__dict__[hooks])()
+    return new
 
 
 def plain_weight_free(model: nn.Module) -> nn.Module:
     """A weight-free (meta-device) copy of ``model`` as the user wrote it: every site graph
-    reads as the module it replaced. What the map is traced from."""
-    if isinstance(model, SiteGraph):
-        return copy.deepcopy(model.template)
+    reads as the module it replaced. What the map is traced from (the map deep-copies it
+    again before changing anything)."""
     return _weight_free(model)
 
 
@@ -284,9 +338,13 @@ def install(model: nn.Module, names: Collection[str], new: nn.Module) -> nn.Modu
     return root
 
 
-def site_graph_at(model: nn.Module, qname: str, *, who: str,
-                  leaf: Any = None) -> tuple[nn.Module, SiteGraph]:
+def site_graph_at(model: nn.Module, qname: str, *, who: str, leaf: Any = None,
+                  aliases: Collection[str] | None = None) -> tuple[nn.Module, SiteGraph]:
     """The site graph at ``qname``, made and installed first if the module there is plain.
+
+    Args:
+        aliases: every name the module sits under, when the caller knows them
+            (:attr:`surgery.targets.Site.aliases`); found by walking the model otherwise.
 
     Returns:
         ``(root, site_graph)``: the model root (``model`` itself, unless ``qname`` is the
@@ -300,7 +358,7 @@ def site_graph_at(model: nn.Module, qname: str, *, who: str,
     if isinstance(module, SiteGraph):
         return model, module
     sg = make_site_graph(module, qname, who=who, leaf=leaf)
-    names = module_aliases(model, module) or [qname]
+    names = list(aliases) if aliases else (module_aliases(model, module) or [qname])
     return install(model, names, sg), sg
 
 
@@ -328,3 +386,23 @@ def plain_module(sg: SiteGraph) -> nn.Module:
         plain._modules[name] = plain_module(child) if isinstance(child, SiteGraph) else child
     plain.train(sg.training)
     return plain
+
+
+def recompile_sites(model: nn.Module, sites: Collection[str]) -> None:
+    """Lint and regenerate the code of the site graphs at ``sites`` (qualified names), and of
+    site graphs nested in them; names that are not site graphs are skipped.
+
+    Raises:
+        RuntimeError: from ``Graph.lint`` when an edit left a graph inconsistent.
+    """
+    done: set[int] = set()
+    for qname in sites:
+        try:
+            module = model.get_submodule(qname) if qname else model
+        except AttributeError:
+            continue
+        for sub in module.modules():
+            if isinstance(sub, SiteGraph) and id(sub) not in done:
+                done.add(id(sub))
+                sub.graph.lint()
+                sub.recompile()
