@@ -94,7 +94,7 @@ class IA3Pass(Pass):
             raise ConfigError(f"IA3Pass: name must be a Python identifier, got {name!r}")
 
     def sites(self, model: nn.Module) -> list[Site]:
-        """The sites this pass would adapt in the traced ``model``."""
+        """The sites this pass would adapt in ``model``."""
         return resolve_sites(model, pass_name="IA3Pass", pattern=self.pattern, role=self.role,
                              exclude=self.exclude, default_roles=self.default_roles,
                              accept=_accept, accepted_types="nn.Linear / Conv1D")

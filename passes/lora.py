@@ -139,7 +139,7 @@ class LoRAPass(Pass):
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
     def sites(self, model: nn.Module) -> list[Site]:
-        """The sites this pass would adapt in the traced ``model``."""
+        """The sites this pass would adapt in ``model``."""
         return resolve_sites(model, pass_name="LoRAPass", pattern=self.pattern, role=self.role,
                              exclude=self.exclude, default_roles=self.default_roles,
                              accept=_accept, accepted_types="nn.Linear / Conv1D")

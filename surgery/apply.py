@@ -105,7 +105,7 @@ def _check_in_place_writes(passes: list[Pass], inplace: bool) -> None:
                 f"apply_passes: {what} writes into existing weights, and in-place merges write "
                 f"into the weights shared with the model you passed (apply_passes works on a "
                 f"copy that shares their storage). Way out: call apply_passes(model, passes, "
-                f"inplace=True) on a traced model, or use the pass without its in-place "
+                f"inplace=True), or use the pass without its in-place "
                 f"option (it writes new tensors).")
         if i != len(passes) - 1:
             later = ", ".join(q.describe() for q in passes[i + 1:])

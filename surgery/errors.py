@@ -21,7 +21,6 @@ __all__ = [
     "MergeError",
     "AdapterNotFoundError",
     "RenderError",
-    "InputMismatchError",
     "near_matches",
 ]
 
@@ -63,12 +62,6 @@ class AdapterNotFoundError(SurgeryError, KeyError):
 
 class RenderError(SurgeryError, RuntimeError):
     """A graph could not be rendered to an image."""
-
-
-class InputMismatchError(SurgeryError, TypeError):
-    """A traced model was called with other inputs than the ones it was traced with: an input
-    fixed to its default at trace time was given another value, or an input traced as a real
-    input was left out."""
 
 
 def near_matches(word: str, candidates: Iterable[str], n: int = 5) -> list[str]:

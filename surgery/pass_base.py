@@ -1,7 +1,7 @@
 """The pass interface: a frozen configuration with one method, and the record it returns.
 
 A pass is a small frozen, keyword-only dataclass with a stable ``name`` (``"lora"``,
-``"ia3"``, ...). ``Pass.run(model)`` rewrites the traced ``model`` in place and returns a
+``"ia3"``, ...). ``Pass.run(model)`` rewrites the sites of ``model`` in place and returns a
 :class:`PassResult`; ``Pass.plan(model)`` runs the same matching and returns the changes it
 would make without touching anything. :func:`surgery.apply_passes` owns copying, linting,
 recompiling and atomicity, so a pass only edits graphs and registers modules.
@@ -24,7 +24,8 @@ class PassResult:
     """What a pass returns: the module, whether it changed, and every change made.
 
     Attributes:
-        module: the traced model after the pass (the same object the pass was given).
+        module: the model after the pass: the object the pass was given, or the site graph
+            that replaced it when the model is itself one layer; ``None`` in the history.
         modified: ``True`` when anything changed.
         changes: every site touched, node added or removed, parameter added, frozen or
             rewritten, in the order they happened.
@@ -66,7 +67,7 @@ class Pass:
         return False
 
     def run(self, model: nn.Module) -> PassResult:
-        """Rewrite the traced ``model`` in place and return what changed.
+        """Rewrite the sites of ``model`` in place and return what changed.
 
         The caller (:func:`surgery.apply_passes`) hands over a private copy and restores it
         if this raises, so a pass does not need to undo partial work.
@@ -76,7 +77,7 @@ class Pass:
     def plan(self, model: nn.Module) -> list[Change]:
         """Return the changes :meth:`run` would make, without changing ``model``.
 
-        The default runs the pass on a private copy of the traced ``model`` (sharing its
+        The default runs the pass on a private copy of ``model`` (sharing its
         weights' storage) and drops the copy.
 
         Raises:

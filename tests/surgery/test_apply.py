@@ -283,7 +283,7 @@ def test_in_place_writes_need_inplace_true_and_the_last_place(zoo, snapshot) -> 
     with pytest.raises(ConfigError, match=r"ScaleHeadInPlace\(\) writes into existing weights, "
                                           r"and in-place merges write into the weights shared "
                                           r"with the model you passed.*call apply_passes\(model, "
-                                          r"passes, inplace=True\) on a traced model"):
+                                          r"passes, inplace=True\), or use the pass without"):
         apply_passes(adapted, [ScaleHeadInPlace()])
     with pytest.raises(ConfigError, match=r"so it must be the last pass: its writes cannot be "
                                           r"rolled back if a later pass \(IA3Pass\(\)\) fails"):
