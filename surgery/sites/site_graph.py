@@ -25,8 +25,10 @@ Invariants kept here:
 * **Weights are shared.** The site graph holds the very ``Parameter`` objects of the module
   it replaces (themselves sharing the caller's storage, see :mod:`surgery.sites.params`).
 * **Training behaviour.** Dropout and normalisation layers stay modules (they switch with
-  ``train()``/``eval()``); a ``forward`` whose code depends on ``self.training`` is
-  refused, since a trace would freeze the mode.
+  ``train()``/``eval()``). A value the module's own forward picks by ``self.training``
+  (``F.dropout(x, p, self.training)``, ``dropout_p=p if self.training else 0.0``) is read
+  at run time (:func:`by_mode`); a forward that picks *what to compute* by mode is refused,
+  since a trace would freeze one mode.
 * **Copies.** ``copy.deepcopy`` and ``pickle`` keep the graph, node tags, adapters and the
   template (a weight-free copy of the original module, from which :func:`plain_module`
   rebuilds it for ``unload``).
@@ -46,6 +48,7 @@ from surgery.errors import UnsupportedSiteError
 __all__ = [
     "SiteGraph",
     "base_module",
+    "by_mode",
     "install",
     "is_site_graph",
     "make_site_graph",
@@ -166,6 +169,80 @@ def _trace_once(module: nn.Module, leaf: Any) -> fx.Graph:
     return graph
 
 
+def by_mode(training: bool, when_training: Any, when_eval: Any) -> Any:
+    """``when_training`` if ``training`` else ``when_eval``: a value a module's forward
+    chooses by ``self.training`` (``dropout_p=self.p if self.training else 0.0``), read at
+    run time in a site graph."""
+    return when_training if training else when_eval
+
+
+def _merge_modes(g_train: fx.Graph, g_eval: fx.Graph) -> bool:
+    """Make ``g_eval`` compute what the module computes in either mode, if it can.
+
+    The two traces (in ``train()`` and in ``eval()``) must have the same nodes; where an
+    argument differs only by a constant (a dropout probability, ``training=True`` against
+    ``False``), ``g_eval`` gets :func:`by_mode` of ``self.training`` there. Returns ``False``
+    when the traces differ otherwise (the forward chooses what to compute by mode).
+    """
+    if g_train.python_code("self").src == g_eval.python_code("self").src:
+        return True
+    nodes_t, nodes_e = list(g_train.nodes), list(g_eval.nodes)
+    if len(nodes_t) != len(nodes_e) or any(
+            (a.op, a.target, a.name) != (b.op, b.target, b.name) for a, b in zip(nodes_t, nodes_e)):
+        return False
+    mapping = {a: b for a, b in zip(nodes_t, nodes_e)}
+    constant = (bool, int, float, type(None))
+
+    def merge(t: Any, e: Any) -> Any:
+        if isinstance(t, fx.Node) and isinstance(e, fx.Node):
+            return e if mapping.get(t) is e else _MISMATCH
+        if isinstance(t, (tuple, list)) and type(t) is type(e) and len(t) == len(e):
+            parts = [merge(x, y) for x, y in zip(t, e)]
+            return _MISMATCH if _MISMATCH in parts else type(t)(parts)
+        if isinstance(t, dict) and isinstance(e, dict) and t.keys() == e.keys():
+            parts = {k: merge(t[k], e[k]) for k in t}
+            return _MISMATCH if _MISMATCH in parts.values() else parts
+        if t == e and type(t) is type(e):
+            return e
+        if isinstance(t, constant) and isinstance(e, constant):
+            return _ModeValue(t, e)
+        return _MISMATCH
+
+    merged = []
+    for a, b in zip(nodes_t, nodes_e):
+        args, kwargs = merge(a.args, b.args), merge(a.kwargs, b.kwargs)
+        if args is _MISMATCH or kwargs is _MISMATCH:
+            return False
+        merged.append((b, args, kwargs))
+    last_placeholder = [n for n in nodes_e if n.op == "placeholder"][-1:]
+    with (g_eval.inserting_after(last_placeholder[0]) if last_placeholder
+          else g_eval.inserting_before(nodes_e[0])):
+        training = g_eval.get_attr("training")
+
+    def resolve(value: Any, user: fx.Node) -> Any:
+        if isinstance(value, _ModeValue):
+            with g_eval.inserting_before(user):
+                return g_eval.call_function(by_mode, (training, value.train, value.eval))
+        if isinstance(value, (tuple, list)):
+            return type(value)(resolve(v, user) for v in value)
+        if isinstance(value, dict):
+            return {k: resolve(v, user) for k, v in value.items()}
+        return value
+
+    for node, args, kwargs in merged:
+        node.args, node.kwargs = resolve(args, node), resolve(kwargs, node)
+    return True
+
+
+class _ModeValue:
+    """A constant that differs between the train and the eval trace."""
+
+    def __init__(self, train: Any, eval_: Any) -> None:
+        self.train, self.eval = train, eval_
+
+
+_MISMATCH = object()
+
 # Traced graphs of the layers adapters attach to, by :func:`_layer_key`: every
 # ``nn.Linear(64, 64)`` has the same forward, traced once.
 _LAYER_GRAPHS: dict[tuple, fx.Graph] = {}
@@ -244,12 +321,13 @@ def make_site_graph(module: nn.Module, site: str, *, who: str,
             f"see surgery.list_targets(model).") from exc
     finally:
         module.train(was_training)
-    if key is None and g_train.python_code("self").src != graph.python_code("self").src:
+    if key is None and not _merge_modes(g_train, graph):
         raise UnsupportedSiteError(
             f"{who}: {site or 'the model'} ({kind}) computes something different in train() "
-            f"and eval() inside its own forward (it reads self.training, e.g. functional "
-            f"dropout), so a traced site graph would freeze one mode. Way out: select the "
-            f"layers inside it instead (pattern='{site + '.' if site else ''}*').")
+            f"and eval() inside its own forward (it reads self.training to choose what to "
+            f"compute, not only a value such as a dropout probability), so a traced site graph "
+            f"would freeze one mode. Way out: select the layers inside it instead "
+            f"(pattern='{site + '.' if site else ''}*').")
     sg = SiteGraph(module, graph, class_name=kind)
     # Keep every child, parameter and buffer, called or not, as the very same objects.
     for name, child in module._modules.items():

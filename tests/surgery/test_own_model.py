@@ -206,6 +206,24 @@ def test_bert_takes_a_tokenizers_whole_output_and_a_boolean_mask() -> None:
     torch.testing.assert_close(padded, alone, rtol=1e-5, atol=1e-5)  # padding stays ignored
 
 
+class CausalSelfAttention(nn.Module):
+    """nanoGPT's attention: fused qkv, SDPA with dropout only in training."""
+
+    def __init__(self, d: int, heads: int = 4, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.c_attn = nn.Linear(d, 3 * d)
+        self.c_proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.c_attn(x).split(d, dim=2)
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0,
+                                           is_causal=True)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(b, t, d))
+
+
 class NanoGPT(nn.Module):
     """A nanoGPT-style model: own ``generate`` and ``configure_optimizers``, optional targets."""
 
@@ -214,8 +232,7 @@ class NanoGPT(nn.Module):
         self.block = block
         self.wte = nn.Embedding(vocab, d)
         self.wpe = nn.Embedding(block, d)
-        self.c_attn = nn.Linear(d, 3 * d)
-        self.c_proj = nn.Linear(d, d)
+        self.attn = CausalSelfAttention(d)
         self.c_fc = nn.Linear(d, 4 * d)
         self.mlp_proj = nn.Linear(4 * d, d)
         self.ln = nn.LayerNorm(d)
@@ -226,8 +243,7 @@ class NanoGPT(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, t = idx.shape
         x = self.wte(idx) + self.wpe(torch.arange(t, device=idx.device))
-        q, k, v = self.c_attn(self.ln(x)).split(x.shape[-1], dim=2)
-        x = x + self.c_proj(F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        x = x + self.attn(self.ln(x))
         x = x + self.mlp_proj(F.gelu(self.c_fc(self.ln(x))))
         logits = self.lm_head(self.ln(x))
         if targets is None:
@@ -249,7 +265,7 @@ def test_a_nanogpt_style_model_keeps_its_methods_with_and_without_targets() -> N
     torch.manual_seed(0)
     model = NanoGPT().eval()
     adapted = apply_passes(model, [LoRAPass(pattern=["c_attn", "c_proj"], rank=4)])
-    assert type(adapted) is NanoGPT
+    assert type(adapted) is NanoGPT and type(adapted.attn) is CausalSelfAttention
     assert adapted.wte.weight is adapted.lm_head.weight, "tying survives the copy"
     idx = torch.randint(0, 64, (2, 5))
     assert torch.equal(adapted.generate(idx, 4), model.generate(idx, 4))
@@ -306,3 +322,39 @@ def test_copies_keep_outputs_audit_and_history(how: str) -> None:
     assert audit(copied).totals == audit(adapted).totals
     assert sorted(n for n, _ in named_trainable_parameters(copied)) == sorted(
         n for n, _ in named_trainable_parameters(adapted))
+
+
+def test_a_prefix_on_nanogpt_attention_keeps_the_model_and_its_dropout() -> None:
+    from surgery import PrefixPass
+
+    torch.manual_seed(0)
+    model = NanoGPT().eval()
+    idx = torch.randint(0, 64, (2, 5))
+    with pytest.raises(Exception, match="the map records no shapes. Way out: pass example_inputs"):
+        apply_passes(model, [PrefixPass(length=4)])
+    adapted = apply_passes(model, [PrefixPass(length=4, gate="zero")], example_inputs=(idx,))
+    assert type(adapted) is NanoGPT
+    assert torch.equal(adapted.generate(idx, 4), model.generate(idx, 4)), "zero gate: identity"
+    _randomise_adapters(adapted)
+    with torch.no_grad():
+        assert not torch.equal(adapted(idx)[0], model(idx)[0])
+        adapted.train()
+        assert not torch.equal(adapted(idx, idx)[0], adapted(idx, idx)[0]), "attention dropout acts"
+    adapted.train()
+    adapted(idx, targets=idx)[1].backward()
+    assert {n for n, p in adapted.named_parameters() if p.grad is not None} == {
+        n for n, _ in named_trainable_parameters(adapted)}
+
+
+def test_checkpointing_switched_on_before_surgery_keeps_checkpointing() -> None:
+    model = _llama()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    adapted = apply_passes(model, [LoRAPass(pattern=["q_proj", "v_proj"], rank=4)]).train()
+    adapted.enable_input_require_grads()  # reentrant checkpointing with frozen embeddings
+    _randomise_adapters(adapted)
+    calls = []
+    adapted.model.layers[0].mlp.register_forward_hook(lambda *_: calls.append(1))
+    ids = _ids()
+    adapted(input_ids=ids, labels=ids).loss.backward()
+    assert len(calls) == 2, "the block ran again during backward: it is checkpointed"
+    assert all(p.grad is not None for _, p in named_trainable_parameters(adapted))

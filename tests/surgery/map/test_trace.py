@@ -205,8 +205,8 @@ def test_train_mode_is_kept_and_eval_toggles_dropout() -> None:
 
 
 def test_functional_dropout_in_a_site_follows_train_and_eval() -> None:
-    """A module whose own forward reads self.training cannot become a site graph; the
-    layers inside it can, and its dropout keeps following the mode."""
+    """A value the module's own forward picks by self.training is read at run time in its
+    site graph; a forward that picks what to compute by mode is refused."""
     from surgery import UnsupportedSiteError
     from surgery.sites.site_graph import site_graph_at
 
@@ -216,17 +216,25 @@ def test_functional_dropout_in_a_site_follows_train_and_eval() -> None:
             self.fc = nn.Linear(8, 8)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return F.dropout(self.fc(x), 0.5, self.training)
+            y = F.dropout(self.fc(x), 0.5, self.training)
+            return F.scaled_dot_product_attention(y[None], y[None], y[None],
+                                                  dropout_p=0.5 if self.training else 0.0)[0]
 
-    model = nn.Sequential(FunctionalDrop(), nn.Linear(8, 8)).train()
-    adapted = apply_passes(model, [LoRAPass(pattern="0.fc")])
+    class Branchy(FunctionalDrop):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) * 2 if self.training else self.fc(x)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(FunctionalDrop(), Branchy()).train()
+    _, sg = site_graph_at(model, "0", who="test")
     x = torch.randn(4, 8)
-    assert not torch.equal(adapted(x), adapted(x))
-    adapted.eval()
-    assert torch.equal(adapted(x), model.eval()(x))
-    with pytest.raises(UnsupportedSiteError, match=r"0 \(FunctionalDrop\) computes something "
-                                                   r"different in train\(\) and eval\(\)"):
-        site_graph_at(model, "0", who="SerialAdapterPass")
+    assert not torch.equal(model(x), model(x)), "dropout acts in train mode"
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    assert torch.equal(sg(x), FunctionalDrop.forward(sg, x))
+    with pytest.raises(UnsupportedSiteError, match=r"1 \(Branchy\) computes something different "
+                                                   r"in train\(\) and eval\(\)"):
+        site_graph_at(model, "1", who="test")
 
 
 @pytest.mark.parametrize("name", ["builtin:encoder", "hf:gpt2", "hf:llama", "hf:bert"])

@@ -163,3 +163,38 @@ def test_a_sub_layer_site_graph_keeps_its_layers_as_calls() -> None:
     x = torch.randn(2, 5, 16)
     assert torch.equal(sg(x), mlp(x))
     assert plain_module(sg).down_proj is mlp.down_proj
+
+
+class DropAttention(nn.Module):
+    """Attention whose own forward picks dropout values by ``self.training``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+        self.p = 0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).split(16, dim=-1)
+        y = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.p if self.training else 0.0, is_causal=True)
+        return torch.nn.functional.dropout(y, 0.3, self.training)
+
+
+def test_values_picked_by_training_mode_are_read_at_run_time() -> None:
+    torch.manual_seed(0)
+    attn = DropAttention()
+    x = torch.randn(2, 5, 16)
+    for traced_in in (True, False):
+        sg = make_site_graph(attn.train(traced_in), "attn", who="test")
+        for mode in (True, False):
+            sg.train(mode)
+            attn.train(mode)
+            torch.manual_seed(1)
+            got = sg(x)
+            torch.manual_seed(1)
+            assert torch.equal(got, attn(x)), f"traced in train={traced_in}, run in train={mode}"
+    copied = pickle.loads(pickle.dumps(sg)).train()
+    torch.manual_seed(1)
+    got = copied(x)
+    torch.manual_seed(1)
+    assert torch.equal(got, attn.train()(x))
