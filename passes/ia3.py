@@ -61,7 +61,8 @@ class IA3Pass(Pass):
             projections are selected (the paper's choice).
         exclude: patterns removed from the selection.
         feedforward: pattern(s) naming which selected layers are feed-forward output layers,
-            whose *input* is scaled; ``None`` = the layers with role ``ffn_down``.
+            whose *input* is scaled; ``None`` = the layers with role ``ffn_down``; ``[]`` =
+            none of them (every selected layer scales its output).
         name: adapter name.
 
     A vector has shape ``(out_features,)`` for output scaling and ``(in_features,)`` for
@@ -88,8 +89,13 @@ class IA3Pass(Pass):
         for key, val in (("pattern", pattern), ("role", role), ("exclude", exclude),
                          ("feedforward", feedforward), ("adapter_name", name)):
             object.__setattr__(self, key, tuple(val) if isinstance(val, list) else val)
-        as_patterns(self.pattern)
-        as_patterns(self.feedforward)
+        try:
+            as_patterns(self.pattern)
+            as_patterns(self.exclude)
+            if self.feedforward != ():  # an empty list: no selected layer is feed-forward
+                as_patterns(self.feedforward)
+        except ConfigError as exc:
+            raise ConfigError(f"IA3Pass: {exc}") from exc
         if not isinstance(name, str) or not name.isidentifier():
             raise ConfigError(f"IA3Pass: name must be a Python identifier, got {name!r}")
 
@@ -102,6 +108,8 @@ class IA3Pass(Pass):
     def _is_feedforward(self, site: Site) -> bool:
         if self.feedforward is None:
             return bool(site.role and "ffn_down" in site.role.roles)
+        if self.feedforward == ():
+            return False
         return any(matches(p, site.qname) for p in as_patterns(self.feedforward))
 
     def run(self, model: nn.Module) -> PassResult:
@@ -110,7 +118,7 @@ class IA3Pass(Pass):
             why="telling feed-forward output layers (scaled at their input) from the others "
                 "goes by structural role when feedforward= is not given. Way out: "
                 "feedforward=[...] naming them (feedforward=[] for none), or example_inputs=")
-        if self.feedforward is not None:
+        if self.feedforward:  # None: by role; (): none of them
             for pat in as_patterns(self.feedforward):
                 if not any(matches(pat, s.qname) for s in sites):
                     raise NoMatchError(

@@ -119,8 +119,11 @@ class LoRAPass(Pass):
         self.__post_init__()
 
     def __post_init__(self) -> None:
-        as_patterns(self.pattern)
-        as_patterns(self.exclude)
+        try:
+            as_patterns(self.pattern)
+            as_patterns(self.exclude)
+        except ConfigError as exc:
+            raise ConfigError(f"LoRAPass: {exc}") from exc
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
             raise ConfigError(f"LoRAPass: rank must be a positive int, got {self.rank!r}")
         if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:

@@ -149,8 +149,11 @@ class PrefixPass(Pass):
         self.__post_init__()
 
     def __post_init__(self) -> None:
-        as_patterns(self.pattern)
-        as_patterns(self.exclude)
+        try:
+            as_patterns(self.pattern)
+            as_patterns(self.exclude)
+        except ConfigError as exc:
+            raise ConfigError(f"PrefixPass: {exc}") from exc
         if not isinstance(self.length, int) or isinstance(self.length, bool) or self.length < 0:
             raise ConfigError(f"PrefixPass: length must be an int >= 0, got {self.length!r}")
         if not isinstance(self.reparam_hidden, int) or self.reparam_hidden < 1:

@@ -15,11 +15,16 @@ import torch
 import torch.fx
 from torch import nn
 
+from surgery.errors import ConfigError
+
 __all__ = ["share_weights_copy", "snapshot", "restore", "is_adapter_parameter", "adapter_parameters"]
 
 
 def share_weights_copy(model: nn.Module) -> nn.Module:
     """Deep-copy ``model``'s module tree, sharing parameter storage with it.
+
+    Raises:
+        ConfigError: some attribute of ``model`` cannot be deep-copied.
 
     Returns:
         A module of the same class whose parameters are new ``nn.Parameter`` objects viewing
@@ -52,7 +57,16 @@ def share_weights_copy(model: nn.Module) -> nn.Module:
                 node_lists.append((val, fresh))
     with warnings.catch_warnings():  # torch's own pytree specs warn when copied
         warnings.simplefilter("ignore", FutureWarning)
-        copied = copy.deepcopy(model, memo)
+        try:
+            copied = copy.deepcopy(model, memo)
+        except Exception as exc:  # an attribute that cannot be copied (a lock, a hook's tensor)
+            raise ConfigError(
+                f"could not copy {type(model).__name__} to adapt it ({type(exc).__name__}: "
+                f"{exc}). The adapted model is a copy that shares the weights' storage, so that "
+                f"your model is left as it is; some attribute of this model cannot be deep-"
+                f"copied (a lock, a tensor made under torch.inference_mode, the weight of the "
+                f"old torch.nn.utils.weight_norm). Way out: apply_passes(..., inplace=True) "
+                f"adapts the model itself, without a copy.") from exc
     for old, fresh in node_lists:
         for node in old:
             new_graph = memo.get(id(node.graph))
@@ -72,6 +86,8 @@ def snapshot(model: nn.Module) -> dict:
     """
     from surgery.map.graphs import graph_modules
 
+    configs = {id(c): (c, dict(vars(c))) for c in (m.__dict__.get("config") for m in model.modules())
+               if c is not None and hasattr(c, "__dict__")}
     modules = {name: (mod, dict(mod._modules), dict(mod._parameters), dict(mod._buffers),
                       {k: getattr(mod, k) for k in ("training",)})
                for name, mod in model.named_modules(remove_duplicate=False)}
@@ -89,6 +105,7 @@ def snapshot(model: nn.Module) -> dict:
     state = getattr(model, "_surgery", None)
     history_len = len(state.history) if state is not None else 0
     return {"modules": modules, "flags": flags, "graphs": graphs, "state": state,
+            "configs": configs,
             "history_len": history_len,
             "state_active": None if state is None or state.active is None else set(state.active)}
 
@@ -108,6 +125,9 @@ def restore(model: nn.Module, snap: dict) -> None:
             object.__setattr__(mod, key, val)
     for param, flag in snap["flags"].values():
         param.requires_grad_(flag)
+    for config, attrs in snap.get("configs", {}).values():  # a pass may switch a setting
+        vars(config).clear()
+        vars(config).update(attrs)
     for mod, graph in snap["graphs"].values():
         mod.graph = graph
     state = snap["state"]

@@ -53,6 +53,8 @@ def register_adapter(site_module: nn.Module, slot: str, adapter_name: str, modul
     if holder is None:
         holder = nn.ModuleDict()
         site_module.add_module(slot, holder)
+    module.train(site_module.training)  # an eval-mode model gets eval-mode adapters (dropout off)
+    holder.train(site_module.training)
     if adapter_name in holder:
         kind = type(site_module.template if isinstance(site_module, SiteGraph) else site_module)
         raise AlreadyAdaptedError(

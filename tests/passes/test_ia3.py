@@ -137,3 +137,10 @@ def test_pattern_selection_still_tells_feed_forward_layers_by_role(zoo) -> None:
         apply_passes(spec.model, [IA3Pass(pattern="down_proj")])
     named = apply_passes(spec.model, [IA3Pass(pattern="down_proj", feedforward="down_proj")])
     assert named.get_submodule("model.layers.1.mlp.down_proj.ia3_l.default").mode == "input"
+
+
+def test_an_empty_feedforward_list_means_no_feed_forward_layer() -> None:
+    adapted = apply_passes(MLP(), [IA3Pass(pattern=["up", "down"], feedforward=[])])
+    assert {adapted.get_submodule(f"{n}.ia3_l.default").mode for n in ("up", "down")} == {"output"}
+    with pytest.raises(ConfigError, match=r"^IA3Pass: a pattern list must hold at least one"):
+        IA3Pass(pattern=[])

@@ -328,3 +328,39 @@ def test_a_failing_in_place_call_on_a_plain_model_leaves_it_exactly_as_it_was(sn
                      inplace=True)
     before.assert_unchanged(model)
     assert "_surgery" not in vars(model) and type(model[0]) is nn.Linear
+
+
+def test_adapters_join_in_the_training_mode_of_their_layer() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)).eval()
+    adapted = apply_passes(model, [LoRAPass(pattern="*", rank=2, dropout=0.5)])
+    assert not any(m.training for m in adapted.modules()), "an eval model gets eval adapters"
+    for p in trainable_parameters(adapted):
+        torch.nn.init.normal_(p)
+    x = torch.randn(4, 8)
+    assert torch.equal(adapted(x), adapted(x)), "no dropout in eval mode"
+    adapted.train()
+    assert not torch.equal(adapted(x), adapted(x))
+
+
+def test_a_model_that_cannot_be_copied_says_why_and_how(snapshot) -> None:
+    import threading
+
+    model = nn.Sequential(nn.Linear(4, 4))
+    model.lock = threading.Lock()
+    with pytest.raises(ConfigError, match=r"could not copy Sequential to adapt it \(TypeError: .*"
+                                          r"lock.*Way out: apply_passes\(\.\.\., inplace=True\)"):
+        apply_passes(model, [LoRAPass(pattern="0", rank=2)])
+    adapted = apply_passes(model, [LoRAPass(pattern="0", rank=2)], inplace=True)
+    assert adapted is model and hasattr(model[0], "lora_A")
+
+
+def test_a_failing_in_place_call_puts_back_config_settings_a_pass_changed(zoo) -> None:
+    from surgery import NoMatchError, PrefixPass
+
+    model = zoo.fresh("hf:llama").model
+    before = model.config._attn_implementation
+    with pytest.raises(NoMatchError):
+        apply_passes(model, [PrefixPass(length=2), LoRAPass(pattern="nothing_here")], inplace=True)
+    assert model.config._attn_implementation == before
+    assert "_surgery" not in vars(model)
