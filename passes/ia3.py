@@ -32,6 +32,7 @@ from surgery.errors import ConfigError, NoMatchError, near_matches
 from surgery.pass_base import Change, Pass, PassResult
 from surgery.map.leaves import is_hf_conv1d
 from surgery.select import Selector, as_patterns, matches
+from surgery.sites.features import require_plain_weight
 from surgery.sites.rewrite import (
     freeze_site,
     insert_after,
@@ -135,6 +136,7 @@ class IA3Pass(Pass):
     def _adapt(self, model: nn.Module, site: Site, feedforward: bool
                ) -> tuple[nn.Module, list[Change]]:
         qname, role = site.qname, site.label
+        require_plain_weight(qname, site.base, who="IA3Pass")
         in_f, out_f = lora_features(site.base)
         parts = None
         if not feedforward and site.role is not None and site.role.is_fused:

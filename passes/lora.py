@@ -45,7 +45,7 @@ from surgery.sites.rewrite import (
     site_input,
 )
 from surgery.sites.site_graph import base_module, site_graph_at
-from surgery.sites.features import warn_rank_exceeds
+from surgery.sites.features import require_plain_weight, warn_rank_exceeds
 from surgery.targets import Site, resolve_sites
 
 __all__ = ["LoRAPass", "lora_features"]
@@ -159,6 +159,7 @@ class LoRAPass(Pass):
 
     def _adapt(self, model: nn.Module, site: Site) -> tuple[nn.Module, list[Change]]:
         qname, role = site.qname, site.label
+        require_plain_weight(qname, site.base, who="LoRAPass")
         in_f, out_f = lora_features(site.base)
         root, sg = site_graph_at(model, qname, who="LoRAPass", aliases=site.aliases)
         weight = sg.weight

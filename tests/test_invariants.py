@@ -51,6 +51,7 @@ class Row:
     ia3_sites: list[str]
     lora_default_sites: list[str] | None = None  # None: the default raises ``default_error``
     default_error: type[Exception] | None = None
+    ia3_pattern: str | None = None  # IA3 by name, input scaling (a model without roles)
     bitwise_against_frozen: bool = False  # see _reference
 
 
@@ -63,7 +64,7 @@ ROWS = {
     ),
     "builtin:convnet": Row(
         "builtin:convnet", "classifier.*", ["classifier.0", "classifier.3"], ["classifier.3"],
-        default_error=NoMatchError,
+        default_error=NoMatchError, ia3_pattern="classifier.3",
     ),
     "builtin:encoder": Row(
         "builtin:encoder", "linear*",
@@ -99,6 +100,13 @@ MODELS = list(ROWS)
 PASSES = ["lora", "lora_pattern", "ia3", "lora+ia3"]
 
 
+def _ia3(row: Row, name: str = "default") -> IA3Pass:
+    """The row's IA³ pass: by role, or by name where the model has no roles."""
+    if row.ia3_pattern:
+        return IA3Pass(pattern=row.ia3_pattern, feedforward=row.ia3_pattern, name=name)
+    return IA3Pass(name=name)
+
+
 def _passes(row: Row, which: str) -> tuple[list[Pass], set[str]]:
     """The passes of a table cell and the adapter parameter names they must create."""
     lora_names = lambda sites: {f"{s}.lora_{f}.default.weight" for s in sites for f in "AB"}  # noqa: E731
@@ -107,9 +115,10 @@ def _passes(row: Row, which: str) -> tuple[list[Pass], set[str]]:
         return [LoRAPass()], lora_names(row.lora_default_sites or [])
     if which == "lora_pattern":
         return [LoRAPass(pattern=row.lora_pattern, rank=4, alpha=16)], lora_names(row.lora_pattern_sites)
+    ia3 = _ia3(row)
     if which == "ia3":
-        return [IA3Pass()], ia3_names
-    return ([LoRAPass(pattern=row.lora_pattern, rank=4, alpha=16), IA3Pass()],
+        return [ia3], ia3_names
+    return ([LoRAPass(pattern=row.lora_pattern, rank=4, alpha=16), ia3],
             lora_names(row.lora_pattern_sites) | ia3_names)
 
 
@@ -212,11 +221,11 @@ def test_failing_pass_leaves_inplace_adapted_model_unchanged(zoo, snapshot, mode
     work = _adapt(zoo, model, [LoRAPass(pattern=row.lora_pattern)])
     before = snapshot(work)
     with pytest.raises(AlreadyAdaptedError, match="already has an adapter named 'default' in slot 'lora_A'"):
-        apply_passes(work, [IA3Pass(), LoRAPass(pattern=row.lora_pattern)], inplace=True)
+        apply_passes(work, [_ia3(row), LoRAPass(pattern=row.lora_pattern)], inplace=True)
     before.assert_unchanged(work)
     patterns = [row.lora_pattern] if isinstance(row.lora_pattern, str) else list(row.lora_pattern)
     with pytest.raises(NoMatchError, match="'no_such_layer'"):
-        apply_passes(work, [IA3Pass(name="x"), LoRAPass(pattern=patterns + ["no_such_layer"], name="y")],
+        apply_passes(work, [_ia3(row, "x"), LoRAPass(pattern=patterns + ["no_such_layer"], name="y")],
                      inplace=True)
     before.assert_unchanged(work)
 
@@ -227,7 +236,8 @@ def test_failing_pass_leaves_plain_model_unchanged(zoo, snapshot, model: str) ->
     caller = spec.model
     before = snapshot(caller)
     with pytest.raises(NoMatchError, match="'no_such_layer'"):
-        apply_passes(caller, [IA3Pass(), LoRAPass(pattern=[ROWS[model].lora_pattern_sites[0], "no_such_layer"])],
+        apply_passes(caller, [_ia3(ROWS[model]),
+                              LoRAPass(pattern=[ROWS[model].lora_pattern_sites[0], "no_such_layer"])],
                      spec.example_inputs)
     before.assert_unchanged(caller)
 

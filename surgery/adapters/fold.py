@@ -36,7 +36,7 @@ from surgery.errors import MergeError
 from surgery.sites.changes import Change
 from surgery.sites.site_graph import SiteGraph, site_graphs
 
-__all__ = ["fold_steps", "adapter_params", "merge", "qualify", "role_of"]
+__all__ = ["adapter_params", "check_foldable", "fold_steps", "merge", "qualify", "role_of"]
 
 
 def fold_steps(sg: SiteGraph, steps: Sequence[Key], weight: Tensor, bias: Tensor | None
@@ -51,13 +51,50 @@ def fold_steps(sg: SiteGraph, steps: Sequence[Key], weight: Tensor, bias: Tensor
     Returns:
         ``[(weight, bias)]`` after each step: new tensors, or the input ones where a step
         does not change them.
+
+    Raises:
+        MergeError: the layer's output is not its weight's product alone (see
+            :func:`check_foldable`).
     """
+    check_foldable(sg)
     out = []
     with torch.no_grad():
         for key in steps:
             weight, bias = fold_head(sg, key).fold(sg, weight, bias)
             out.append((weight, bias))
     return out
+
+
+def check_foldable(sg: SiteGraph, who: str = "merge") -> None:
+    """Refuse to fold into a layer whose output is not the product with its own weight.
+
+    Folding writes an adapter into ``weight`` (and ``bias``), which is exact only when the
+    layer computes ``x W^T + b`` and nothing else: the forward of ``nn.Linear`` or
+    transformers' ``Conv1D`` themselves, on a weight that is a plain parameter. A subclass
+    with a forward of its own (``super().forward(x) * 2``), a parametrised or pruned weight
+    (computed from other tensors) would be folded wrongly.
+
+    Raises:
+        MergeError: naming the site, its type and the reason, with the way out.
+    """
+    base = sg.template
+    cls = type(base)
+    plain = cls.forward is nn.Linear.forward or (
+        cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+        and cls.forward.__qualname__ == "Conv1D.forward")
+    why = None
+    if not plain:
+        why = (f"its forward ({cls.__qualname__}.forward) is not the product with its weight "
+               f"alone")
+    elif not isinstance(sg._parameters.get("weight"), nn.Parameter):
+        why = "its weight is not a plain parameter (parametrised or pruned)"
+    if why is not None:
+        raise MergeError(
+            f"{who}: {sg.site or 'the model'} ({cls.__name__}) cannot take an adapter into its "
+            f"weight: "
+            f"{why}, so a folded weight would compute something else. Way out: keep the "
+            f"adapter unmerged (it computes exactly), or adapt layers of type nn.Linear / "
+            f"Conv1D.")
 
 
 def adapter_params(sg: SiteGraph, key: Key) -> list[tuple[str, nn.Parameter]]:
@@ -190,6 +227,7 @@ def merge(model: nn.Module, *, kind: str, names: tuple[str, ...] | None, safe: b
     plans = []  # plan and compute everything first: nothing changes unless all of it can
     for qname, sg, wanted in work:
         steps = _plan_or_raise(sg, wanted, who)
+        check_foldable(sg, who)
         if inplace:
             others = [n for n in _tied(model, sg.weight) if n != qualify(qname, "weight")]
             if others:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from surgery.adapters.fold import fold_steps
+from surgery.adapters.fold import check_foldable, fold_steps
 from surgery.adapters.fold_layout import Key, adapters_at, fold_head, plan_site
 from surgery.adapters.merge_state import not_mergeable_error, read_records
 from surgery.errors import ConfigError, MergeError
@@ -96,15 +96,24 @@ def _check_mergeable(model: nn.Module) -> None:
             if fold_head(sg, key) is not None:
                 foldable.add(key)
                 inside.update(id(sub) for _, m in mods for sub in m.modules())
+    # A switched-off adapter inside a site graph contributes nothing and leaves with it.
+    active: dict[tuple[str, str], bool] = {}
+    in_sites = {id(sub) for _, sg in site_graphs(model) for sub in sg.modules()}
+    for _, mod in model.named_modules():
+        if isinstance(mod, AdapterModule):
+            key = (mod.pass_name, mod.adapter_name)
+            active[key] = active.get(key, False) or mod.active or id(mod) not in in_sites
     others: dict[str, set[str]] = {}
     for _, mod in model.named_modules():
-        if isinstance(mod, AdapterModule) and id(mod) not in inside:
+        if isinstance(mod, AdapterModule) and id(mod) not in inside \
+                and active[(mod.pass_name, mod.adapter_name)]:
             others.setdefault(mod.adapter_name, set()).add(mod.pass_name)
     for _, sg in site_graphs(model):
         for node in sg.graph.nodes:
             meta = node.meta.get("surgery")
-            if meta and (str(meta.get("pass")), str(meta.get("adapter"))) not in foldable:
-                others.setdefault(str(meta.get("adapter")), set()).add(str(meta.get("pass")))
+            key = (str(meta.get("pass")), str(meta.get("adapter"))) if meta else None
+            if key is not None and key not in foldable and active.get(key, True):
+                others.setdefault(key[1], set()).add(key[0])
     if others:
         name, kinds = sorted(others.items())[0]
         raise not_mergeable_error("unload", name, sorted(kinds))
@@ -137,6 +146,7 @@ def _fold_site(qname: str, sg: SiteGraph) -> list[tuple[str, nn.Parameter, nn.Pa
     steps = [k for k in order if k not in off]  # switched off: adds nothing, left out
     if not steps:
         return []
+    check_foldable(sg, "unload")
     weight, bias = sg._parameters["weight"], sg._parameters.get("bias")
     new_w, new_b = fold_steps(sg, steps, weight, bias)[-1]
     out = []

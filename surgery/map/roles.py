@@ -318,6 +318,28 @@ def _fused_slice(g: nx.DiGraph, path: list[str], out_features: int) -> tuple[int
     return None
 
 
+def _in_out(module: nn.Module) -> tuple[int, int] | None:
+    """``(in, out)`` features of a linear-like layer, or ``None`` when they cannot be told."""
+    if type(module).__name__ == "Conv1D":  # transformers' Conv1D stores (in, out)
+        return int(module.weight.shape[0]), int(module.weight.shape[1])
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.in_channels, module.out_channels
+    return None
+
+
+def _maps_width_to_itself(down: nn.Module, sources: list[nn.Module]) -> bool:
+    """True when a feed-forward block ends at the width it starts from (``d → 4d → d``), as
+    every transformer and residual feed-forward sub-layer does; a classification head
+    (``d → d → labels``) does not. Unknown widths count as true."""
+    out = _in_out(down)
+    ins = [_in_out(m) for m in sources]
+    if out is None or any(i is None for i in ins):
+        return True
+    return all(i[0] == out[1] for i in ins)
+
+
 def _out_features(module: nn.Module) -> int:
     weight = getattr(module, "weight", None)
     if weight is None:
@@ -389,6 +411,9 @@ def find_roles(model: nn.Module, dataflow: nx.DiGraph | None = None) -> ModelRol
         activated = {s: _activated(g, paths[s][-1], start, region) for s in sources}
         if not any(activated.values()):
             continue
+        if not _maps_width_to_itself(data["module"], [g.nodes[paths[s][-1]]["module"]
+                                                      for s in sources]):
+            continue  # a classification head (pooler → classifier), not a residual block
         info(qname).roles.add("ffn_down")
         gated = len(sources) > 1 and any(activated.values()) and not all(activated.values())
         for src in sources:

@@ -12,7 +12,7 @@ from torch import nn
 from surgery.map.leaves import is_hf_conv1d
 from surgery.sites.site_graph import base_module
 
-__all__ = ["layer_features", "user_stacklevel", "warn_rank_exceeds"]
+__all__ = ["layer_features", "require_plain_weight", "user_stacklevel", "warn_rank_exceeds"]
 
 
 
@@ -75,3 +75,29 @@ def user_stacklevel() -> int:
         frame = frame.f_back
         level += 1
     return level
+
+
+def require_plain_weight(site_name: str, module: nn.Module, *, who: str) -> None:
+    """Refuse a layer whose ``weight`` is computed rather than held.
+
+    ``torch.nn.utils.parametrize`` (weight norm, spectral norm, orthogonal) and
+    ``torch.nn.utils.prune`` compute ``weight`` from other tensors at every call; an adapter
+    on such a layer could not be merged and would read a weight that is not a parameter.
+
+    Raises:
+        UnsupportedSiteError: naming the layer, its type and the way out.
+    """
+    from surgery.errors import UnsupportedSiteError
+
+    module = base_module(module)
+    if isinstance(module._parameters.get("weight"), nn.Parameter):
+        return
+    how = ("parametrised (torch.nn.utils.parametrize)" if hasattr(module, "parametrizations")
+           else "pruned (torch.nn.utils.prune)" if hasattr(module, "weight_orig")
+           else "not a parameter")
+    raise UnsupportedSiteError(
+        f"{who}: {site_name or 'the model'} ({type(module).__name__}) has a weight that is "
+        f"{how}: it is computed from other tensors at every call, so an adapter cannot be "
+        f"placed beside it or merged into it. Way out: make the weight a plain parameter first "
+        f"(torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight') or "
+        f"torch.nn.utils.prune.remove(layer, 'weight')), or exclude=[{site_name!r}].")

@@ -44,6 +44,13 @@ def share_weights_copy(model: nn.Module) -> nn.Module:
             if id(param) in adapter_ids:  # adapters are trained in place: never share them
                 data = data.clone()
             memo[id(param)] = nn.Parameter(data, requires_grad=param.requires_grad)
+    # Tensors computed from parameters and kept as plain attributes (a pruned layer's
+    # ``weight``, recomputed by its pre-hook at every call) cannot be deep-copied: the copy
+    # holds them detached until its next call recomputes them.
+    for mod in model.modules():
+        for val in vars(mod).values():
+            if isinstance(val, torch.Tensor) and val.grad_fn is not None and id(val) not in memo:
+                memo[id(val)] = val.detach()
     # Lists of graph nodes kept beside a graph (``UnflattenedModule.input_placeholders``)
     # must point into the copied graph; copying them node by node would copy the example
     # values (fake tensors, which cannot be copied) and detach them from any graph.

@@ -248,3 +248,25 @@ def test_two_named_adapters_both_act() -> None:
     want = (layer(x.float()).double() + 1.0 * (x @ a1.double().T @ b1.double().T)
             + 2.0 * (x @ a2.double().T @ b2.double().T))
     _assert_rel_close(adapted(x.float()), want)
+
+
+@pytest.mark.parametrize("how", ["weight_norm", "prune"])
+def test_a_layer_with_a_computed_weight_is_refused_with_the_way_out(how: str, snapshot) -> None:
+    from torch.nn.utils import parametrizations, prune
+
+    from surgery import UnsupportedSiteError
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    if how == "weight_norm":
+        parametrizations.weight_norm(model[0])
+        what = r"parametrised \(torch.nn.utils.parametrize\)"
+    else:
+        prune.l1_unstructured(model[0], "weight", amount=0.5)
+        what = r"pruned \(torch.nn.utils.prune\)"
+    before = snapshot(model)
+    with pytest.raises(UnsupportedSiteError, match=rf"LoRAPass: 0 \(\w+\) has a weight that is "
+                                                   rf"{what}.*remove"):
+        apply_passes(model, [LoRAPass(pattern="0", rank=2)])
+    before.assert_unchanged(model)
+    adapted = apply_passes(model, [LoRAPass(pattern="2", rank=2)])
+    assert hasattr(adapted[2], "lora_A")

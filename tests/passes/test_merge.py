@@ -686,3 +686,30 @@ def test_lora_behind_a_non_mergeable_adapter_stays_unmerged(zoo, snapshot) -> No
                                          r"adapter 'fake' sits between.*'fake' cannot be merged"):
         apply_passes(model, [MergeLoRAPass()], inplace=True)
     before.assert_unchanged(model)
+
+
+class ScaledLinear(nn.Linear):
+    """A linear layer whose own forward does more than ``x W^T + b``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 2.0
+
+
+def test_a_layer_whose_forward_is_not_its_weights_product_refuses_to_merge(snapshot) -> None:
+    from surgery import unload
+
+    torch.manual_seed(0)
+    model = nn.Sequential(ScaledLinear(6, 6), nn.ReLU(), nn.Linear(6, 6))
+    adapted = apply_passes(model, [LoRAPass(pattern="*", rank=2)])
+    for p in trainable_parameters(adapted):
+        torch.nn.init.normal_(p)
+    x = torch.randn(3, 6)
+    want = adapted(x)
+    before = snapshot(adapted)
+    with pytest.raises(MergeError, match=r"MergeLoRAPass: 0 \(ScaledLinear\) cannot take an adapter "
+                                         r"into its weight: its forward \(ScaledLinear.forward\)"):
+        apply_passes(adapted, [MergeLoRAPass()])
+    with pytest.raises(MergeError, match=r"unload: 0 \(ScaledLinear\) cannot take an adapter"):
+        unload(adapted)
+    before.assert_unchanged(adapted)
+    assert torch.equal(adapted(x), want)

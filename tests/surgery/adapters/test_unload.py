@@ -210,3 +210,17 @@ def test_a_model_that_is_one_layer_unloads_to_that_layer() -> None:
     assert type(plain) is nn.Linear
     x = torch.randn(3, 8)
     assert torch.equal(plain(x), apply_passes(adapted, [MergeLoRAPass(), MergeIA3Pass()])(x))
+
+
+def test_a_switched_off_adapter_that_cannot_fold_leaves_with_its_site(zoo) -> None:
+    from surgery import MergeError, SerialAdapterPass, set_active, unload
+
+    spec = zoo.spec("builtin:tiny")
+    adapted = apply_passes(spec.model, [LoRAPass(name="l"), SerialAdapterPass(name="s")])
+    with pytest.raises(MergeError, match=r"adapter 's' \(serial_adapter\) cannot be merged"):
+        unload(adapted)
+    set_active(adapted, "l")
+    plain = unload(adapted)
+    assert type(plain) is type(spec.model)
+    assert not any("adapter" in n or "lora" in n for n in plain.state_dict())
+    assert set(plain.state_dict()) == set(spec.model.state_dict())

@@ -156,12 +156,21 @@ def test_multihead_attention_plays_attention(zoo) -> None:
         assert roles.role_of(f"layers.{i}.self_attn.out_proj") is None
 
 
-def test_convnet_classifier_is_a_feed_forward_block(zoo) -> None:
+def test_a_classification_head_is_not_a_feed_forward_block(zoo) -> None:
+    """Linear, activation, linear that ends at another width (a classifier head: pooler →
+    labels) plays no feed-forward role; a transformer's feed-forward block maps its width to
+    itself."""
     roles = find_roles(zoo.traced("builtin:convnet"))
-    assert roles.attention == []
-    assert _roles(roles, "classifier.0") == {"ffn_up"}
-    assert _roles(roles, "classifier.3") == {"ffn_down"}
-    assert roles.role_of("features.0") is None
+    assert roles.attention == [] and roles.modules == {}
+    tf = pytest.importorskip("transformers")
+    config = tf.BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=128, num_labels=3)
+    model = tf.BertForSequenceClassification(config).eval()
+    ids = torch.randint(0, 128, (2, 7))
+    found = find_roles(trace(model, (ids,)))
+    assert found.role_of("bert.pooler.dense") is None and found.role_of("classifier") is None
+    assert _roles(found, "bert.encoder.layer.1.output.dense") == {"ffn_down"}
+    assert _roles(found, "bert.encoder.layer.1.intermediate.dense") == {"ffn_up"}
 
 
 def test_roles_of_an_adapted_model_are_those_of_its_layers(zoo) -> None:
