@@ -127,6 +127,19 @@ def freeze_base(model: nn.Module) -> PassResult:
     return PassResult(model, bool(changes), tuple(changes), "freeze")
 
 
+def _own_trainable_base_weights(model: nn.Module) -> None:
+    """Give every base parameter that stays trainable its own storage (copy on write).
+
+    The adapted model shares its base weights' storage with the model it was made from; a
+    base parameter that trains (``freeze=False``, or one a user unfroze before another
+    ``apply_passes``) would otherwise write into that model's weights.
+    """
+    adapters = {id(p) for _, p in adapter_parameters(model)}
+    for param in model.parameters():
+        if param.requires_grad and id(param) not in adapters:
+            param.data = param.detach().clone()
+
+
 def _adapted_before(model: nn.Module) -> bool:
     """True when passes already ran on this model (its history is not empty)."""
     return bool(history(unwrap(model)[0]))
@@ -178,7 +191,9 @@ def apply_passes(
         freeze: ``None`` (default): freeze every non-adapter parameter when ``model`` has not
             been adapted before, and otherwise leave parameters the passes do not touch
             alone. ``True``: freeze every non-adapter parameter. ``False``: freeze nothing
-            beyond what the passes freeze at their own sites.
+            beyond what the passes freeze at their own sites. A base parameter that stays
+            trainable gets its own storage (unless ``inplace``), so training it never
+            writes into ``model``.
 
     Returns:
         The adapted model (a new object unless ``inplace``).
@@ -211,6 +226,8 @@ def apply_passes(
             result = freeze_base(root)
             if result.modified:
                 _record(state, result)
+        if not inplace:
+            _own_trainable_base_weights(root)
     except BaseException:
         if snap is not None:
             restore(work, snap)

@@ -199,7 +199,10 @@ def _no_match(pat: str, pool: list[str], pass_name: str, all_names: Iterable[str
                 else f" (the layers inside them: '{pat}.**')")
         lines.append(f"It matches only {len(others)} {kind}(s) that {pass_name} cannot adapt: "
                      f"{shown}{hint}.")
-    if near:
+    if "" in pool:  # the model is itself one layer: its name is empty
+        lines.append("The only candidate is the model itself, a single layer: select it with "
+                     "pattern='*'.")
+    elif near:
         lines.append("Nearest candidates: " + ", ".join(near) + ".")
     else:
         lines.append(f"There are no candidate {kind}s at all.")

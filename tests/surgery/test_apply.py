@@ -364,3 +364,17 @@ def test_a_failing_in_place_call_puts_back_config_settings_a_pass_changed(zoo) -
         apply_passes(model, [PrefixPass(length=2), LoRAPass(pattern="nothing_here")], inplace=True)
     assert model.config._attn_implementation == before
     assert "_surgery" not in vars(model)
+
+
+def test_a_base_parameter_left_trainable_gets_its_own_storage(snapshot) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    before = snapshot(model)
+    adapted = apply_passes(model, [LoRAPass(pattern="0", rank=2)], freeze=False)
+    assert adapted[2].weight.requires_grad
+    assert adapted[2].weight.data_ptr() != model[2].weight.data_ptr(), "copy on write"
+    assert adapted[0].weight.data_ptr() == model[0].weight.data_ptr(), "frozen: still shared"
+    opt = torch.optim.SGD(trainable_parameters(adapted), lr=0.1)
+    adapted(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    before.assert_unchanged(model)

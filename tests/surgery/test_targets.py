@@ -101,3 +101,9 @@ def test_layers_inside_multihead_attention_are_refused_by_name() -> None:
     with pytest.raises(UnsupportedSiteError, match=r"selects self_attn.out_proj \(inside self_attn\), "
                                                    r"part of an nn.MultiheadAttention"):
         apply_passes(model, [LoRAPass(pattern="out_proj")])
+
+
+def test_a_pattern_that_misses_a_one_layer_model_says_how_to_select_it() -> None:
+    with pytest.raises(NoMatchError, match=r"The only candidate is the model itself, a single "
+                                           r"layer: select it with pattern='\*'"):
+        apply_passes(nn.Linear(4, 4), [LoRAPass(pattern="q_proj")])
