@@ -16,12 +16,14 @@ A fused projection (GPT-2's ``c_attn``) carries several roles and the feature sl
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Collection, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import networkx as nx
 from torch import nn
 
+from surgery.map.attention_ops import SHAPE_OPS as _SHAPE_OPS
+from surgery.map.attention_ops import find_attention_ops
 from surgery.map.dataflow import build_dataflow
 from surgery.errors import ConfigError, near_matches
 from surgery.map.graphs import node_value
@@ -45,19 +47,9 @@ ROLE_ALIASES = {
     "output": "attn_out", "up": "ffn_up", "gate": "ffn_gate", "down": "ffn_down",
 }
 
-_SHAPE_OPS = {
-    "view", "reshape", "_unsafe_view", "transpose", "permute", "contiguous", "clone", "to",
-    "type", "float", "half", "bfloat16", "_to_copy", "split", "split_with_sizes", "chunk",
-    "unbind", "unsafe_split", "getitem", "unflatten", "flatten", "expand", "unsqueeze",
-    "squeeze", "slice", "narrow", "select", "t", "alias", "repeat", "repeat_interleave",
-    "dropout", "native_dropout", "identity", "module:dropout", "module:identity",
-    "placeholder", "output", "type_as", "movedim", "swapaxes", "lift_fresh_copy",
-}
 # Backward from q/k/v, rotary embeddings and scaling add these.
 _QKV_OPS = _SHAPE_OPS | {"mul", "add", "sub", "neg", "cat", "div", "truediv", "mul_", "add_"}
 _FORWARD_OPS = _SHAPE_OPS
-_SOFTMAX_PRE = _SHAPE_OPS | {"div", "truediv", "mul", "add", "sub", "masked_fill", "where",
-                             "masked_fill_", "add_", "div_", "mul_"}
 _ACTIVATIONS = {
     "gelu", "relu", "silu", "sigmoid", "tanh", "erf", "mish", "elu", "leaky_relu", "softplus",
     "hardswish", "hardsigmoid", "hardtanh", "relu6", "gelu_", "relu_", "silu_", "glu", "selu",
@@ -69,7 +61,6 @@ ELEMENTWISE = _ACTIVATIONS | {
     "output", "mul_", "add_", "alias", "identity",
 }
 _SPLITS = {"split", "split_with_sizes", "chunk", "unbind", "unsafe_split", "tensor_split"}
-_MATMULS = {"matmul", "bmm", "baddbmm", "einsum"}
 
 
 def _is_activation(name: str) -> bool:
@@ -227,65 +218,6 @@ def _activated(g: nx.DiGraph, source: str, start: str, region: set[str]) -> bool
     return False
 
 
-def _args_of(g: nx.DiGraph, nid: str, names: tuple[str, ...], count: int) -> list[str | None]:
-    node = g.nodes[nid]["ref"].node
-    prefix = g.nodes[nid]["ref"].prefix
-    out: list[str | None] = []
-    for i in range(count):
-        val = node.args[i] if i < len(node.args) else node.kwargs.get(names[i])
-        out.append(f"{prefix}/{val.name}" if hasattr(val, "name") and hasattr(val, "op") else None)
-    return out
-
-
-def _find_attention(g: nx.DiGraph) -> list[tuple[str, str, list[str | None]]]:
-    """Return ``(node id, kind, [q, k, v])`` for every attention op."""
-    ops = []
-    for nid, data in g.nodes(data=True):
-        name = data["name"]
-        if "scaled_dot_product" in name and data["op"] in ("call_function", "call_method"):
-            ops.append((nid, "sdpa", _args_of(g, nid, ("query", "key", "value"), 3)))
-        elif data["op"] == "call_module" and isinstance(data.get("module"), nn.MultiheadAttention):
-            ops.append((nid, "mha", _args_of(g, nid, ("query", "key", "value"), 3)))
-        elif name in ("softmax", "_softmax", "module:softmax", "safe_softmax", "_safe_softmax"):
-            eager = _eager_from_softmax(g, nid)
-            if eager is not None:
-                ops.append(eager)
-    return ops
-
-
-def _nearest_matmul(g: nx.DiGraph, start: str, *, forward: bool,
-                    through: Collection[str]) -> str | None:
-    """Breadth-first from ``start`` along successors (``forward``) or predecessors, passing
-    only nodes whose name is in ``through``; the first matmul reached (neighbours taken in
-    sorted order), or ``None``."""
-    step = g.successors if forward else g.predecessors
-    queue, seen = deque([start]), {start}
-    while queue:
-        nid = queue.popleft()
-        for other in sorted(step(nid)):
-            if other in seen:
-                continue
-            seen.add(other)
-            name = g.nodes[other]["name"]
-            if name in _MATMULS:
-                return other
-            if name in through:
-                queue.append(other)
-    return None
-
-
-def _eager_from_softmax(g: nx.DiGraph, sm: str) -> tuple[str, str, list[str | None]] | None:
-    pv = _nearest_matmul(g, sm, forward=True, through=_SHAPE_OPS)  # probs @ v
-    if pv is None:
-        return None
-    qk = _nearest_matmul(g, sm, forward=False, through=_SOFTMAX_PRE)  # q @ k^T
-    if qk is None:
-        return None
-    q, k = _args_of(g, qk, ("input", "other"), 2)
-    _, v = _args_of(g, pv, ("input", "other"), 2)
-    return (pv, "eager", [q, k, v])
-
-
 def _fused_slice(g: nx.DiGraph, path: list[str], out_features: int) -> tuple[int, int] | None:
     """Feature slice selected on ``path`` (attention input → producer) by a split + getitem."""
     for i, nid in enumerate(path[:-1]):
@@ -368,7 +300,7 @@ def find_roles(model: nn.Module, dataflow: nx.DiGraph | None = None) -> ModelRol
     def info(qname: str) -> RoleInfo:
         return modules.setdefault(qname, RoleInfo(qname))
 
-    for nid, kind, (q, k, v) in _find_attention(g):
+    for nid, kind, (q, k, v) in find_attention_ops(g):
         op = AttentionOp(node=nid, kind=kind, prefix=g.nodes[nid]["ref"].prefix)
         if kind == "mha":
             info(g.nodes[nid]["qname"]).roles.add("attention")
