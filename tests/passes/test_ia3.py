@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adapter_cases import MLP as ResidualMLP
 from passes.modules import IA3Vector
 from surgery import (
     TraceError,
@@ -58,20 +59,8 @@ def test_feedforward_layer_scales_its_input_and_others_their_output() -> None:
     assert torch.equal(adapted(x), model.down(torch.relu(h) * down_l))
 
 
-class Block(nn.Module):
-    """A feed-forward sub-layer with its residual: it maps its width (6) to itself."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.up = nn.Linear(6, 16)
-        self.down = nn.Linear(16, 6)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.down(torch.relu(self.up(x)))
-
-
 def test_role_selection_picks_feed_forward_by_role() -> None:
-    adapted = apply_passes(Block(), [IA3Pass(role="ffn_down")])
+    adapted = apply_passes(ResidualMLP(), [IA3Pass(role="ffn_down")])  # 6 → 16 → 6
     vec = adapted.get_submodule("down.ia3_l.default")
     assert vec.mode == "input" and vec.weight.shape == (16,)
     with pytest.raises(NoMatchError, match="plays role"):  # 6 → 16 → 10 is a head, not a block
