@@ -38,6 +38,7 @@ from passes.prefix_hf import (
     kv_layout,
     switch_implementation,
 )
+from passes.prefix_holders import holder_site_graph, traceable
 from passes.prefix_modules import AttentionPrefix, LearnedPrefix, PrefixGate
 from passes.prefix_sequence import run_sequence
 from passes.prefix_sites import (
@@ -50,12 +51,12 @@ from passes.prefix_sites import (
     map_attention,
     site_ops,
 )
-from surgery.errors import ConfigError, NoMatchError
+from surgery.errors import ConfigError, NoMatchError, UnsupportedSiteError
 from surgery.map.roles import ModelRoles, normalize_roles
 from surgery.pass_base import Change, Pass, PassResult
 from surgery.select import Selector, as_patterns, select_names
 from surgery.sites.rewrite import freeze_site, register_adapter
-from surgery.sites.site_graph import site_graph_at
+from surgery.sites.site_graph import SiteGraph, base_module, site_graph_at
 from surgery.targets import model_map
 
 __all__ = ["CHANGES_OUTPUTS", "IDENTITY", "EjectPrefixPass", "PrefixPass", "attention_owners"]
@@ -306,7 +307,7 @@ class PrefixPass(Pass):
                               detail=self._detail)
         root = model
         for holder, wanted in holders.items():
-            root, sg = site_graph_at(root, holder, who="PrefixPass")
+            root, sg = _holder_graph(root, holder, wanted)
             ops = site_ops(sg, holder, wanted)
             for op in ops:
                 rewrite.adapt(op, layouts[id(op.site)])
@@ -315,6 +316,27 @@ class PrefixPass(Pass):
                 rewrite.changes.extend(freeze_site(op.owner_module, pass_name=self.name,
                                                    site=op.owner, role="attention"))
         return PassResult(root, bool(rewrite.changes), tuple(rewrite.changes), self.name)
+
+
+def _holder_graph(root: nn.Module, holder: str,
+                  wanted: list[MapAttention]) -> tuple[nn.Module, SiteGraph]:
+    """The site graph of ``holder`` (made if needed), or a prefix-specific error when the
+    holder calls an ``nn.MultiheadAttention`` and torch.fx cannot trace it."""
+    held = root.get_submodule(holder) if holder else root
+    if traceable(held):
+        return holder_site_graph(root, holder, who="PrefixPass")
+    try:
+        return site_graph_at(root, holder, who="PrefixPass")
+    except UnsupportedSiteError as exc:
+        mha = [w.owner for w in wanted if w.op.kind == "mha"]
+        if not mha:
+            raise
+        raise UnsupportedSiteError(
+            f"PrefixPass: {mha[0]} (nn.MultiheadAttention) gets its prefix in the forward of "
+            f"the module calling it, {holder or 'the model'} ({type(base_module(held)).__name__}"
+            f"), which torch.fx cannot trace ({exc.__cause__ or exc}). Way out: give "
+            f"{type(base_module(held)).__name__} a forward torch.fx can trace (no branch on "
+            f"its inputs' values or shapes), or exclude={mha[0]!r}.") from exc
 
 
 # ---- eject ----------------------------------------------------------------------------------

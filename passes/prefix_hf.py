@@ -47,6 +47,7 @@ __all__ = [
     "INTERFACE_PREFIX",
     "base_implementation",
     "calls_attention_interface",
+    "follow_implementation",
     "interface_modules",
     "kv_layout",
     "prefix_attention",
@@ -176,10 +177,47 @@ def base_implementation(module: nn.Module, qname: str) -> str:
 
 def switch_implementation(module: nn.Module, base: str) -> str:
     """Point the config ``module`` reads (the adapted copy's own config object, not its
-    sub-configs) at the prefix implementation wrapping ``base``; return its name."""
+    sub-configs) at the prefix implementation wrapping ``base``; return its name.
+
+    Also registers :func:`follow_implementation` (once) as a forward pre-hook of ``module``,
+    so that the prefix survives a later ``set_attn_implementation``.
+    """
     name = register_interface(base)
     module.config._attn_implementation_internal = name
+    if follow_implementation not in module._forward_pre_hooks.values():
+        module.register_forward_pre_hook(follow_implementation)
     return name
+
+
+def follow_implementation(module: nn.Module, args: tuple[Any, ...]) -> None:
+    """Forward pre-hook of an attention module carrying a prefix: keep the prefix in the path.
+
+    ``model.set_attn_implementation("eager")`` (or ``"sdpa"``) after the prefix was added
+    points the config back at a plain implementation, which would run the attention
+    without the prefix. Before each call this hook points the config at the prefix
+    implementation wrapping the one now chosen; the masks the model built for it are the
+    same (both names share one mask function). A module whose prefixes were removed is
+    left alone.
+
+    Raises:
+        UnsupportedSiteError: the implementation chosen is one whose masks a prefix cannot
+            extend (flash, flex, ...).
+    """
+    holder = module._modules.get("prefix")
+    current = module.config._attn_implementation or "eager"
+    if not holder or current.startswith(INTERFACE_PREFIX):
+        return
+    qname = next(iter(holder.values())).site
+    try:
+        base = base_implementation(module, qname)
+    except UnsupportedSiteError as exc:
+        raise UnsupportedSiteError(
+            f"PrefixPass: {qname} ({type(module).__name__}) carries a prefix, but the model's "
+            f"attention implementation was switched to {current!r} after the prefix was added, "
+            f"and a prefix extends the keys, values and masks of 'sdpa' and 'eager' only. Way "
+            f"out: model.set_attn_implementation('sdpa') or model.set_attn_implementation("
+            f"'eager'); the prefix follows those switches.") from exc
+    switch_implementation(module, base)
 
 
 def _causal(module: nn.Module, kwargs: dict[str, Any]) -> bool:
@@ -203,6 +241,23 @@ def _extended_mask(mask: Tensor | None, length: int, query: Tensor, key: Tensor,
                            key.shape[-2], "keep")
 
 
+def _extended_biases(kwargs: dict[str, Any], length: int, query: Tensor,
+                     key: Tensor) -> dict[str, Any]:
+    """``kwargs`` with every additive bias over the keys given ``length`` zero columns.
+
+    A bias is a floating-point tensor of shape ``(..., L, S)`` (``L`` queries, ``S`` keys
+    before the prefix), such as T5's relative ``position_bias`` ``(1 or B, H, L, S)``, which
+    the base function adds to the scores; ``0`` leaves the prefix columns unbiased.
+    """
+    q_len, k_len = query.shape[-2], key.shape[-2]
+    out = dict(kwargs)
+    for name, val in kwargs.items():
+        if (isinstance(val, Tensor) and val.is_floating_point() and val.dim() >= 2
+                and val.shape[-1] == k_len and val.shape[-2] == q_len):
+            out[name] = prepend_columns(val, length, k_len, "keep")
+    return out
+
+
 def prefix_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                      attention_mask: Tensor | None, *args: Any, base: str,
                      **kwargs: Any) -> tuple[Tensor, Any]:
@@ -217,7 +272,9 @@ def prefix_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tenso
         attention_mask: the base implementation's mask, ``(B, 1, L, S)`` boolean (SDPA,
             ``True`` = attend) or additive (eager), or ``None``.
         base: the wrapped implementation (``"sdpa"`` or ``"eager"``).
-        *args, **kwargs: passed to the base function (``dropout``, ``scaling``, ...).
+        *args, **kwargs: passed to the base function (``dropout``, ``scaling``, ...);
+            floating-point biases ``(..., L, S)`` among them (T5's ``position_bias``) get
+            ``P`` zero leading columns, like additive masks.
 
     Returns:
         The base function's ``(output (B, L, H, hd), weights)``; with ungated prefixes the
@@ -239,7 +296,8 @@ def prefix_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tenso
     mask = attention_mask
     if added:
         mask = _extended_mask(attention_mask, added, query, key, base, _causal(module, kwargs))
-    out, weights = fn(module, query, keys, values, mask, *args, **kwargs)
+    out, weights = fn(module, query, keys, values, mask, *args,
+                      **(_extended_biases(kwargs, added, query, key) if added else kwargs))
     for name, gate in gates.items():  # (B, L, H, hd) out; the gate adds per head
         prefix = holder[name]
         gated = gate(out.transpose(1, 2), query, prefix(key, "key"), prefix(value, "value"),

@@ -84,6 +84,10 @@ def share_weights_copy(model: nn.Module) -> nn.Module:
     return copied
 
 
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+          "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
 def snapshot(model: nn.Module) -> dict:
     """Record everything :func:`restore` needs to put ``model`` back after a failed edit.
 
@@ -96,7 +100,8 @@ def snapshot(model: nn.Module) -> dict:
     configs = {id(c): (c, dict(vars(c))) for c in (m.__dict__.get("config") for m in model.modules())
                if c is not None and hasattr(c, "__dict__")}
     modules = {name: (mod, dict(mod._modules), dict(mod._parameters), dict(mod._buffers),
-                      {k: getattr(mod, k) for k in ("training",)})
+                      {"training": mod.training,
+                       **{k: type(getattr(mod, k))(getattr(mod, k)) for k in _HOOKS}})
                for name, mod in model.named_modules(remove_duplicate=False)}
     flags = {id(p): (p, p.requires_grad) for _, p in model.named_parameters(remove_duplicate=False)}
     graphs = {}
@@ -129,7 +134,12 @@ def restore(model: nn.Module, snap: dict) -> None:
         mod._buffers.clear()
         mod._buffers.update(buffers)
         for key, val in attrs.items():
-            object.__setattr__(mod, key, val)
+            if key in _HOOKS:  # the same dict object: handles held elsewhere stay valid
+                hooks = getattr(mod, key)
+                hooks.clear()
+                hooks.update(val)
+            else:
+                object.__setattr__(mod, key, val)
     for param, flag in snap["flags"].values():
         param.requires_grad_(flag)
     for config, attrs in snap.get("configs", {}).values():  # a pass may switch a setting
