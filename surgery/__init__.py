@@ -1,7 +1,10 @@
 """fx-surgery: parameter-efficient model surgery on PyTorch models, done as graph rewrites.
 
-A model is traced into torch.fx graphs; passes (LoRA, IA³, ...) rewrite them; the audit says
-what trains; ``render_diff`` draws before and after::
+Passes (LoRA, IA³, bottleneck adapters, prefixes, merge) rewrite the adapted layers of a
+model as small torch.fx graphs (site graphs) inside a weight-sharing copy of the model, which
+stays the user's own model (same class, methods and inputs); the whole-model graph (the map)
+is traced only where selection by role or a picture needs it. The audit says what trains;
+``render_diff`` draws before and after::
 
     import surgery
     from surgery import apply_passes, audit, LoRAPass, IA3Pass, render_diff
