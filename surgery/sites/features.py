@@ -92,12 +92,15 @@ def require_plain_weight(site_name: str, module: nn.Module, *, who: str) -> None
     module = base_module(module)
     if isinstance(module._parameters.get("weight"), nn.Parameter):
         return
-    how = ("parametrised (torch.nn.utils.parametrize)" if hasattr(module, "parametrizations")
-           else "pruned (torch.nn.utils.prune)" if hasattr(module, "weight_orig")
-           else "not a parameter")
+    if hasattr(module, "parametrizations"):
+        how = "parametrised (torch.nn.utils.parametrize)"
+        undo = "torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight')"
+    elif hasattr(module, "weight_orig"):
+        how, undo = "pruned (torch.nn.utils.prune)", "torch.nn.utils.prune.remove(layer, 'weight')"
+    else:
+        how, undo = "not a parameter", "a plain nn.Parameter as its weight"
     raise UnsupportedSiteError(
         f"{who}: {site_name or 'the model'} ({type(module).__name__}) has a weight that is "
         f"{how}: it is computed from other tensors at every call, so an adapter cannot be "
         f"placed beside it or merged into it. Way out: make the weight a plain parameter first "
-        f"(torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight') or "
-        f"torch.nn.utils.prune.remove(layer, 'weight')), or exclude=[{site_name!r}].")
+        f"({undo}), or exclude=[{site_name!r}].")

@@ -259,13 +259,13 @@ def test_a_layer_with_a_computed_weight_is_refused_with_the_way_out(how: str, sn
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
     if how == "weight_norm":
         parametrizations.weight_norm(model[0])
-        what = r"parametrised \(torch.nn.utils.parametrize\)"
+        what = r"parametrised \(torch.nn.utils.parametrize\).*parametrize.remove_parametrizations"
     else:
         prune.l1_unstructured(model[0], "weight", amount=0.5)
-        what = r"pruned \(torch.nn.utils.prune\)"
+        what = r"pruned \(torch.nn.utils.prune\).*\(torch.nn.utils.prune.remove\(layer"
     before = snapshot(model)
     with pytest.raises(UnsupportedSiteError, match=rf"LoRAPass: 0 \(\w+\) has a weight that is "
-                                                   rf"{what}.*remove"):
+                                                   rf"{what}"):
         apply_passes(model, [LoRAPass(pattern="0", rank=2)])
     before.assert_unchanged(model)
     adapted = apply_passes(model, [LoRAPass(pattern="2", rank=2)])
