@@ -42,9 +42,9 @@ from passes.sublayers import is_linear_layer
 from surgery.errors import ConfigError, UnsupportedSiteError, near_matches
 from surgery.pass_base import Change, Pass, PassResult
 from surgery.select import Selector
+from surgery.sites.features import layer_features
 from surgery.sites.rewrite import freeze_site, site_output
 from surgery.sites.site_graph import site_graph_at
-from surgery.sites.features import layer_features
 from surgery.targets import Site, model_roles
 
 __all__ = ["SerialAdapterPass", "ParallelAdapterPass"]

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgery.sites.marker import AdapterModule
 from surgery.errors import ConfigError, near_matches
+from surgery.sites.marker import AdapterModule
 
 __all__ = [
     "ACTIVATIONS",

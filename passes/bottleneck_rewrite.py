@@ -20,12 +20,21 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import fx, nn
 
-from passes.bottleneck import BottleneckAdapter, bottleneck_width, check_adapter_settings
+from passes.bottleneck import (
+    BottleneckAdapter,
+    bottleneck_width,
+    check_adapter_settings,
+)
 from passes.sublayers import is_linear_layer, is_sublayer_module
 from surgery.errors import NoMatchError
 from surgery.pass_base import Change
 from surgery.select import Selector, as_patterns, matches
-from surgery.sites.rewrite import insert_after, mark, register_adapter, replace_uses_after
+from surgery.sites.rewrite import (
+    insert_after,
+    mark,
+    register_adapter,
+    replace_uses_after,
+)
 from surgery.sites.site_graph import SiteGraph
 from surgery.targets import Site, candidate_sites, resolve_sites
 

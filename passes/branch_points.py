@@ -20,9 +20,14 @@ from passes.sublayers import SubLayer, is_linear_layer, use_signature
 from surgery.errors import UnsupportedSiteError
 from surgery.map.dataflow import op_name
 from surgery.map.roles import ELEMENTWISE
-from surgery.sites.rewrite import BRANCH_PARTS, follow_main_path, site_input, site_output
-from surgery.sites.site_graph import SiteGraph, base_module
 from surgery.sites.features import layer_features
+from surgery.sites.rewrite import (
+    BRANCH_PARTS,
+    follow_main_path,
+    site_input,
+    site_output,
+)
+from surgery.sites.site_graph import SiteGraph, base_module
 
 __all__ = ["Branch", "branch_points", "input_layer", "output_layer"]
 

@@ -29,8 +29,8 @@ from torch import nn
 from passes.lora import lora_features
 from passes.modules import IA3Vector
 from surgery.errors import ConfigError, NoMatchError, near_matches
-from surgery.pass_base import Change, Pass, PassResult
 from surgery.map.leaves import is_hf_conv1d
+from surgery.pass_base import Change, Pass, PassResult
 from surgery.select import Selector, as_patterns, matches
 from surgery.sites.features import require_plain_weight
 from surgery.sites.rewrite import (

@@ -33,9 +33,10 @@ from torch import fx, nn
 
 from passes.modules import LoRADropout, LoRAProjection
 from surgery.errors import ConfigError
-from surgery.pass_base import Change, Pass, PassResult
 from surgery.map.leaves import is_hf_conv1d
+from surgery.pass_base import Change, Pass, PassResult
 from surgery.select import Selector, as_patterns
+from surgery.sites.features import require_plain_weight, warn_rank_exceeds
 from surgery.sites.rewrite import (
     freeze_site,
     insert_after,
@@ -45,7 +46,6 @@ from surgery.sites.rewrite import (
     site_input,
 )
 from surgery.sites.site_graph import base_module, site_graph_at
-from surgery.sites.features import require_plain_weight, warn_rank_exceeds
 from surgery.targets import Site, resolve_sites
 
 __all__ = ["LoRAPass", "lora_features"]

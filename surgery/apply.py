@@ -15,10 +15,15 @@ from torch import nn
 
 from surgery.errors import ConfigError
 from surgery.map.graphs import recompile
-from surgery.sites.site_graph import recompile_sites
 from surgery.map.trace import is_map
 from surgery.pass_base import Change, Pass, PassResult, SurgeryState
-from surgery.sites.params import adapter_parameters, restore, share_weights_copy, snapshot
+from surgery.sites.params import (
+    adapter_parameters,
+    restore,
+    share_weights_copy,
+    snapshot,
+)
+from surgery.sites.site_graph import recompile_sites
 
 __all__ = [
     "apply_passes",

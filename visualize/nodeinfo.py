@@ -15,10 +15,10 @@ import torch
 from torch import fx, nn
 
 from surgery.adapters.active import INACTIVE_KEY
-from surgery.sites.marker import AdapterModule
-from surgery.sites.site_graph import base_module
 from surgery.map.dataflow import op_name
 from surgery.map.graphs import is_interpreter_module, surgery_meta
+from surgery.sites.marker import AdapterModule
+from surgery.sites.site_graph import base_module
 
 __all__ = [
     "ParamInfo",

@@ -219,7 +219,8 @@ def combine_adapters(model: nn.Module, weights: Mapping[str, float], method: str
         NoMatchError: no layer carries every source adapter.
         MergeError: a source adapter is merged into the weights (unmerge it first).
     """
-    from surgery.apply import apply_passes  # runs the combine step on a copy, atomically
+    # runs the combine step on a copy, atomically
+    from surgery.apply import apply_passes
 
     if method not in _METHODS:
         raise ConfigError(f"combine_adapters: method must be one of {_METHODS}, got {method!r}")

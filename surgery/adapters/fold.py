@@ -18,7 +18,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from surgery.adapters.fold_layout import Key, adapter_modules, adapters_at, fold_head, plan_site
+from surgery.adapters.fold_layout import (
+    Key,
+    adapter_modules,
+    adapters_at,
+    fold_head,
+    plan_site,
+)
 from surgery.adapters.fold_nodes import check_removable, remove_adapter
 from surgery.adapters.merge_state import (
     KIND_LABEL,

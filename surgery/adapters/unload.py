@@ -24,7 +24,13 @@ from surgery.adapters.merge_state import not_mergeable_error, read_records
 from surgery.errors import ConfigError, MergeError
 from surgery.sites.marker import AdapterModule
 from surgery.sites.params import share_weights_copy
-from surgery.sites.site_graph import SiteGraph, install, module_aliases, plain_module, site_graphs
+from surgery.sites.site_graph import (
+    SiteGraph,
+    install,
+    module_aliases,
+    plain_module,
+    site_graphs,
+)
 
 __all__ = ["unload"]
 

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 import networkx as nx
 from torch import nn
 
+from surgery.errors import ConfigError, near_matches
 from surgery.map.attention_ops import SHAPE_OPS as _SHAPE_OPS
 from surgery.map.attention_ops import find_attention_ops
 from surgery.map.dataflow import build_dataflow
-from surgery.errors import ConfigError, near_matches
 from surgery.map.graphs import node_value
 from surgery.map.trace import is_linear_like
 
