@@ -64,11 +64,15 @@ class IA3Pass(Pass):
         feedforward: pattern(s) naming which selected layers are feed-forward output layers,
             whose *input* is scaled; ``None`` = the layers with role ``ffn_down``; ``[]`` =
             none of them (every selected layer scales its output).
+        fused: on a fused qkv projection whose role is known, ``"key_value"`` (default)
+            learns only the key and value slices of the output, as the paper scales keys
+            and values; ``"all"`` learns the whole output, as PEFT does on GPT-2's
+            ``c_attn`` (the only choice where roles are unknown: selection by pattern).
         name: adapter name.
 
     A vector has shape ``(out_features,)`` for output scaling and ``(in_features,)`` for
-    input scaling (``(2/3 · out_features,)`` on a fused qkv layer: key and value only), in
-    the dtype and on the device of the layer's weight.
+    input scaling (``(2/3 · out_features,)`` on a fused qkv layer with ``fused="key_value"``:
+    key and value only), in the dtype and on the device of the layer's weight.
 
     Raises:
         NoMatchError: the selection, or a ``feedforward`` pattern, matches nothing.
@@ -82,13 +86,14 @@ class IA3Pass(Pass):
     role: str | Sequence[str] | None = None
     exclude: Selector = None
     feedforward: Selector = None
+    fused: str = "key_value"
     adapter_name: str = "default"
 
     def __init__(self, *, pattern: Selector = None, role: str | Sequence[str] | None = None,
                  exclude: Selector = None, feedforward: Selector = None,
-                 name: str = "default") -> None:
+                 fused: str = "key_value", name: str = "default") -> None:
         for key, val in (("pattern", pattern), ("role", role), ("exclude", exclude),
-                         ("feedforward", feedforward), ("adapter_name", name)):
+                         ("feedforward", feedforward), ("fused", fused), ("adapter_name", name)):
             object.__setattr__(self, key, tuple(val) if isinstance(val, list) else val)
         try:
             as_patterns(self.pattern)
@@ -97,6 +102,8 @@ class IA3Pass(Pass):
                 as_patterns(self.feedforward)
         except ConfigError as exc:
             raise ConfigError(f"IA3Pass: {exc}") from exc
+        if fused not in ("key_value", "all"):
+            raise ConfigError(f"IA3Pass: fused must be 'key_value' or 'all', got {fused!r}")
         if not isinstance(name, str) or not name.isidentifier():
             raise ConfigError(f"IA3Pass: name must be a Python identifier, got {name!r}")
 
@@ -139,7 +146,8 @@ class IA3Pass(Pass):
         require_plain_weight(qname, site.base, who="IA3Pass")
         in_f, out_f = lora_features(site.base)
         parts = None
-        if not feedforward and site.role is not None and site.role.is_fused:
+        if (not feedforward and self.fused == "key_value" and site.role is not None
+                and site.role.is_fused):
             parts = [site.role.fused[r] for r in ("key", "value") if r in site.role.fused]
         root, sg = site_graph_at(model, qname, who="IA3Pass", aliases=site.aliases)
         vec = IA3Vector(in_f if feedforward else out_f, parts=parts,

@@ -18,24 +18,27 @@ After::
         s = b * scaling                         # scaling = alpha / rank (or alpha / sqrt(rank))
         return linear + s
 
-Parameters read ``q_proj.weight`` (unchanged) and ``q_proj.lora_A.default.weight``.
+Parameters read ``q_proj.weight`` (unchanged) and ``q_proj.lora_A.default.weight``. Rank
+and alpha may differ from site to site (``rank_for`` / ``alpha_for``, as PEFT's
+``rank_pattern`` / ``alpha_pattern``): each site graph then holds its own rank in the
+factors' shapes and its own scaling in the ``scale`` node.
 """
 
 from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 from torch import fx, nn
 
 from passes.modules import LoRADropout, LoRAProjection
-from surgery.errors import ConfigError
+from surgery.errors import ConfigError, NoMatchError, near_matches
 from surgery.map.leaves import is_hf_conv1d
 from surgery.pass_base import Change, Pass, PassResult
-from surgery.select import Selector, as_patterns
+from surgery.select import Selector, as_patterns, compile_pattern, first_match, matches
 from surgery.sites.features import require_plain_weight, warn_rank_exceeds
 from surgery.sites.rewrite import (
     freeze_site,
@@ -68,6 +71,70 @@ def _accept(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_hf_conv1d(module)
 
 
+_V = TypeVar("_V", int, float)
+PerSite = Mapping[str, _V] | Sequence[tuple[str, _V]] | None
+"""Per-site values keyed by pattern: ``{"q_proj": 16}`` or ``[("q_proj", 16), ...]``."""
+
+
+def _scaling(alpha: float, rank: int, use_rslora: bool) -> float:
+    """``alpha / rank``, or ``alpha / sqrt(rank)`` for rank-stabilised LoRA."""
+    return alpha / (math.sqrt(rank) if use_rslora else rank)
+
+
+def _check_rank(value: object) -> str:
+    """Why ``value`` is not a rank (``""`` when it is one)."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    return "" if ok else "a rank must be a positive int"
+
+
+def _check_alpha(value: object) -> str:
+    """Why ``value`` is not an alpha (``""`` when it is one)."""
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value) and value > 0)
+    return "" if ok else "an alpha must be a positive finite number"
+
+
+def _per_site(value: object, what: str, check: Callable[[object], str],
+              convert: Callable[[object], _V]) -> tuple[tuple[str, _V], ...]:
+    """Normalise ``rank_for`` / ``alpha_for`` to a tuple of ``(pattern, value)`` pairs, in
+    the order given (a JSON list of ``[pattern, value]`` lists is accepted too), each value
+    passed by ``check`` and then ``convert``-ed (``int``, ``float``).
+
+    Raises:
+        ConfigError: not a mapping or a sequence of pairs; a pattern that is not a
+            non-empty string or not a valid ``re:`` regex; a pattern given twice; a value
+            ``check`` refuses.
+    """
+    if value is None:
+        return ()
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    elif isinstance(value, (list, tuple)) and all(
+            isinstance(p, (list, tuple)) and len(p) == 2 for p in value):
+        items = [tuple(p) for p in value]
+    else:
+        raise ConfigError(
+            f"LoRAPass: {what} must be a mapping {{pattern: value}} or a list of (pattern, "
+            f"value) pairs, got {value!r}. Way out: e.g. {what}={{'v_proj': 16}}.")
+    out: list[tuple[str, _V]] = []
+    for key, val in items:
+        try:
+            if not isinstance(key, str):
+                raise ConfigError(f"a pattern must be a string, got {type(key).__name__}")
+            as_patterns(key)
+            compile_pattern(key)
+        except ConfigError as exc:
+            raise ConfigError(f"LoRAPass: {what} key {key!r}: {exc}") from None
+        if any(key == k for k, _ in out):
+            raise ConfigError(f"LoRAPass: {what} gives pattern {key!r} twice; only the first "
+                              f"could ever apply. Way out: keep one.")
+        why = check(val)
+        if why:
+            raise ConfigError(f"LoRAPass: {what}[{key!r}]: {why}, got {val!r}")
+        out.append((key, convert(val)))
+    return tuple(out)
+
+
 @dataclass(frozen=True, kw_only=True)
 class LoRAPass(Pass):
     """Add a low-rank update ``(alpha / rank) · B A x`` beside every selected linear layer.
@@ -79,19 +146,40 @@ class LoRAPass(Pass):
             choice); a fused qkv projection counts as both.
         exclude: patterns removed from the selection.
         rank: ``r``, the inner dimension of ``B A``; ``A`` is ``(r, in)``, ``B`` is ``(out, r)``.
-        alpha: the scale numerator; ``scaling = alpha / r``.
+            The rank of every site that no ``rank_for`` key selects.
+        alpha: the scale numerator; ``scaling = alpha / r``. The alpha of every site that no
+            ``alpha_for`` key selects.
+        rank_for: per-site ranks: a mapping, or a sequence of ``(pattern, rank)`` pairs, from
+            a pattern in the selection language (a glob over qualified names matching the whole
+            name or a dot-boundary suffix, or ``"re:<regex>"``) to a positive int. A site takes
+            the rank of the first key, in the order given, that selects its qualified name
+            (PEFT's ``rank_pattern``), else ``rank``. Stored as a tuple of pairs.
+        alpha_for: per-site alphas, the same way (positive finite numbers; PEFT's
+            ``alpha_pattern``), else ``alpha``.
         dropout: dropout probability on the branch input (0 = none).
-        use_rslora: ``scaling = alpha / sqrt(r)`` (rank-stabilised LoRA).
+        use_rslora: ``scaling = alpha / sqrt(r)`` (rank-stabilised LoRA), per site with that
+            site's alpha and rank.
         init: ``"kaiming"`` (A Kaiming-uniform) or ``"gaussian"`` (A normal, std ``1/r``);
             ``B`` always starts at zero, so outputs are bitwise unchanged at init.
         name: adapter name; several named adapters can sit on one layer.
 
     Sites: ``nn.Linear`` and transformers' ``Conv1D`` (weight stored ``(in, out)``).
-    Parameters are created in the dtype and on the device of the adapted weight.
+    Parameters are created in the dtype and on the device of the adapted weight. Each
+    site's ``lora_A`` / ``lora_B`` carry that site's ``rank``, ``alpha`` and ``scaling``
+    (what merge, combine and the audit read); :meth:`rank_at`, :meth:`alpha_at` and
+    :meth:`scaling_at` give them for a qualified name.
+
+    Example::
+
+        LoRAPass(pattern=["q_proj", "v_proj"], rank=8, rank_for={"layers.0.**": 16},
+                 alpha_for=[("v_proj", 32.0)])
 
     Raises:
-        ConfigError: invalid rank, alpha, dropout or init (at construction).
-        NoMatchError: the selection matches nothing (when run).
+        ConfigError: invalid rank, alpha, dropout or init, or a ``rank_for`` / ``alpha_for``
+            entry with a bad pattern, a repeated pattern, a rank that is not a positive int
+            or an alpha that is not a positive finite number (at construction).
+        NoMatchError: the selection matches nothing, or a ``rank_for`` / ``alpha_for`` key
+            selects none of the selected sites (when run).
         AlreadyAdaptedError: a selected layer already has a LoRA adapter of this name.
     """
 
@@ -103,6 +191,8 @@ class LoRAPass(Pass):
     exclude: Selector = None
     rank: int = 8
     alpha: float = 8.0
+    rank_for: tuple[tuple[str, int], ...] = ()
+    alpha_for: tuple[tuple[str, float], ...] = ()
     dropout: float = 0.0
     use_rslora: bool = False
     init: str = "kaiming"
@@ -110,12 +200,17 @@ class LoRAPass(Pass):
 
     def __init__(self, *, pattern: Selector = None, role: str | Sequence[str] | None = None,
                  exclude: Selector = None, rank: int = 8, alpha: float = 8.0,
+                 rank_for: PerSite[int] = None, alpha_for: PerSite[float] = None,
                  dropout: float = 0.0, use_rslora: bool = False, init: str = "kaiming",
                  name: str = "default") -> None:
         for key, val in (("pattern", pattern), ("role", role), ("exclude", exclude),
                          ("rank", rank), ("alpha", alpha), ("dropout", dropout),
                          ("use_rslora", use_rslora), ("init", init), ("adapter_name", name)):
             object.__setattr__(self, key, tuple(val) if isinstance(val, list) else val)
+        object.__setattr__(self, "rank_for",
+                           _per_site(rank_for, "rank_for", _check_rank, int))
+        object.__setattr__(self, "alpha_for",
+                           _per_site(alpha_for, "alpha_for", _check_alpha, float))
         self.__post_init__()
 
     def __post_init__(self) -> None:
@@ -124,9 +219,9 @@ class LoRAPass(Pass):
             as_patterns(self.exclude)
         except ConfigError as exc:
             raise ConfigError(f"LoRAPass: {exc}") from exc
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
+        if _check_rank(self.rank):
             raise ConfigError(f"LoRAPass: rank must be a positive int, got {self.rank!r}")
-        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
+        if _check_alpha(self.alpha):
             raise ConfigError(f"LoRAPass: alpha must be a positive number, got {self.alpha!r}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ConfigError(f"LoRAPass: dropout must be in [0, 1), got {self.dropout!r}")
@@ -138,8 +233,27 @@ class LoRAPass(Pass):
 
     @property
     def scaling(self) -> float:
-        """``alpha / rank``, or ``alpha / sqrt(rank)`` with ``use_rslora``."""
-        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+        """The default scaling: ``alpha / rank``, or ``alpha / sqrt(rank)`` with
+        ``use_rslora``; a site that a ``rank_for`` / ``alpha_for`` key selects has its own
+        (:meth:`scaling_at`)."""
+        return _scaling(self.alpha, self.rank, self.use_rslora)
+
+    def rank_at(self, qname: str | Sequence[str]) -> int:
+        """The rank of the site at ``qname`` (or under any of several names, for a shared
+        module): the value of the first ``rank_for`` key selecting it, else ``rank``."""
+        key = first_match((k for k, _ in self.rank_for), qname)
+        return self.rank if key is None else dict(self.rank_for)[key]
+
+    def alpha_at(self, qname: str | Sequence[str]) -> float:
+        """The alpha of the site at ``qname``: the first ``alpha_for`` key selecting it, else
+        ``alpha``."""
+        key = first_match((k for k, _ in self.alpha_for), qname)
+        return self.alpha if key is None else dict(self.alpha_for)[key]
+
+    def scaling_at(self, qname: str | Sequence[str]) -> float:
+        """The scaling of the site at ``qname``: ``alpha_at / rank_at``, or
+        ``alpha_at / sqrt(rank_at)`` with ``use_rslora``."""
+        return _scaling(self.alpha_at(qname), self.rank_at(qname), self.use_rslora)
 
     def sites(self, model: nn.Module) -> list[Site]:
         """The sites this pass would adapt in ``model``."""
@@ -150,12 +264,36 @@ class LoRAPass(Pass):
     def run(self, model: nn.Module) -> PassResult:
         changes: list[Change] = []
         sites = self.sites(model)
-        warn_rank_exceeds(sites, self.rank, pass_name="LoRAPass")
+        self._check_keys(model, sites)
+        by_rank: dict[int, list[Site]] = {}
+        for site in sites:
+            by_rank.setdefault(self.rank_at(site.aliases), []).append(site)
+        for rank, group in by_rank.items():
+            warn_rank_exceeds(group, rank, pass_name="LoRAPass")
         root = model
         for site in sites:
             root, more = self._adapt(root, site)
             changes.extend(more)
         return PassResult(root, bool(changes), tuple(changes), self.name)
+
+    def _check_keys(self, model: nn.Module, sites: list[Site]) -> None:
+        """Every ``rank_for`` / ``alpha_for`` key must select one of the selected sites: a
+        key that selects nothing is a typo, or a site the selection left out."""
+        names = [n for site in sites for n in site.aliases]
+        for what, table in (("rank_for", self.rank_for), ("alpha_for", self.alpha_for)):
+            for key, _ in table:
+                if first_match((key,), names) is not None:
+                    continue
+                elsewhere = [n for n, _ in model.named_modules() if n and matches(key, n)]
+                seen = (f" It selects {', '.join(elsewhere[:5])}, which this pass does not "
+                        f"adapt." if elsewhere else "")
+                near = near_matches(key, [s.qname for s in sites])
+                raise NoMatchError(
+                    f"LoRAPass: {what} key {key!r} selects none of the {len(sites)} site(s) "
+                    f"the pass adapts.{seen} Nearest sites: {', '.join(near) or 'none'}. Way "
+                    f"out: fix the key (keys are patterns as in pattern=: a glob matching the "
+                    f"whole name or a dot-boundary suffix, or 're:<regex>'), or widen the "
+                    f"selection; surgery.list_targets(model) lists the names.")
 
     def _adapt(self, model: nn.Module, site: Site) -> tuple[nn.Module, list[Change]]:
         qname, role = site.qname, site.label
@@ -163,11 +301,13 @@ class LoRAPass(Pass):
         in_f, out_f = lora_features(site.base)
         root, sg = site_graph_at(model, qname, who="LoRAPass", aliases=site.aliases)
         weight = sg.weight
-        common = dict(rank=self.rank, alpha=float(self.alpha), scaling=self.scaling, site=qname,
+        rank, alpha = self.rank_at(site.aliases), self.alpha_at(site.aliases)
+        scaling = _scaling(alpha, rank, self.use_rslora)
+        common = dict(rank=rank, alpha=float(alpha), scaling=scaling, site=qname,
                       adapter_name=self.adapter_name, role=role, dtype=weight.dtype,
                       device=weight.device)
-        lora_a = LoRAProjection(in_f, self.rank, factor="A", init=self.init, **common)
-        lora_b = LoRAProjection(self.rank, out_f, factor="B", init=self.init, **common)
+        lora_a = LoRAProjection(in_f, rank, factor="A", init=self.init, **common)
+        lora_b = LoRAProjection(rank, out_f, factor="B", init=self.init, **common)
         drop = LoRADropout(float(self.dropout), site=qname, adapter_name=self.adapter_name, role=role)
         for slot, mod in (("lora_A", lora_a), ("lora_B", lora_b), ("lora_dropout", drop)):
             register_adapter(sg, slot, self.adapter_name, mod, pass_name="LoRAPass", site=qname)
@@ -181,13 +321,14 @@ class LoRAPass(Pass):
             d = mark(graph.call_module(f"lora_dropout.{name}", (x,)), part="lora_dropout", **tag)
             a = mark(graph.call_module(f"lora_A.{name}", (d,)), part="lora_A", **tag)
             b = mark(graph.call_module(f"lora_B.{name}", (a,)), part="lora_B", **tag)
-            s = mark(graph.call_function(operator.mul, (b, self.scaling)), part="scale", **tag)
+            s = mark(graph.call_function(operator.mul, (b, scaling)), part="scale", **tag)
             return mark(graph.call_function(operator.add, (base, s)), part="add", **tag)
 
         out = insert_after(graph, base, build)
         replace_uses_after(base, out)
+        detail = f"rank {rank}, alpha {alpha:g}, scaling {scaling:g}"
         changes = [Change("node_added", self.name, qname, f"{qname}/{part}",
-                          adapter=self.adapter_name, role=role)
+                          adapter=self.adapter_name, role=role, detail=detail)
                    for part in ("lora_dropout", "lora_A", "lora_B", "scale", "add")]
         for slot, mod in (("lora_A", lora_a), ("lora_B", lora_b)):
             changes.append(Change("param_added", self.name, qname,
@@ -195,6 +336,6 @@ class LoRAPass(Pass):
                                   else f"{slot}.{self.adapter_name}.weight",
                                   adapter=self.adapter_name, role=role,
                                   shape=tuple(mod.weight.shape), numel=mod.weight.numel(),
-                                  trainable=True))
+                                  trainable=True, detail=detail))
         changes.extend(freeze_site(sg, pass_name=self.name, site=qname, role=role))
         return root, changes

@@ -21,8 +21,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from surgery.adapters.active import active_adapters, adapter_names, disable_adapters, set_active, set_trainable
-from surgery.sites.marker import AdapterModule
+from surgery.adapters.active import (
+    active_adapters,
+    adapter_names,
+    disable_adapters,
+    set_active,
+    set_trainable,
+)
 from surgery.apply import (
     apply_passes,
     history,
@@ -30,9 +35,11 @@ from surgery.apply import (
     plan,
     trainable_parameters,
 )
+from surgery.audit.count import Audit, audit  # noqa: E402  (after the audit package)
 from surgery.errors import (
     AdapterNotFoundError,
     AlreadyAdaptedError,
+    CheckpointError,
     ConfigError,
     MergeError,
     NoMatchError,
@@ -41,13 +48,12 @@ from surgery.errors import (
     TraceError,
     UnsupportedSiteError,
 )
-from surgery.pass_base import Change, Pass, PassResult
+from surgery.listing import Target, TargetList, list_targets
 from surgery.map.roles import find_roles
 from surgery.map.trace import SurgeryTracer, trace
+from surgery.pass_base import Change, Pass, PassResult
+from surgery.sites.marker import AdapterModule
 from surgery.sites.site_graph import SiteGraph
-from surgery.listing import Target, TargetList, list_targets
-
-from surgery.audit.count import Audit, audit  # noqa: E402  (after the audit package)
 
 __version__ = "0.1.0"
 
@@ -66,6 +72,7 @@ _LAZY = {
     "PrefixPass": ("passes.prefix", "PrefixPass"),
     "EjectPrefixPass": ("passes.prefix", "EjectPrefixPass"),
     "ParallelAdapterPass": ("passes.adapters", "ParallelAdapterPass"),
+    "TrainModulePass": ("passes.train_module", "TrainModulePass"),
     "route_samples": ("passes.stack", "route_samples"),
     "render": ("visualize", "render"),
     "render_diff": ("visualize", "render_diff"),
@@ -76,6 +83,10 @@ _LAZY = {
     "unload": ("surgery.adapters.unload", "unload"),
     "combine_adapters": ("surgery.adapters.combine", "combine_adapters"),
     "zoo": ("surgery.zoo", None),
+    "export_peft": ("surgery.checkpoint.peft_export", "export_peft"),
+    "import_peft": ("surgery.checkpoint.peft_import", "import_peft"),
+    "save_adapters": ("surgery.checkpoint.save", "save_adapters"),
+    "load_adapters": ("surgery.checkpoint.load", "load_adapters"),
 }
 
 
@@ -98,6 +109,7 @@ __all__ = [
     "AdapterNotFoundError",
     "AlreadyAdaptedError",
     "Audit",
+    "CheckpointError",
     "Change",
     "EjectPrefixPass",
     "ConfigError",
@@ -121,6 +133,7 @@ __all__ = [
     "Target",
     "TargetList",
     "TraceError",
+    "TrainModulePass",
     "UnmergeIA3Pass",
     "UnmergeLoRAPass",
     "UnsupportedSiteError",
@@ -130,9 +143,12 @@ __all__ = [
     "audit",
     "combine_adapters",
     "disable_adapters",
+    "export_peft",
     "find_roles",
     "history",
+    "import_peft",
     "list_targets",
+    "load_adapters",
     "load_model",
     "merged_adapters",
     "named_trainable_parameters",
@@ -140,6 +156,7 @@ __all__ = [
     "render",
     "render_diff",
     "route_samples",
+    "save_adapters",
     "set_active",
     "set_trainable",
     "to_networkx",

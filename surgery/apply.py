@@ -17,13 +17,15 @@ from surgery.errors import ConfigError
 from surgery.map.graphs import recompile
 from surgery.map.trace import is_map
 from surgery.pass_base import Change, Pass, PassResult, SurgeryState
+from surgery.sites.marker import AdapterModule
 from surgery.sites.params import (
     adapter_parameters,
     restore,
     share_weights_copy,
     snapshot,
 )
-from surgery.sites.site_graph import recompile_sites
+from surgery.sites.site_graph import is_site_graph, recompile_sites
+from surgery.task_heads import note_frozen_heads
 
 __all__ = [
     "apply_passes",
@@ -120,12 +122,24 @@ def _check_in_place_writes(passes: list[Pass], inplace: bool) -> None:
                 f"Way out: run it last, or in a separate apply_passes call.")
 
 
+def _trained_parameters(model: nn.Module) -> set[int]:
+    """``id`` of every parameter of the modules trained fully
+    (``model._surgery.trained_modules``), tied ones included."""
+    state = getattr(model, "_surgery", None)
+    out: set[int] = set()
+    for qname in getattr(state, "trained_modules", {}):
+        out.update(id(p) for p in model.get_submodule(qname).parameters())
+    return out
+
+
 def freeze_base(model: nn.Module) -> PassResult:
-    """Freeze every parameter of ``model`` that is not inside an adapter module."""
-    adapters = {id(p) for _, p in adapter_parameters(model)}
+    """Freeze every parameter of ``model`` that is neither inside an adapter module nor in a
+    module trained fully (``model._surgery.trained_modules``, from
+    :class:`passes.train_module.TrainModulePass`)."""
+    keep = {id(p) for _, p in adapter_parameters(model)} | _trained_parameters(model)
     changes = []
     for name, param in model.named_parameters():
-        if id(param) not in adapters and param.requires_grad:
+        if id(param) not in keep and param.requires_grad:
             param.requires_grad_(False)
             changes.append(Change("param_frozen", "freeze", name.rpartition(".")[0], name,
                                   shape=tuple(param.shape), numel=param.numel()))
@@ -145,15 +159,41 @@ def _own_trainable_base_weights(model: nn.Module) -> None:
             param.data = param.detach().clone()
 
 
+def _check_trained_modules(model: nn.Module, state: SurgeryState, step: Pass) -> None:
+    """A module trained fully must stay so: no pass may freeze its parameters (a tied one
+    included) or put an adapter or a site graph inside it.
+
+    Raises:
+        ConfigError: naming the pass, the module, what the pass did there and the way out.
+    """
+    for qname, by in state.trained_modules.items():
+        module = model.get_submodule(qname)
+        for sub_name, sub in module.named_modules(prefix=qname):
+            if is_site_graph(sub) or isinstance(sub, AdapterModule):
+                raise ConfigError(
+                    f"{step.describe()}: adapts {sub_name}, which is or lies inside {qname}, a "
+                    f"module trained fully ({by}); its base weights would be frozen for the "
+                    f"adapter while the module is meant to train whole. Way out: "
+                    f"exclude=[{sub_name!r}] from this pass, or do not train {qname} fully.")
+        frozen = [n for n, p in module.named_parameters(prefix=qname) if not p.requires_grad]
+        if frozen:
+            raise ConfigError(
+                f"{step.describe()}: froze {frozen[0]}, a parameter of {qname}, which is trained "
+                f"fully ({by}); the pass adapted a layer holding that parameter (a tied weight "
+                f"is held by two layers). Way out: exclude that layer from this pass, or do not "
+                f"train {qname} fully.")
+
+
 def _adapted_before(model: nn.Module) -> bool:
     """True when passes already ran on this model (its history is not empty)."""
     return bool(history(unwrap(model)[0]))
 
 
-def _record(state: SurgeryState, result: PassResult) -> None:
-    """Append ``result`` to the history, without its reference to the model (a history
-    that held models would copy them with every copy of the adapted model)."""
-    state.history.append(dataclasses.replace(result, module=None))
+def _record(state: SurgeryState, result: PassResult, step: Pass | None = None) -> None:
+    """Append ``result`` to the history with the pass that made it, without its reference
+    to the model (a history that held models would copy them with every copy of the
+    adapted model)."""
+    state.history.append(dataclasses.replace(result, module=None, step=step))
 
 
 def apply_passes(
@@ -179,9 +219,15 @@ def apply_passes(
     adapted, every other base parameter is frozen as well (a ``"freeze"`` step in the
     history), so exactly the adapter parameters train; on a model adapted before, other
     parameters keep their ``requires_grad``, so a base parameter you chose to train
-    (``head.weight``) stays trainable through later passes. Each pass's
+    (``head.weight``) stays trainable through later passes. Modules trained fully
+    (:class:`passes.train_module.TrainModulePass`, recorded in
+    ``adapted._surgery.trained_modules``) are never frozen, in this call or a later one, and
+    a pass that would freeze them or adapt inside them is refused. Each pass's
     :class:`PassResult` is appended to ``adapted._surgery.history``. A ``torch.compile`` or
     DDP / DataParallel wrapper is taken off first (a note in ``adapted._surgery.notes``).
+    A transformers task model (``*ForSequenceClassification``, ...) whose task head is left
+    frozen at its initial values gets a note and a warning
+    (:func:`surgery.task_heads.note_frozen_heads`).
 
     Args:
         model: the model to adapt; it is never changed unless ``inplace``.
@@ -209,6 +255,13 @@ def apply_passes(
             ``inplace=True``, or not as the last pass (checked before anything runs).
         NoMatchError, AlreadyAdaptedError, ConfigError, UnsupportedSiteError: from a pass;
             the model given is left exactly as it was.
+        ConfigError: a pass froze a parameter of a module trained fully, or adapted inside
+            one (the model given is left exactly as it was).
+
+    Warns:
+        UserWarning: the task head of a transformers task model stays frozen at its
+            initial values (once per adapted model; the way out is
+            ``TrainModulePass(pattern="classifier")`` or the head's own name).
     """
     todo = _check_passes(passes)
     _check_in_place_writes(todo, inplace)
@@ -226,13 +279,15 @@ def apply_passes(
                 result.module.__dict__["_surgery"] = state
                 root = result.module
             recompile_sites(root, result.sites)
-            _record(state, result)
+            _check_trained_modules(root, state, p)
+            _record(state, result, p)
         if freeze:
             result = freeze_base(root)
             if result.modified:
                 _record(state, result)
         if not inplace:
             _own_trainable_base_weights(root)
+        note_frozen_heads(root, state.notes)
     except BaseException:
         if snap is not None:
             restore(work, snap)
@@ -286,7 +341,8 @@ def named_trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters an optimizer should get: those with ``requires_grad`` (after
-    :func:`apply_passes`, exactly the adapter parameters), without duplicates."""
+    :func:`apply_passes`, exactly the adapter parameters and those of modules trained
+    fully), without duplicates."""
     return [p for _, p in named_trainable_parameters(model)]
 
 

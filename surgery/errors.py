@@ -21,6 +21,7 @@ __all__ = [
     "MergeError",
     "AdapterNotFoundError",
     "RenderError",
+    "CheckpointError",
     "near_matches",
 ]
 
@@ -62,6 +63,11 @@ class AdapterNotFoundError(SurgeryError, KeyError):
 
 class RenderError(SurgeryError, RuntimeError):
     """A graph could not be rendered to an image."""
+
+
+class CheckpointError(SurgeryError, ValueError):
+    """An adapter checkpoint (ours or PEFT's) that cannot be read, does not fit the model,
+    or holds what cannot be expressed; nothing was loaded."""
 
 
 def near_matches(word: str, candidates: Iterable[str], n: int = 5) -> list[str]:

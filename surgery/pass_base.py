@@ -9,6 +9,8 @@ recompiling and atomicity, so a pass only edits graphs and registers modules.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -17,7 +19,11 @@ from torch import nn
 from surgery.errors import ConfigError
 from surgery.sites.changes import Change, ChangeKind
 
-__all__ = ["Change", "ChangeKind", "PassResult", "Pass"]
+__all__ = ["Change", "ChangeKind", "PassResult", "Pass", "pass_class", "registered_passes"]
+
+_REGISTRY: dict[str, type["Pass"]] = {}
+"""Stable pass name -> pass class, filled as pass classes are defined (the recipe of a
+checkpoint names passes by ``name``)."""
 
 @dataclass(frozen=True)
 class PassResult:
@@ -30,12 +36,16 @@ class PassResult:
         changes: every site touched, node added or removed, parameter added, frozen or
             rewritten, in the order they happened.
         pass_name: the stable name of the pass that produced this result.
+        step: the pass object itself (its full configuration), as recorded in the history
+            by :func:`surgery.apply_passes`; ``None`` for steps that are not passes (the
+            ``"freeze"`` step).
     """
 
     module: nn.Module
     modified: bool
     changes: tuple[Change, ...] = ()
     pass_name: str = ""
+    step: Pass | None = field(default=None, compare=False)
 
     @property
     def sites(self) -> list[str]:
@@ -53,6 +63,46 @@ class Pass:
     """
 
     name: ClassVar[str] = "pass"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            _REGISTRY[cls.__dict__["name"]] = cls
+
+    def config(self) -> dict[str, Any]:
+        """The keyword arguments that rebuild this pass (``type(p).from_config(p.config())
+        == p``), as JSON-ready values: tuples become lists, a mapping stays a mapping.
+
+        The keys are the constructor's: a pass whose constructor takes ``name=`` for the
+        field ``adapter_name`` gets ``"name"``.
+        """
+        params = inspect.signature(type(self).__init__).parameters
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            if not f.init and f.name not in params:
+                continue
+            key = f.name
+            if key == "adapter_name" and "adapter_name" not in params and "name" in params:
+                key = "name"
+            out[key] = _jsonable(getattr(self, f.name))
+        return out
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Pass:
+        """The pass that :meth:`config` describes.
+
+        Raises:
+            ConfigError: a key the constructor does not take, or a value it refuses.
+        """
+        params = inspect.signature(cls.__init__).parameters
+        unknown = sorted(set(config) - set(params))
+        if unknown and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            raise ConfigError(f"{cls.__name__}: unknown settings {unknown}; it takes "
+                              f"{sorted(k for k in params if k != 'self')}")
+        try:
+            return cls(**config)
+        except TypeError as exc:
+            raise ConfigError(f"{cls.__name__}: cannot be built from {config!r}: {exc}") from None
 
     @property
     def writes_in_place(self) -> bool:
@@ -111,6 +161,36 @@ class Pass:
         return f"{type(self).__name__}({', '.join(parts)})"
 
 
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (set, frozenset)):
+        return sorted(_jsonable(v) for v in value)
+    return value
+
+
+def registered_passes() -> dict[str, type[Pass]]:
+    """Every pass class registered so far, by its stable name (a pass class registers when
+    its module is imported; :mod:`surgery.checkpoint.registry` imports the built-in ones)."""
+    return dict(_REGISTRY)
+
+
+def pass_class(name: str) -> type[Pass]:
+    """The registered pass class whose stable :attr:`Pass.name` is ``name``.
+
+    Raises:
+        ConfigError: no registered pass has that name (the message lists the nearest).
+    """
+    if name not in _REGISTRY:
+        from surgery.errors import near_matches
+
+        raise ConfigError(f"no pass is named {name!r}; known passes (nearest first): "
+                          f"{', '.join(near_matches(name, _REGISTRY, n=8))}")
+    return _REGISTRY[name]
+
+
 @dataclass
 class SurgeryState:
     """Bookkeeping stored on an adapted model as ``model._surgery``.
@@ -125,8 +205,13 @@ class SurgeryState:
             tracing the map, if anything.
         leaf_modules: extra modules kept opaque when tracing the map.
         active: adapter names in use (``None`` = all).
-        notes: what surgery did besides the passes, one sentence each (a ``torch.compile``
-            or DDP wrapper taken off, ...).
+        notes: what surgery did besides the passes, or what it left for the user to decide,
+            one sentence each (a ``torch.compile`` or DDP wrapper taken off, a task head left
+            frozen at its initial values, ...); :func:`surgery.audit` prints them.
+        trained_modules: qualified name of each base module trained fully (every parameter
+            trainable, as PEFT's ``modules_to_save``) -> the stable name of the pass that chose
+            it (``"train_module"``). :func:`surgery.apply_passes` never freezes their
+            parameters, and no later pass may freeze them or adapt inside them.
         cached_map: the map (:func:`surgery.targets.model_map`), once built.
         cached_roles: the structural roles (:func:`surgery.targets.model_roles`), once found.
     """
@@ -138,6 +223,7 @@ class SurgeryState:
     leaf_modules: tuple = ()
     active: set[str] | None = None
     notes: list[str] = field(default_factory=list)
+    trained_modules: dict[str, str] = field(default_factory=dict)
     cached_map: nn.Module | None = field(default=None, repr=False, compare=False)
     cached_roles: Any = field(default=None, repr=False, compare=False)
 
@@ -145,6 +231,15 @@ class SurgeryState:
         state = dict(self.__dict__)
         state["cached_map"] = None  # a graph tree on meta tensors: rebuilt when next needed
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        # a state pickled before a field existed gets the field's default
+        for f in dataclasses.fields(self):
+            if f.name not in self.__dict__ and f.default_factory is not dataclasses.MISSING:
+                self.__dict__[f.name] = f.default_factory()
+            elif f.name not in self.__dict__ and f.default is not dataclasses.MISSING:
+                self.__dict__[f.name] = f.default
 
     def __deepcopy__(self, memo: dict[int, Any]) -> SurgeryState:
         import copy

@@ -20,7 +20,7 @@ from functools import lru_cache
 
 from surgery.errors import ConfigError, NoMatchError, near_matches
 
-__all__ = ["Selector", "compile_pattern", "matches", "select_names", "as_patterns"]
+__all__ = ["Selector", "compile_pattern", "matches", "first_match", "select_names", "as_patterns"]
 
 Selector = str | Sequence[str] | None
 
@@ -124,6 +124,25 @@ def compile_pattern(pattern: str) -> Callable[[str], bool]:
 def matches(pattern: str, name: str) -> bool:
     """True when ``pattern`` selects the qualified module name ``name``."""
     return compile_pattern(pattern)(name)
+
+
+def first_match(patterns: Iterable[str], names: str | Iterable[str]) -> str | None:
+    """The first of ``patterns``, in the order given, that selects ``names`` (one qualified
+    module name, or every name a shared module sits under: any of them counts); ``None``
+    when none does.
+
+    For per-site settings keyed by pattern (``LoRAPass(rank_for={...})``): a site takes
+    the value of the first key that selects it, as PEFT's ``rank_pattern`` does.
+
+    Raises:
+        ConfigError: a ``re:`` pattern is not a valid regular expression.
+    """
+    pool = (names,) if isinstance(names, str) else tuple(names)
+    for pat in patterns:
+        test = compile_pattern(pat)
+        if any(test(n) for n in pool):
+            return pat
+    return None
 
 
 def select_names(

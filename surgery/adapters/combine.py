@@ -194,6 +194,12 @@ def combine_adapters(model: nn.Module, weights: Mapping[str, float], method: str
     everywhere it exists. With a single source the method is ``"linear"`` (as in PEFT; both
     give ``w · s · B A``).
 
+    Ranks and scalings are read site by site, so sources whose rank differs from layer to
+    layer (``LoRAPass(rank_for=...)``, or several passes under one adapter name) combine:
+    ``"cat"`` gives each site the sum of the sources' ranks there, and ``"linear"`` needs the
+    sources' ranks equal at each site, not everywhere. PEFT pads ``"cat"`` to the sum of each
+    source's largest rank at every site, with zeros; the update is the same.
+
     Afterwards the new adapter is the only active one (:func:`surgery.set_active`; adapters
     merged into the weights stay, being part of them): the sources, and any other adapter,
     are switched off, so the model computes the base plus the combined update exactly once,
@@ -214,8 +220,8 @@ def combine_adapters(model: nn.Module, weights: Mapping[str, float], method: str
 
     Raises:
         AdapterNotFoundError: a source name the model does not carry.
-        ConfigError: bad method, weights or name, a non-LoRA source, ranks that differ under
-            ``"linear"``.
+        ConfigError: bad method, weights or name, a non-LoRA source, ranks that differ at a
+            site under ``"linear"`` (the message names the site).
         NoMatchError: no layer carries every source adapter.
         MergeError: a source adapter is merged into the weights (unmerge it first).
     """

@@ -13,7 +13,7 @@ is listed under the type of the module it replaced (``Linear``, not ``GraphModul
     >>> passes = [LoRAPass(pattern="attn.*", rank=8, alpha=16), IA3Pass()]  # doctest: +SKIP
     >>> print(audit(apply_passes(model, passes)))                           # doctest: +SKIP
     trainable params: 8,960 || all params: 150,272 || trainable%: 5.9625
-    adapter lora:default: 8 site(s), 8,192 params, trainable: yes, active: yes
+    adapter lora:default: 8 site(s), 8,192 params, trainable: yes, active: yes, rank 8
     adapter ia3:default: 6 site(s), 768 params, trainable: yes, active: yes
 
     name                                 type            role   params  trainable  ...
@@ -30,7 +30,12 @@ again once something finds them.
 Several named adapters on one base (a multi-task stack) are listed one per (pass, name),
 with whether each is active (:func:`surgery.adapters.active.set_active`) and whether it trains
 (:func:`surgery.adapters.active.set_trainable`); the two are independent. A row of a switched-off
-adapter module says ``inactive`` in its provenance.
+adapter module says ``inactive`` in its provenance. Each LoRA adapter's summary gives its
+ranks (one per site, which may differ: ``LoRAPass(rank_for=...)``). A base module trained
+fully (:class:`passes.train_module.TrainModulePass`, PEFT's ``modules_to_save``) says
+``trained fully (train_module)``, and its parameters count as trainable. The notes of the
+model's state (a wrapper taken off, a task head left frozen at its initial values) are
+printed after the adapters.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from torch import nn
 from surgery.audit import format as audit_format
 from surgery.pass_base import SurgeryState
 from surgery.sites.marker import AdapterModule
-from surgery.sites.site_graph import base_module
+from surgery.sites.site_graph import base_module, site_graphs
 from surgery.targets import model_roles
 
 if TYPE_CHECKING:
@@ -109,6 +114,8 @@ class AuditRow:
             module listed earlier (not counted again here).
         active: for an adapter module, ``"yes"`` or ``"no"`` (switched off by
             :func:`surgery.adapters.active.set_active`); ``""`` for other modules.
+        trained_by: names of the passes that chose this module, or a module holding it, to
+            train fully (``"train_module"``).
     """
 
     name: str
@@ -125,17 +132,20 @@ class AuditRow:
     adapters: tuple[str, ...] = ()
     tied: tuple[str, ...] = ()
     active: str = ""
+    trained_by: tuple[str, ...] = ()
 
     @property
     def provenance(self) -> str:
         """A short human-readable note on what passes did here."""
         notes = []
+        if self.trained_by:  # frozen by an earlier call, perhaps, but trained now
+            notes.append("trained fully (" + ", ".join(self.trained_by) + ")")
         if self.added_by:
             notes.append("added by " + ", ".join(self.added_by))
         by_pass = [p for p in self.frozen_by if p != _FREEZE]
-        if by_pass:
+        if by_pass and not self.trained_by:
             notes.append("frozen by " + ", ".join(by_pass))
-        if _FREEZE in self.frozen_by:
+        if _FREEZE in self.frozen_by and not self.trained_by:
             notes.append("frozen (base)")
         if self.rewritten_by:
             notes.append("rewritten by " + ", ".join(self.rewritten_by))
@@ -159,6 +169,8 @@ class AdapterSummary:
         trainable: ``"yes"``, ``"no"``, ``"partial"``, or ``""`` without parameters.
         active: ``"yes"`` (used in the forward pass), ``"no"`` (switched off by
             :func:`surgery.adapters.active.set_active`), or ``"partial"`` (some of its modules off).
+        ranks: for a low-rank adapter (LoRA), its rank at each site in :attr:`sites` order
+            (ranks may differ per site); ``()`` for other adapters.
     """
 
     name: str
@@ -168,6 +180,15 @@ class AdapterSummary:
     trainable_params: int
     trainable: str
     active: str = "yes"
+    ranks: tuple[int, ...] = ()
+
+    @property
+    def rank_text(self) -> str:
+        """``"rank 8"``, ``"ranks 4-16"`` (smallest to largest), or ``""`` without ranks."""
+        if not self.ranks:
+            return ""
+        low, high = min(self.ranks), max(self.ranks)
+        return f"rank {low}" if low == high else f"ranks {low}-{high}"
 
     @property
     def key(self) -> str:
@@ -193,6 +214,8 @@ class Audit:
         totals: trainable / total elements and the percentage, over the whole model.
         rows: per-module rows in module order (filtered by ``only_trainable`` / ``depth``).
         adapters: one summary per (pass, adapter name).
+        notes: the notes of the model's state (``model._surgery.notes``): what surgery did
+            besides the passes, or left for the user to decide (a task head left frozen).
     """
 
     model: str
@@ -201,6 +224,7 @@ class Audit:
     totals: Totals
     rows: tuple[AuditRow, ...]
     adapters: tuple[AdapterSummary, ...] = ()
+    notes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict with stable keys (what :meth:`to_json` serialises)."""
@@ -272,6 +296,28 @@ def _provenance(state: SurgeryState | None) -> dict[str, dict[str, list[str]]]:
     return out
 
 
+def _trained_by(qname: str, trained: dict[str, str]) -> tuple[str, ...]:
+    """Pass names that train ``qname`` fully: it, or a module holding it, is in
+    ``trained`` (``SurgeryState.trained_modules``)."""
+    return tuple(dict.fromkeys(by for t, by in trained.items()
+                               if qname == t or qname.startswith(t + ".")))
+
+
+def _ranks(model: nn.Module) -> dict[int, int]:
+    """``id`` of each adapter module heading a low-rank update -> its rank at that site
+    (read through the fold protocol, from the site graph holding it)."""
+    out: dict[int, int] = {}
+    for _, sg in site_graphs(model):
+        for holder in sg.children():
+            mods = holder.values() if isinstance(holder, nn.ModuleDict) else [holder]
+            for mod in mods:
+                if isinstance(mod, AdapterModule):
+                    factors = mod.low_rank(sg)
+                    if factors is not None:
+                        out[id(mod)] = int(factors[0].shape[0])
+    return out
+
+
 def _roles(model: nn.Module, state: SurgeryState | None) -> dict[str, str]:
     """Role labels by qualified name, only when the roles or the map are already cached:
     the audit never traces."""
@@ -282,7 +328,7 @@ def _roles(model: nn.Module, state: SurgeryState | None) -> dict[str, str]:
 
 def _row(qname: str, module: nn.Module, own: list[tuple[str, nn.Parameter]], count: int,
          n_train: int, tied: tuple[str, ...], roles: dict[str, str],
-         prov: dict[str, list[str]]) -> AuditRow:
+         prov: dict[str, list[str]], trained: dict[str, str]) -> AuditRow:
     added = list(prov.get("added", []))
     role = roles.get(qname, "")
     if isinstance(module, AdapterModule):
@@ -304,6 +350,7 @@ def _row(qname: str, module: nn.Module, own: list[tuple[str, nn.Parameter]], cou
         adapters=_adapters_of(module),
         tied=tied,
         active=("yes" if module.active else "no") if isinstance(module, AdapterModule) else "",
+        trained_by=_trained_by(qname, trained),
     )
 
 
@@ -332,6 +379,8 @@ def audit(model: nn.Module, only_trainable: bool = False, depth: int | None = No
     state = state if isinstance(state, SurgeryState) else None
     roles = _roles(model, state)
     prov = _provenance(state)
+    trained = dict(getattr(state, "trained_modules", {}) or {})
+    ranks = _ranks(model)
     seen: dict[int, str] = {}
     rows: list[AuditRow] = []
     adapters: dict[tuple[str, str], dict[str, Any]] = {}
@@ -342,8 +391,10 @@ def audit(model: nn.Module, only_trainable: bool = False, depth: int | None = No
         if isinstance(module, AdapterModule):
             entry = adapters.setdefault((module.pass_name, module.adapter_name),
                                         {"sites": [], "params": 0, "trainable": 0, "on": 0,
-                                         "off": 0})
+                                         "off": 0, "ranks": {}})
             entry["sites"].append(module.site)
+            if id(module) in ranks:
+                entry["ranks"].setdefault(module.site, ranks[id(module)])
             entry["on" if module.active else "off"] += 1
         if not own:
             continue
@@ -362,7 +413,7 @@ def audit(model: nn.Module, only_trainable: bool = False, depth: int | None = No
             entry["params"] += count
             entry["trainable"] += n_train
         rows.append(_row(qname, module, own, count, n_train, tuple(tied), roles,
-                         prov.get(qname, {})))
+                         prov.get(qname, {}), trained))
     if depth is not None:
         rows = _collapse(rows, depth, model, roles)
     if only_trainable:
@@ -372,7 +423,9 @@ def audit(model: nn.Module, only_trainable: bool = False, depth: int | None = No
                        params=e["params"], trainable_params=e["trainable"],
                        trainable=(_trainable_word(e["trainable"], e["params"] - e["trainable"])
                                   or "no parameters"),
-                       active=_trainable_word(e["on"], e["off"]))
+                       active=_trainable_word(e["on"], e["off"]),
+                       ranks=tuple(e["ranks"][s] for s in dict.fromkeys(e["sites"])
+                                   if s in e["ranks"]))
         for (pass_name, name), e in adapters.items())
     return Audit(
         model=_type_name(model),
@@ -381,6 +434,7 @@ def audit(model: nn.Module, only_trainable: bool = False, depth: int | None = No
         totals=Totals(trainable_total, total, 100 * trainable_total / total if total else 0.0),
         rows=tuple(rows),
         adapters=summaries,
+        notes=tuple(state.notes) if state is not None else (),
     )
 
 
@@ -413,5 +467,6 @@ def _collapse(rows: list[AuditRow], depth: int, model: nn.Module,
             rewritten_by=tuple(dict.fromkeys(p for r in members for p in r.rewritten_by)),
             adapters=tuple(dict.fromkeys(a for r in members for a in r.adapters)),
             tied=tuple(t for r in members for t in r.tied),
+            trained_by=tuple(dict.fromkeys(p for r in members for p in r.trained_by)),
         ))
     return out

@@ -26,8 +26,8 @@ def to_dict(report: Audit) -> dict[str, Any]:
         report: the audit to convert.
 
     Returns:
-        ``{"model", "frontend", "passes", "totals", "adapters", "rows"}`` with lists in
-        place of tuples; ``totals`` is ``{"trainable", "total", "percent"}``.
+        ``{"model", "frontend", "passes", "totals", "adapters", "rows", "notes"}`` with
+        lists in place of tuples; ``totals`` is ``{"trainable", "total", "percent"}``.
     """
     return {
         "model": report.model,
@@ -35,9 +35,11 @@ def to_dict(report: Audit) -> dict[str, Any]:
         "passes": list(report.passes),
         "totals": {"trainable": report.totals.trainable, "total": report.totals.total,
                    "percent": report.totals.percent},
-        "adapters": [{**asdict(a), "sites": list(a.sites)} for a in report.adapters],
+        "adapters": [{**asdict(a), "sites": list(a.sites), "ranks": list(a.ranks)}
+                     for a in report.adapters],
         "rows": [{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(r).items()}
                  for r in report.rows],
+        "notes": list(report.notes),
     }
 
 
@@ -58,16 +60,20 @@ def to_markdown(report: Audit) -> str:
         report: the audit to render.
 
     Returns:
-        The markdown text, ending with a newline; ``|`` in the provenance is escaped.
+        The markdown text, ending with a newline; ``|`` in the provenance is escaped. Notes
+        follow the adapters table as a list.
     """
     lines = [f"**{report.totals}**", ""]
     if report.adapters:
-        lines += ["| adapter | pass | sites | params | trainable | active |",
-                  "|---|---|---:|---:|---|---|"]
+        lines += ["| adapter | pass | sites | params | trainable | active | rank |",
+                  "|---|---|---:|---:|---|---|---|"]
         for a in report.adapters:
+            rank = a.rank_text.removeprefix("ranks ").removeprefix("rank ")
             lines.append(f"| {a.name} | {a.pass_name} | {len(a.sites)} | {a.params:,d} | "
-                         f"{a.trainable} | {a.active} |")
+                         f"{a.trainable} | {a.active} | {rank} |")
         lines.append("")
+    if report.notes:
+        lines += [f"- note: {_md(n)}" for n in report.notes] + [""]
     lines += ["| module | type | role | params | trainable | dtype | device | changed by |",
               "|---|---|---|---:|---|---|---|---|"]
     for r in report.rows:
@@ -77,7 +83,8 @@ def to_markdown(report: Audit) -> str:
 
 
 def to_text(report: Audit) -> str:
-    """The totals line, one line per adapter, then a plain-text table of the rows.
+    """The totals line, one line per adapter, one per note, then a plain-text table of the
+    rows.
 
     Args:
         report: the audit to render.
@@ -97,15 +104,17 @@ def to_text(report: Audit) -> str:
 
     lines = [str(report.totals)]
     for a in report.adapters:
+        rank = f", {a.rank_text}" if a.ranks else ""
         lines.append(f"adapter {a.key}: {len(a.sites)} site(s), {a.params:,d} params, "
-                     f"trainable: {a.trainable}, active: {a.active}")
+                     f"trainable: {a.trainable}, active: {a.active}{rank}")
+    lines += [f"note: {n}" for n in report.notes]
     lines += ["", fmt(head), fmt(["-" * w for w in widths])]
     lines += [fmt(c) for c in cells]
     return "\n".join(lines)
 
 
 def to_rich(report: Audit) -> Table:
-    """A ``rich.table.Table``: totals as the title, adapters in the caption.
+    """A ``rich.table.Table``: totals as the title, adapters and notes in the caption.
 
     Rows are green when they train, yellow when partly, dim when frozen.
 
@@ -118,8 +127,10 @@ def to_rich(report: Audit) -> Table:
     from rich.table import Table
 
     caption = "; ".join(f"{a.key}: {len(a.sites)} site(s), {a.params:,d} params"
+                        + (f", {a.rank_text}" if a.ranks else "")
                         + ("" if a.active == "yes" else f", active: {a.active}")
-                        for a in report.adapters) or None
+                        for a in report.adapters)
+    caption = "\n".join([caption] * bool(caption) + [f"note: {n}" for n in report.notes]) or None
     table = Table(title=str(report.totals), caption=caption, title_justify="left")
     for col in ("name", "type", "role"):
         table.add_column(col, no_wrap=True)

@@ -14,6 +14,7 @@ ChangeKind = Literal[
     "module_removed",
     "param_added",
     "param_frozen",
+    "param_unfrozen",
     "param_rewritten",
     "param_removed",
 ]

@@ -119,7 +119,8 @@ def snapshot(model: nn.Module) -> dict:
     return {"modules": modules, "flags": flags, "graphs": graphs, "state": state,
             "configs": configs,
             "history_len": history_len,
-            "state_active": None if state is None or state.active is None else set(state.active)}
+            "state_active": None if state is None or state.active is None else set(state.active),
+            "state_trained": None if state is None else dict(state.trained_modules)}
 
 
 def restore(model: nn.Module, snap: dict) -> None:
@@ -151,6 +152,8 @@ def restore(model: nn.Module, snap: dict) -> None:
     if state is not None:
         del state.history[snap["history_len"]:]
         state.active = snap["state_active"]
+        if snap.get("state_trained") is not None:
+            state.trained_modules = snap["state_trained"]
     recompile(model)
 
 

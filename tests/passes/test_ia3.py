@@ -77,6 +77,16 @@ def test_invalid_name() -> None:
         IA3Pass(name="a b")
 
 
+def test_gpt2_fused_all_learns_the_whole_qkv_output(zoo) -> None:
+    spec = zoo.spec("hf:gpt2")
+    adapted = apply_passes(spec.model, [IA3Pass(fused="all")], spec.example_inputs)
+    vec = adapted.get_submodule("transformer.h.0.attn.c_attn.ia3_l.default")
+    assert vec.parts == [(0, 192)] and vec.weight.shape == (192,), "as PEFT on c_attn"
+    assert IA3Pass.from_config(IA3Pass(fused="all").config()) == IA3Pass(fused="all")
+    with pytest.raises(ConfigError, match="IA3Pass: fused must be 'key_value' or 'all'"):
+        IA3Pass(fused="qkv")
+
+
 def test_gpt2_fused_qkv_learns_only_key_and_value(zoo, run_model) -> None:
     spec = zoo.spec("hf:gpt2")
     adapted = apply_passes(zoo.spec("hf:gpt2").model, [IA3Pass()], zoo.spec("hf:gpt2").example_inputs)

@@ -24,6 +24,7 @@ from surgery import (
     set_active,
 )
 from surgery.adapters.combine import combine_adapters
+from surgery.audit import audit
 from surgery.adapters.unload import unload
 
 SITES = [f"layers.{i}.attn.{p}_proj" for i in range(2) for p in "qv"]
@@ -205,3 +206,93 @@ def test_the_combined_branch_sits_inside_an_ia3_scaling_and_survives_pickle(zoo,
     assert set(active_adapters(copied)) == {"ab", "v"}
     assert torch.equal(run_model(copied, spec), y)
     assert [c.pass_name for c in mixed._surgery.history[-1:]] == ["combine_lora"]
+
+
+# ---- ranks that differ from layer to layer -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def per_layer(zoo) -> nn.Module:
+    """TinyTransformer with LoRA ``a`` and ``b`` whose ranks differ per layer: ``a`` built by
+    two passes under one name (q r=4, v r=8), ``b`` by one pass with ``rank_for`` (same
+    ranks, other alphas), ``c`` with ranks of its own (q r=2, v r=6)."""
+    model = apply_passes(zoo.spec("builtin:tiny").model, [
+        LoRAPass(pattern="q_proj", rank=4, alpha=8, name="a"),
+        LoRAPass(pattern="v_proj", rank=8, alpha=4, name="a"),
+        LoRAPass(pattern=["q_proj", "v_proj"], rank=4, alpha=2, rank_for={"v_proj": 8},
+                 alpha_for={"v_proj": 16}, name="b"),
+        LoRAPass(pattern=["q_proj", "v_proj"], rank=2, rank_for={"v_proj": 6}, name="c")])
+    randomize_adapters(model, seed=4)
+    return model
+
+
+@pytest.mark.parametrize("method,sources", [("cat", "ab"), ("cat", "ac"), ("linear", "ab")])
+def test_ranks_combine_site_by_site(per_layer, zoo, run_model, method: str, sources: str) -> None:
+    spec = zoo.spec("builtin:tiny")
+    weights = {sources[0]: 0.7, sources[1]: -0.3}
+    mixed = combine_adapters(per_layer, weights, method=method, name="mix")
+    for site in SITES:
+        (a1, b1, s1), (a2, b2, s2) = (factors(per_layer, site, n) for n in sources)
+        a_new, b_new, s_new = factors(mixed, site, "mix")
+        rank = a1.shape[0] + a2.shape[0] if method == "cat" else a1.shape[0]
+        assert s_new == 1.0 and a_new.shape == (rank, 64) and b_new.shape == (64, rank)
+        assert mixed.get_submodule(site).lora_B["mix"].rank == rank
+        if method == "cat":
+            want = 0.7 * s1 * b1 @ a1 - 0.3 * s2 * b2 @ a2
+            assert torch.allclose(b_new @ a_new, want, atol=1e-6)
+    # the combined adapter computes what its factors say, merged or not
+    y = run_model(mixed, spec)
+    merged = run_model(apply_passes(mixed, [MergeLoRAPass(names=["mix"])]), spec)
+    assert (merged - y).abs().max() <= 1e-5 * (1 + y.abs().max())
+    assert audit(mixed).adapters[-1].ranks == tuple(
+        factors(mixed, s, "mix")[0].shape[0] for s in
+        ["layers.0.attn.q_proj", "layers.0.attn.v_proj", "layers.1.attn.q_proj",
+         "layers.1.attn.v_proj"])
+
+
+def test_linear_with_ranks_unequal_at_one_site_names_it(per_layer, snapshot) -> None:
+    before = snapshot(per_layer)
+    with pytest.raises(ConfigError, match=r"method='linear' needs equal ranks, got \[2, 4\].* "
+                                          r"\(at layers\.0\.attn\.q_proj; sources \['a', 'c'\]\)"):
+        combine_adapters(per_layer, {"a": 0.5, "c": 0.5}, method="linear")
+    before.assert_unchanged(per_layer)
+
+
+@pytest.mark.filterwarnings("ignore:Adapter name")  # PEFT warns about short adapter names
+@pytest.mark.parametrize("method", ["linear", "cat"])
+def test_per_layer_ranks_equal_peft_add_weighted_adapter(zoo, per_layer, run_model,
+                                                         method: str) -> None:
+    peft = pytest.importorskip("peft")
+    spec = zoo.spec("builtin:tiny")
+    model = peft.get_peft_model(
+        zoo.fresh("builtin:tiny").model,
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                        rank_pattern={"v_proj": 8}, alpha_pattern={"v_proj": 4}),
+        adapter_name="a")
+    model.add_adapter("b", peft.LoraConfig(r=4, lora_alpha=2, target_modules=["q_proj", "v_proj"],
+                                           rank_pattern={"v_proj": 8},
+                                           alpha_pattern={"v_proj": 16}))
+    with torch.no_grad():
+        for site in SITES:
+            layer = model.base_model.model.get_submodule(site)
+            for name in "ab":
+                a, b, s = factors(per_layer, site, name)
+                assert s == layer.scaling[name]
+                layer.lora_A[name].weight.copy_(a)
+                layer.lora_B[name].weight.copy_(b)
+    model.add_weighted_adapter(["a", "b"], [0.7, -0.3], "ab", combination_type=method)
+    model.set_adapter("ab")
+    mixed = combine_adapters(per_layer, {"a": 0.7, "b": -0.3}, method=method, name="ab")
+    for site in SITES:
+        layer = model.base_model.model.get_submodule(site)
+        a_new, b_new, _ = factors(mixed, site, "ab")
+        theirs_a, theirs_b = layer.lora_A["ab"].weight, layer.lora_B["ab"].weight
+        if method == "linear":  # the same factors, site by site
+            assert torch.equal(a_new, theirs_a) and torch.equal(b_new, theirs_b)
+        else:  # PEFT pads every site to the largest rank sum (16) with zeros
+            r = a_new.shape[0]
+            assert torch.equal(a_new, theirs_a[:r]) and torch.equal(b_new, theirs_b[:, :r])
+            assert not theirs_a[r:].any() and not theirs_b[:, r:].any()
+    y = run_model(mixed, spec)
+    want = run_model(model, spec)
+    assert (y - want).abs().max() <= 1e-6 * (1 + want.abs().max())

@@ -143,7 +143,7 @@ def test_stack_lists_each_adapter_active_and_trainable() -> None:
                    "lora:mnli": ("mnli", "lora", 2, 512, "yes", "no"),
                    "ia3:mnli": ("mnli", "ia3", 6, 768, "yes", "no")}
     lines = str(result).splitlines()
-    assert "adapter lora:sst2: 2 site(s), 512 params, trainable: no, active: yes" in lines
+    assert "adapter lora:sst2: 2 site(s), 512 params, trainable: no, active: yes, rank 2" in lines
     assert "adapter ia3:mnli: 6 site(s), 768 params, trainable: yes, active: no" in lines
     md = result.to_markdown()
     assert "| mnli | lora | 2 | 512 | yes | no |" in md and "| sst2 | lora | 2 | 512 | no | yes |" in md
@@ -228,7 +228,8 @@ def test_only_trainable(builtin_adapted: nn.Module, builtin_audit: Audit) -> Non
 
 def test_str_table(builtin_audit: Audit) -> None:
     lines = str(builtin_audit).splitlines()
-    assert lines[1] == "adapter lora:default: 8 site(s), 8,192 params, trainable: yes, active: yes"
+    assert lines[1] == ("adapter lora:default: 8 site(s), 8,192 params, trainable: yes, "
+                        "active: yes, rank 8")
     header = next(i for i, line in enumerate(lines) if line.startswith("name "))
     assert lines[header].split() == ["name", "type", "role", "params", "trainable", "dtype",
                                      "device", "changed", "by"]
@@ -243,22 +244,24 @@ def test_json_round_trip_and_stable_keys(builtin_audit: Audit) -> None:
     data = json.loads(text)
     assert data == builtin_audit.to_dict()
     assert text == builtin_audit.to_json()
-    assert sorted(data) == ["adapters", "frontend", "model", "passes", "rows", "totals"]
+    assert sorted(data) == ["adapters", "frontend", "model", "notes", "passes", "rows", "totals"]
     assert data["totals"] == {"trainable": 8_960, "total": 150_272,
                               "percent": 100 * 8_960 / 150_272}
     assert (data["model"], data["passes"]) == ("TinyTransformer", ["lora", "ia3", "freeze"])
     assert sorted(data["rows"][0]) == ["active", "adapters", "added_by", "device", "dtype",
                                        "frozen_by", "name", "params", "rewritten_by", "role",
-                                       "tied", "trainable", "trainable_params", "type"]
-    assert sorted(data["adapters"][0]) == ["active", "name", "params", "pass_name", "sites",
-                                           "trainable", "trainable_params"]
+                                       "tied", "trainable", "trainable_params", "trained_by",
+                                       "type"]
+    assert sorted(data["adapters"][0]) == ["active", "name", "params", "pass_name", "ranks",
+                                           "sites", "trainable", "trainable_params"]
+    assert data["adapters"][0]["ranks"] == [8] * 8 and data["notes"] == []
 
 
 def test_markdown(builtin_audit: Audit) -> None:
     md = builtin_audit.to_markdown()
     assert md.startswith(
         "**trainable params: 8,960 || all params: 150,272 || trainable%: 5.9625**\n")
-    assert "| default | lora | 8 | 8,192 | yes | yes |" in md
+    assert "| default | lora | 8 | 8,192 | yes | yes | 8 |" in md
     assert ("| `layers.0.attn.q_proj.lora_A.default` | LoRAProjection | query | 512 | yes "
             "| float32 | cpu | added by lora:default |") in md
 
