@@ -1,0 +1,439 @@
+"""Write a model's LoRA and IA³ adapters as PEFT adapter directories.
+
+::
+
+    surgery.export_peft(adapted, "out/peft/")          # out/peft/ (default), out/peft/<name>/
+    peft_model = peft.PeftModel.from_pretrained(base, "out/peft/")
+
+Each adapter becomes the two files ``peft.PeftModel.save_pretrained`` writes,
+``adapter_config.json`` and ``adapter_model.safetensors``, in the layout it writes them: the
+adapter ``"default"`` at the directory's root, every other one in a subdirectory named after
+it (load those with ``PeftModel.from_pretrained(base, "out/peft/b", adapter_name="b")`` or
+``peft_model.load_adapter("out/peft/b", adapter_name="b")``).
+
+The settings name the adapted layers exactly: ``target_modules`` is a regex over their
+escaped qualified names, ``rank_pattern`` / ``alpha_pattern`` give each layer whose rank or
+alpha differs from the most common one (``"^<escaped name>"``), IA³'s
+``feedforward_modules`` the same way. Before anything is written, the settings are read
+back with PEFT's rules (:mod:`surgery.checkpoint.peft_targets`) and must select exactly the
+layers, ranks, scalings and modules the model has; what PEFT's files cannot say is refused.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from surgery.adapters.fold_layout import fold_head
+from surgery.adapters.merge_state import KIND_LABEL, adapter_inventory, merged_adapters
+from surgery.apply import unwrap
+from surgery.checkpoint.files import checkpoint_dir, write_json, write_tensors
+from surgery.checkpoint.peft_config import CONFIG_NAME, parse_peft_config
+from surgery.checkpoint.peft_keys import PREFIX, WEIGHTS_NAME, ia3_key, lora_keys
+from surgery.checkpoint.peft_targets import PeftTargets, resolve_peft_targets
+from surgery.errors import AdapterNotFoundError, CheckpointError
+from surgery.map.leaves import is_hf_conv1d
+from surgery.sites.site_graph import SiteGraph, base_module, site_graphs
+
+__all__ = ["export_peft"]
+
+_WHO = "export_peft"
+
+_OTHER_KINDS = {
+    "serial_adapter": "a serial bottleneck adapter (Houlsby)",
+    "parallel_adapter": "a parallel bottleneck adapter (He et al.)",
+    "prefix": "a prefix (prefix tuning)",
+}
+"""Adapter kinds PEFT's LoRA / IA³ files cannot hold, as messages name them."""
+
+_TASKS = (
+    (("ForCausalLM", "LMHeadModel"), "CAUSAL_LM"),
+    (("ForSequenceClassification",), "SEQ_CLS"),
+    (("ForTokenClassification",), "TOKEN_CLS"),
+    (("ForQuestionAnswering",), "QUESTION_ANS"),
+)
+"""Class-name endings of transformers models whose PEFT ``task_type`` is evident."""
+
+
+@dataclass
+class _Layer:
+    """One adapted layer of the adapter being exported."""
+
+    qname: str
+    conv1d: bool
+    tensor_a: torch.Tensor | None = None  # LoRA (rank, in); IA³: the vector
+    tensor_b: torch.Tensor | None = None  # LoRA (out, rank)
+    rank: int = 0
+    alpha: float | None = None
+    scaling: float = 0.0
+    dropout: float = 0.0
+    feedforward: bool = False
+
+
+@dataclass
+class _Plan:
+    """Everything one adapter directory receives."""
+
+    name: str
+    directory: Path
+    config: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+
+def export_peft(model: nn.Module, directory: str | os.PathLike[str],
+                names: list[str] | tuple[str, ...] | None = None) -> list[Path]:
+    """Write LoRA and IA³ adapters of ``model`` as PEFT adapter directories.
+
+    ``peft.PeftModel.from_pretrained(base, directory)`` on the base model (the model
+    :func:`surgery.apply_passes` was given) then computes what ``model`` computes with only
+    that adapter active (in float32, to within ``1e-6 · (1 + max|y|)``), on ``nn.Linear``
+    and transformers ``Conv1D`` layers alike.
+
+    Files, per adapter (``<directory>/`` for ``"default"``, ``<directory>/<name>/`` for the
+    others): ``adapter_model.safetensors`` with ``base_model.model.<layer>.lora_A.weight``
+    ``(rank, in)`` and ``.lora_B.weight`` ``(out, rank)``, or ``base_model.model.<layer>.ia3_l``
+    (``(out, 1)``; ``(1, in)`` for input scaling), in the parameters' dtypes, plus the
+    state of every module trained fully (``TrainModulePass``) under
+    ``base_model.model.<module>.<key>`` (``modules_to_save``; these belong to no adapter, so
+    every adapter's files carry them); and ``adapter_config.json`` with ``peft_type``
+    ``"LORA"`` or ``"IA3"``, exact targeting (see the module docstring), ``use_rslora``
+    when every layer's scaling is ``alpha / sqrt(rank)`` (otherwise ``lora_alpha`` is set so
+    that ``alpha / rank`` is the layer's scaling), ``lora_dropout``, ``fan_in_fan_out``
+    (true when a layer is ``Conv1D``), ``base_model_name_or_path`` from the model's config
+    when it has one, and ``task_type`` when the model's class says it (``*ForCausalLM``,
+    ``*LMHeadModel``: ``"CAUSAL_LM"``; a classification or question-answering model when
+    its head is trained fully, since PEFT then trains that head).
+
+    An adapter merged into the weights (``MergeLoRAPass`` / ``MergeIA3Pass``) is exported
+    from its factors, with a warning: PEFT's files always apply to the unmerged base
+    weights, so load them onto the original base model (which then computes what the merged
+    model does); no base weight is ever written.
+
+    Args:
+        model: an adapted model (a ``torch.compile`` or DDP wrapper is taken off; the keys
+            are the bare model's).
+        directory: where to write; created if needed.
+        names: the adapters to write; ``None``: every adapter of the model.
+
+    Returns:
+        The directory of each adapter written, in the order of ``names`` (``"default"``
+        first when ``names`` is ``None``).
+
+    Raises:
+        AdapterNotFoundError: a name the model does not carry.
+        CheckpointError: the model carries no adapter; an adapter PEFT's LoRA / IA³ files
+            cannot express: a serial or parallel bottleneck adapter, a prefix, one name
+            holding both LoRA and IA³, LoRA with different dropouts at different layers, an
+            adapter on the model itself (not on a named layer); a module trained fully whose
+            parameter is tied to a module not trained (PEFT trains an untied copy); settings
+            PEFT would read differently (a module name that PEFT's suffix rules for
+            ``modules_to_save`` cannot single out); ``directory`` is a file. Checked for every
+            adapter before anything is written: on error no file is written.
+    """
+    bare = unwrap(model)[0]
+    root = checkpoint_dir(directory, _WHO, must_exist=False)
+    inventory = adapter_inventory(bare)
+    chosen = _choose(inventory, names)
+    trained = _trained(bare)
+    plans = [_plan(bare, name, inventory[name], trained, root) for name in chosen]
+    for plan in plans:
+        if plan.directory.exists() and not plan.directory.is_dir():
+            raise CheckpointError(f"{_WHO}: {str(plan.directory)!r} is a file; adapter "
+                                  f"{plan.name!r} goes into a directory of that name.")
+    _warn_merged(bare, chosen)
+    for plan in plans:
+        write_tensors(plan.tensors, plan.directory / WEIGHTS_NAME, metadata={"format": "pt"})
+        write_json(plan.config, plan.directory / CONFIG_NAME)
+    return [plan.directory for plan in plans]
+
+
+# --------------------------------------------------------------------------- choosing
+
+
+def _choose(inventory: dict[str, dict[str, list[str]]],
+            names: list[str] | tuple[str, ...] | None) -> list[str]:
+    if not inventory:
+        raise CheckpointError(f"{_WHO}: the model carries no adapter; apply_passes(model, "
+                              f"[LoRAPass(...)]) first.")
+    if names is None:
+        chosen = sorted(inventory, key=lambda n: n != "default")
+    else:
+        if isinstance(names, str):
+            names = [names]
+        chosen = list(dict.fromkeys(names))
+        for name in chosen:
+            if name not in inventory:
+                raise AdapterNotFoundError(
+                    f"{_WHO}: the model has no adapter named {name!r}; it has "
+                    f"{', '.join(map(repr, inventory))}.")
+    for name in chosen:
+        kinds = list(inventory[name])
+        other = [k for k in kinds if k not in KIND_LABEL]
+        if other:
+            what = _OTHER_KINDS.get(other[0], f"a {other[0]} adapter")
+            raise CheckpointError(
+                f"{_WHO}: adapter {name!r} is {what}; PEFT's LoRA and IA³ files cannot hold it. "
+                f"Nothing was written. Way out: export_peft(model, directory, names=[...]) "
+                f"with the LoRA / IA³ adapters only, and surgery.save_adapters for the rest.")
+        if len(kinds) > 1:
+            raise CheckpointError(
+                f"{_WHO}: adapter {name!r} holds both LoRA and IA³; a PEFT adapter is one "
+                f"method. Nothing was written. Way out: give the two passes different names "
+                f"(LoRAPass(name=...), IA3Pass(name=...)) and export each.")
+    return chosen
+
+
+def _trained(model: nn.Module) -> list[str]:
+    """Qualified names of the modules trained fully (every name of a shared one)."""
+    state = getattr(model, "_surgery", None)
+    return list(getattr(state, "trained_modules", None) or ())
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def _plan(model: nn.Module, name: str, kinds: dict[str, list[str]], trained: list[str],
+          root: Path) -> _Plan:
+    kind = next(iter(kinds))
+    layers = _layers(model, name, kind)
+    _refuse_tied(model, trained)
+    tensors: dict[str, torch.Tensor] = {}
+    for layer in layers:
+        if kind == "lora":
+            key_a, key_b = lora_keys(layer.qname)
+            tensors[key_a] = layer.tensor_a
+            tensors[key_b] = layer.tensor_b
+        else:
+            tensors[ia3_key(layer.qname)] = layer.tensor_a
+    for qname in trained:
+        for local, tensor in model.get_submodule(qname).state_dict().items():
+            tensors[f"{PREFIX}{qname}.{local}"] = tensor
+    tensors = {k: v.detach().clone() for k, v in tensors.items()}  # tied tensors: one copy each
+    config = _config(model, name, kind, layers, trained)
+    return _Plan(name, root if name == "default" else root / name, config, tensors)
+
+
+def _layers(model: nn.Module, name: str, kind: str) -> list[_Layer]:
+    out = []
+    for qname, sg in site_graphs(model):
+        head = fold_head(sg, (kind, name))
+        if head is None:
+            continue
+        base = base_module(sg)
+        if not qname:
+            raise CheckpointError(
+                f"{_WHO}: adapter {name!r} adapts the model itself ({type(base).__name__}), "
+                f"not a named layer; PEFT adapts submodules only. Nothing was written. Way "
+                f"out: wrap the layer in a module (nn.Sequential(layer)) before adapting it.")
+        conv1d = is_hf_conv1d(base)
+        out.append(_lora_layer(sg, qname, name, head, conv1d) if kind == "lora"
+                   else _ia3_layer(qname, name, head, base, conv1d))
+    if not out:
+        raise CheckpointError(f"{_WHO}: adapter {name!r} sits on no layer PEFT can adapt "
+                              f"(no LoRA / IA³ site graph carries it). Nothing was written.")
+    if kind == "lora":
+        rates = {layer.dropout for layer in out}
+        if len(rates) > 1:
+            raise CheckpointError(
+                f"{_WHO}: LoRA adapter {name!r} has different dropouts at different layers "
+                f"({sorted(rates)}); PEFT's lora_dropout is one number for the adapter. Nothing "
+                f"was written. Way out: one dropout for the adapter.")
+    return out
+
+
+def _lora_layer(sg: SiteGraph, qname: str, name: str, head: nn.Module, conv1d: bool) -> _Layer:
+    factors = head.low_rank(sg)
+    if factors is None:
+        raise CheckpointError(f"{_WHO}: LoRA adapter {name!r} at {qname} is not a low-rank "
+                              f"update B A; PEFT's LoRA files cannot hold it.")
+    lora_a, lora_b, scaling = factors
+    drop = sg._modules.get("lora_dropout")
+    p = getattr(drop[name], "p", 0.0) if drop is not None and name in drop else 0.0
+    alpha = getattr(head, "alpha", None)
+    return _Layer(qname, conv1d, lora_a, lora_b, rank=int(lora_a.shape[0]),
+                  alpha=float(alpha) if alpha is not None else None, scaling=float(scaling),
+                  dropout=float(p))
+
+
+def _ia3_layer(qname: str, name: str, head: nn.Module, base: nn.Module, conv1d: bool) -> _Layer:
+    vector = getattr(head, "vector", None)
+    if head.fold_mode not in ("input", "output") or not callable(vector):
+        raise CheckpointError(f"{_WHO}: IA³ adapter {name!r} at {qname} is not a scaling "
+                              f"vector; PEFT's IA³ files cannot hold it.")
+    full = vector().detach()
+    feedforward = head.fold_mode == "input"
+    shape = (1, -1) if feedforward else (-1, 1)
+    return _Layer(qname, conv1d, full.reshape(shape), feedforward=feedforward)
+
+
+def _refuse_tied(model: nn.Module, trained: list[str]) -> None:
+    """PEFT trains a copy of each module in ``modules_to_save``: a parameter the module
+    shares with a module not trained would be untied in PEFT and trained here."""
+    if not trained:
+        return
+    inside = {id(p) for q in trained for p in model.get_submodule(q).parameters()}
+    for pname, param in model.named_parameters(remove_duplicate=False):
+        owner = pname.rpartition(".")[0]
+        if id(param) in inside and not any(owner == q or owner.startswith(q + ".")
+                                           for q in trained):
+            raise CheckpointError(
+                f"{_WHO}: a module trained fully shares the parameter {pname} with a module "
+                f"that is not trained ({owner}); PEFT's modules_to_save trains an untied copy, "
+                f"so its files cannot reproduce this model. Nothing was written. Way out: "
+                f"train the other module fully too, or untie the weights before training.")
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def _exact_regex(names: list[str]) -> str:
+    return "|".join(re.escape(n) for n in names)
+
+
+def _config(model: nn.Module, name: str, kind: str, layers: list[_Layer],
+            trained: list[str]) -> dict[str, Any]:
+    """The settings, read back with PEFT's rules before they are returned."""
+    task = _task_type(model)
+    candidates = [task, None] if task not in (None, "CAUSAL_LM") else [task]
+    last: CheckpointError | None = None
+    for task_type in candidates:
+        config = _settings(model, kind, layers, trained, task_type)
+        try:
+            _verify(model, name, kind, config, layers, trained)
+            return config
+        except CheckpointError as exc:
+            last = exc
+    assert last is not None
+    raise last
+
+
+def _settings(model: nn.Module, kind: str, layers: list[_Layer], trained: list[str],
+              task_type: str | None) -> dict[str, Any]:
+    config: dict[str, Any] = {"peft_type": "LORA" if kind == "lora" else "IA3",
+                              "task_type": task_type}
+    if task_type is None:  # as PEFT writes it: where to find the model's class
+        config["auto_mapping"] = {"base_model_class": type(model).__name__,
+                                  "parent_library": type(model).__module__}
+    hf_config = getattr(model, "config", None)
+    config["base_model_name_or_path"] = (getattr(hf_config, "name_or_path", None)
+                                         or model.__dict__.get("name_or_path") or None)
+    config["revision"] = None
+    config["inference_mode"] = True
+    config["target_modules"] = _exact_regex([layer.qname for layer in layers])
+    config["exclude_modules"] = None
+    config["fan_in_fan_out"] = any(layer.conv1d for layer in layers)
+    config["modules_to_save"] = list(trained) or None
+    if kind == "ia3":
+        ff = [layer.qname for layer in layers if layer.feedforward]
+        config["feedforward_modules"] = _exact_regex(ff) if ff else []
+        config["init_ia3_weights"] = True
+        return config
+    use_rslora, alphas = _alphas(layers)
+    rank = _most_common([layer.rank for layer in layers])
+    alpha = _most_common(alphas)
+    config.update({
+        "r": rank,
+        "lora_alpha": _number(alpha),
+        "lora_dropout": layers[0].dropout,
+        "use_rslora": use_rslora,
+        "bias": "none",
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {f"^{re.escape(layer.qname)}": layer.rank for layer in layers
+                         if layer.rank != rank},
+        "alpha_pattern": {f"^{re.escape(layer.qname)}": _number(a) for layer, a
+                          in zip(layers, alphas) if a != alpha},
+        "use_dora": False,
+        "lora_bias": False,
+    })
+    return config
+
+
+def _alphas(layers: list[_Layer]) -> tuple[bool, list[float]]:
+    """``use_rslora`` and each layer's alpha: the layers' own alphas when every scaling is
+    ``alpha / rank`` (or every one ``alpha / sqrt(rank)``), else ``scaling · rank``."""
+    def fits(how: Any) -> bool:
+        return all(layer.alpha is not None and
+                   math.isclose(layer.scaling, how(layer.alpha, layer.rank), rel_tol=1e-12)
+                   for layer in layers)
+
+    if fits(lambda a, r: a / r):
+        return False, [layer.alpha for layer in layers]
+    if fits(lambda a, r: a / math.sqrt(r)):
+        return True, [layer.alpha for layer in layers]
+    return False, [layer.scaling * layer.rank for layer in layers]
+
+
+def _most_common(values: list[Any]) -> Any:
+    return Counter(values).most_common(1)[0][0]
+
+
+def _number(value: float) -> int | float:
+    """``16`` rather than ``16.0`` where the value is whole (as PEFT's files write alphas)."""
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def _task_type(model: nn.Module) -> str | None:
+    if not hasattr(getattr(model, "config", None), "model_type"):
+        return None
+    cls = type(model).__name__
+    return next((task for endings, task in _TASKS if cls.endswith(endings)), None)
+
+
+def _verify(model: nn.Module, name: str, kind: str, config: dict[str, Any],
+            layers: list[_Layer], trained: list[str]) -> None:
+    """Read ``config`` back with PEFT's rules; it must select exactly ``layers`` (with their
+    ranks and scalings, or feed-forward flags) and ``trained``."""
+    settings = parse_peft_config(config, _WHO, source=f"the settings of adapter {name!r}")
+    targets: PeftTargets = resolve_peft_targets(model, settings, name, _WHO)
+    got = [site.qname for site in targets.sites]
+    want = [layer.qname for layer in layers]
+    if got != want:
+        extra = sorted(set(got) - set(want))
+        lost = sorted(set(want) - set(got))
+        raise CheckpointError(
+            f"{_WHO}: PEFT would read the settings of adapter {name!r} as targeting other "
+            f"layers (also {extra[:5]}, not {lost[:5]}). Nothing was written.")
+    for site, layer in zip(targets.sites, layers):
+        if kind == "lora":
+            scaling = site.alpha / (math.sqrt(site.rank) if settings.use_rslora else site.rank)
+            if site.rank != layer.rank or not math.isclose(scaling, layer.scaling, rel_tol=1e-9):
+                raise CheckpointError(
+                    f"{_WHO}: PEFT would read rank {site.rank}, scaling {scaling:g} at "
+                    f"{site.qname} for adapter {name!r}, which has rank {layer.rank}, scaling "
+                    f"{layer.scaling:g}. Nothing was written.")
+        elif site.feedforward != layer.feedforward:
+            raise CheckpointError(f"{_WHO}: PEFT would scale the "
+                                  f"{'input' if site.feedforward else 'output'} of {site.qname}, "
+                                  f"adapter {name!r} scales the other. Nothing was written.")
+    if set(targets.modules_to_save) != set(trained):
+        extra = sorted(set(targets.modules_to_save) - set(trained))
+        raise CheckpointError(
+            f"{_WHO}: PEFT's modules_to_save matches names by their ending, so "
+            f"{', '.join(trained)} would also select {', '.join(extra[:5])} (which is not "
+            f"trained here). Nothing was written. Way out: train those modules fully too, or "
+            f"rename the modules.")
+
+
+def _warn_merged(model: nn.Module, chosen: list[str]) -> None:
+    merged = merged_adapters(model)
+    if not merged:
+        return
+    labels = sorted({label for labels in merged.values() for label in labels})
+    mine = [label for label in labels if label.partition(":")[2] in chosen]
+    warnings.warn(
+        f"{_WHO}: adapters merged into this model's weights: {', '.join(labels)}. PEFT's files "
+        f"hold adapter factors only and apply to the unmerged base weights: load them onto the "
+        f"original base model"
+        + (f" (for {', '.join(mine)}, that computes what the merged model does)" if mine else "")
+        + ". Base weights are never written.", UserWarning, stacklevel=3)

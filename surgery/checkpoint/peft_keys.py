@@ -1,0 +1,168 @@
+"""The keys of PEFT's ``adapter_model.safetensors``, and checking a file against a model.
+
+PEFT stores an adapter's tensors under the model's own qualified names, prefixed with
+``base_model.model.`` and without the adapter's name:
+
+==========================================================  =================================
+key                                                         tensor
+==========================================================  =================================
+``base_model.model.<layer>.lora_A.weight``                  LoRA ``A``, ``(r, in)``
+``base_model.model.<layer>.lora_B.weight``                  LoRA ``B``, ``(out, r)``
+``base_model.model.<layer>.ia3_l``                          IA³ ``l``: ``(out, 1)``, or
+                                                            ``(1, in)`` for a feed-forward
+                                                            layer (input scaling)
+``base_model.model.<module>.<key in its state_dict>``       a module of ``modules_to_save``
+==========================================================  =================================
+
+``Conv1D`` layers (GPT-2) use the same orientation: ``A`` is ``(r, in)``, ``B`` is
+``(out, r)``. Keys are built from exact module names and matched whole
+(:func:`expected_keys`, :func:`check_keys`), never by replacing substrings, so module names
+holding ``weight``, ``lora`` or ``base`` map as any other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from surgery.checkpoint.peft_targets import PeftTargets
+from surgery.errors import CheckpointError, near_matches
+
+__all__ = ["PREFIX", "WEIGHTS_NAME", "PeftKey", "lora_keys", "ia3_key", "expected_keys",
+           "check_keys"]
+
+PREFIX = "base_model.model."
+"""What every key of a PEFT adapter file starts with (``PeftModel.base_model.model``)."""
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+"""The tensors file of a PEFT adapter directory."""
+
+_SHOWN = 5
+"""How many offending keys a message lists before giving the count."""
+
+_HINTS = (
+    (".lora_magnitude_vector", "DoRA's magnitude vector"),
+    (".lora_embedding_A", "LoRA on an embedding"),
+    (".lora_embedding_B", "LoRA on an embedding"),
+    (".lora_B.bias", "a bias on lora_B (lora_bias)"),
+    (".lora_A.weight", "a LoRA layer the settings do not target"),
+    (".lora_B.weight", "a LoRA layer the settings do not target"),
+    (".ia3_l", "an IA³ layer the settings do not target"),
+)
+
+
+@dataclass(frozen=True)
+class PeftKey:
+    """Where one key of a PEFT file goes.
+
+    Attributes:
+        slot: ``"lora_A"``, ``"lora_B"``, ``"ia3_l"`` or ``"saved"`` (``modules_to_save``).
+        qname: the qualified name of the layer or saved module.
+        local: for ``"saved"``, the key within that module's ``state_dict``.
+        shape: the shape the tensor must have.
+        dtype: the dtype of the tensor it replaces (the layer's weight, or the saved
+            module's own tensor).
+    """
+
+    slot: str
+    qname: str
+    local: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def lora_keys(qname: str) -> tuple[str, str]:
+    """The keys of ``A`` and ``B`` of the LoRA layer at ``qname``."""
+    return f"{PREFIX}{qname}.lora_A.weight", f"{PREFIX}{qname}.lora_B.weight"
+
+
+def ia3_key(qname: str) -> str:
+    """The key of the IA³ vector of the layer at ``qname``."""
+    return f"{PREFIX}{qname}.ia3_l"
+
+
+def expected_keys(model: nn.Module, targets: PeftTargets, kind: str) -> dict[str, PeftKey]:
+    """Every key a PEFT file of this adapter holds for ``model``, in module order.
+
+    Args:
+        model: the bare model the adapter goes onto.
+        targets: its layers and modules to save (:func:`~surgery.checkpoint.peft_targets.
+            resolve_peft_targets`).
+        kind: ``"lora"`` or ``"ia3"``.
+    """
+    out: dict[str, PeftKey] = {}
+    for site in targets.sites:
+        dtype = _weight_dtype(model, site.qname)
+        if kind == "lora":
+            key_a, key_b = lora_keys(site.qname)
+            out[key_a] = PeftKey("lora_A", site.qname, "", (site.rank, site.in_features), dtype)
+            out[key_b] = PeftKey("lora_B", site.qname, "", (site.out_features, site.rank), dtype)
+        else:
+            shape = (1, site.in_features) if site.feedforward else (site.out_features, 1)
+            out[ia3_key(site.qname)] = PeftKey("ia3_l", site.qname, "", shape, dtype)
+    for qname in targets.modules_to_save:
+        for local, tensor in model.get_submodule(qname).state_dict(keep_vars=True).items():
+            out[f"{PREFIX}{qname}.{local}"] = PeftKey("saved", qname, local, tuple(tensor.shape),
+                                                      tensor.dtype)
+    return out
+
+
+def _weight_dtype(model: nn.Module, qname: str) -> torch.dtype:
+    module = model.get_submodule(qname)
+    return module.weight.dtype
+
+
+def check_keys(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, PeftKey], who: str,
+               source: str, base_keys: Collection[str] = ()) -> None:
+    """Raise unless ``tensors`` holds exactly the ``expected`` keys with their shapes.
+
+    Raises:
+        CheckpointError: keys missing, keys not expected, or shapes that differ; the message
+            lists the first few of each (then their number), with what each unexpected key
+            looks like (DoRA, an embedding, a layer not targeted) and the nearest names
+            present for the missing ones.
+    """
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    wrong = [k for k in expected if k in tensors and tuple(tensors[k].shape) != expected[k].shape]
+    if not (missing or unexpected or wrong):
+        return
+    parts = [f"{who}: {source} does not fit this model; nothing was loaded."]
+    if missing:
+        near = near_matches(missing[0], unexpected or list(tensors), n=3)
+        parts.append(f"Missing keys: {_listing(missing)}; nearest names present: "
+                     f"{', '.join(near) or 'none'}.")
+    if unexpected:
+        groups: dict[str, list[str]] = {}
+        for key in unexpected:
+            groups.setdefault(_hint(key, base_keys), []).append(key)
+        shown = "; ".join(f"{what}: {_listing(keys)}" for what, keys in groups.items())
+        near = near_matches(unexpected[0], expected, n=3)
+        parts.append(f"Unexpected keys ({len(unexpected)}): {shown}; nearest expected: "
+                     f"{', '.join(near) or 'none'}.")
+    if wrong:
+        shown = [f"{k} saved {tuple(tensors[k].shape)}, expected {expected[k].shape}"
+                 for k in wrong]
+        parts.append(f"Shape mismatches: {_listing(shown, len(wrong))}.")
+    parts.append("Way out: load it onto the model it was saved from (same sizes and module "
+                 "names); the adapter's ranks come from r / rank_pattern in adapter_config.json.")
+    raise CheckpointError(" ".join(parts))
+
+
+def _listing(items: list[str], count: int | None = None) -> str:
+    count = len(items) if count is None else count
+    shown = ", ".join(items[:_SHOWN])
+    return shown + (f", ... ({count} in all)" if count > _SHOWN else "")
+
+
+def _hint(key: str, base_keys: Collection[str]) -> str:
+    """What an unexpected key looks like."""
+    if not key.startswith(PREFIX):
+        return f"not starting with {PREFIX!r}"
+    if key[len(PREFIX):] in base_keys:
+        return ("tensors of the base model (PEFT saves embedding layers after a vocabulary "
+                "resize; fx-surgery loads adapters only: resize and load the base model first)")
+    return next((what for suffix, what in _HINTS if key.endswith(suffix)), "not a PEFT key")
