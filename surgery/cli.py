@@ -8,6 +8,7 @@
     surgery apply builtin --lora-role query --lora-role value --rank 4 --dry-run
     surgery apply hf:llama --adapter houlsby --bottleneck 16 --name sst2 --out out/
     surgery apply builtin --parallel --prefix 4 --prefix-gate zero --dry-run
+    surgery inspect ckpt/ --model hf:gpt2             # what a checkpoint (ours or PEFT's) holds
 
 Errors on purpose (a pattern matching nothing, an unknown model name, ...) print one clean
 paragraph on stderr and exit with status 2; usage errors exit 2 as well.
@@ -41,7 +42,7 @@ _DEMO_MODEL = "builtin"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``surgery`` command, with its three subcommands."""
+    """The argument parser of the ``surgery`` command, with its subcommands."""
     from surgery import __version__
 
     parser = argparse.ArgumentParser(
@@ -108,6 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--out", default="out", metavar="DIR", help="output folder (default: out)")
     apply.add_argument("--dry-run", action="store_true",
                        help="print what the passes would change; adapt and write nothing")
+    inspect = sub.add_parser(
+        "inspect", help="print what an adapter checkpoint holds (fx-surgery's or PEFT's)",
+        description="Print the adapters of a checkpoint directory (save_adapters or PEFT's "
+                    "save_pretrained): passes, sites, parameter counts, dtypes; with --model, "
+                    "whether it loads onto that model.")
+    inspect.add_argument("directory", metavar="DIRECTORY", help="the checkpoint directory")
+    inspect.add_argument("--model", default=None, metavar="SPEC",
+                         help="check that the checkpoint fits this model of the zoo")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
     return parser
 
 
@@ -132,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version and usage errors
         return exc.code if isinstance(exc.code, int) else EXIT_ERROR
-    commands = {"demo": _demo, "targets": _targets, "apply": _apply}
+    commands = {"demo": _demo, "targets": _targets, "apply": _apply, "inspect": _inspect}
     try:
         return commands[args.command](args, sys.stdout)
     except SurgeryError as exc:
@@ -169,6 +179,15 @@ def _targets(args: argparse.Namespace, out: TextIO) -> int:
         print(f"{spec.name}: {spec.description}", file=out)
         print(found, file=out)
     return EXIT_OK
+
+
+def _inspect(args: argparse.Namespace, out: TextIO) -> int:
+    from surgery.checkpoint.inspect import inspect_checkpoint
+
+    model = _load(args.model).model if args.model else None
+    summary = inspect_checkpoint(args.directory, model)
+    print(json.dumps(summary.to_dict(), indent=2) if args.json else summary, file=out)
+    return EXIT_OK if summary.fits is not False else EXIT_ERROR
 
 
 def _passes(args: argparse.Namespace) -> list[Pass]:
