@@ -14,22 +14,31 @@ adapted call expanded into its site graph, so the nodes a pass inserted appear i
 
 Colours are the same in every diagram: nodes a pass inserted take the pass's hue, modules
 with frozen parameters are grey-blue, trainable ones green, rewritten (merged) weights orange.
+
+Large models stay drawable: runs of identical layers are drawn once (``model.layers 0–23
+×24``, :mod:`visualize.repeats`; ``RenderOptions(repeats=False)`` draws every layer), deep
+modules collapse to ``RenderOptions(depth=...)`` while what a pass changed stays open, and a
+diagram of more than ``RenderOptions.max_layout_nodes`` nodes is written as DOT only, with a
+:class:`LayoutSkippedWarning` saying how to get the image.
 """
 
 from visualize.diff import node_diff, param_diff, render_diff
 from visualize.dot import to_dot
 from visualize.graph import to_networkx
 from visualize.options import Palette, RenderOptions
-from visualize.render import MissingRendererWarning, render
+from visualize.render import LayoutSkippedWarning, MissingRendererWarning, render
+from visualize.repeats import collapse_repeats
 from visualize.report import DiffReport, NodeChange, ParamChange
 
 __all__ = [
     "DiffReport",
+    "LayoutSkippedWarning",
     "MissingRendererWarning",
     "NodeChange",
     "Palette",
     "ParamChange",
     "RenderOptions",
+    "collapse_repeats",
     "node_diff",
     "param_diff",
     "render",

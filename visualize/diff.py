@@ -9,18 +9,19 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import networkx as nx
 import torch
 from torch import nn
 
 from surgery.errors import RenderError
 from surgery.sites.marker import AdapterModule
 from visualize.dot import default_title
-from visualize.graph import build_graph, map_of, param_totals
+from visualize.diff_nodes import node_diff
+from visualize.graph import param_totals
 from visualize.html import diff_html
 from visualize.options import RenderOptions
-from visualize.render import MissingRendererWarning, write_diagram
-from visualize.report import PARAM_KINDS, DiffReport, NodeChange, ParamChange
+from visualize.pictures import pictures
+from visualize.render import LayoutSkippedWarning, MissingRendererWarning, write_diagram
+from visualize.report import PARAM_KINDS, DiffReport, ParamChange
 
 __all__ = ["render_diff", "param_diff", "node_diff"]
 
@@ -99,39 +100,6 @@ def param_diff(before: nn.Module, after: nn.Module) -> tuple[ParamChange, ...]:
     return tuple(r for k in PARAM_KINDS for r in rows[k])
 
 
-def node_diff(before: nx.DiGraph, after: nx.DiGraph) -> tuple[NodeChange, ...]:
-    """Nodes added and removed between two graphs of :func:`visualize.to_networkx`.
-
-    A node is *added* when its id is new, or when a pass marked it (``pass_name``) and the
-    node of that id in ``before`` carries no such mark; *removed*, the other way round, when
-    its id is gone, or when a pass marked it and the node of that id in ``after`` carries no
-    such mark (a merge takes a branch out; a re-traced plain model may reuse its node names).
-
-    Returns:
-        Added nodes (in after's graph order), then removed ones (in before's).
-    """
-    def key(graph: nx.DiGraph, nid: str) -> tuple[int, str]:
-        return (int(graph.nodes[nid].get("order", 0)), nid)
-
-    out = []
-    for nid in sorted(after.nodes, key=lambda n: key(after, n)):
-        attrs = after.nodes[nid]
-        new_id = nid not in before
-        marked = bool(attrs.get("pass_name")) and (new_id or not before.nodes[nid].get("pass_name"))
-        if new_id or marked:
-            prov = attrs.get("provenance") or {}
-            out.append(NodeChange("added", nid, attrs["op"], str(attrs["label"]),
-                                  attrs.get("pass_name"), prov.get("site")))
-    for nid in sorted(before.nodes, key=lambda n: key(before, n)):
-        attrs = before.nodes[nid]
-        gone = nid not in after
-        if gone or (attrs.get("pass_name") and not after.nodes[nid].get("pass_name")):
-            prov = attrs.get("provenance") or {}
-            out.append(NodeChange("removed", nid, attrs["op"], str(attrs["label"]),
-                                  attrs.get("pass_name"), prov.get("site")))
-    return tuple(out)
-
-
 def _source_name(model: nn.Module) -> str:
     """The class the model had before surgery (an adapted model's, a map's source class)."""
     for info in (getattr(model, "_surgery", None), getattr(model, "_surgery_map", None)):
@@ -162,9 +130,14 @@ def render_diff(
     does (each tensor once; trainable by ``requires_grad``).
 
     Both pictures are maps (:func:`visualize.to_networkx`): ``after``'s with each adapted
-    call expanded into its site graph, ``before``'s traced by the same front end, so the
-    nodes both share keep their ids and the diff finds exactly what the passes inserted
-    (and, for a merge, what they took out).
+    call expanded into its site graph, ``before``'s traced by the same front end (the same
+    map, when ``before`` has the plain structure ``after`` was made from), so the nodes
+    both share keep their ids and the diff finds exactly what the passes inserted (and,
+    for a merge, what they took out). The node and parameter tables count every node and
+    parameter of both models whatever is drawn: by default each run of identical layers
+    is drawn once (``model.layers 0–23 ×24``, the same runs in both pictures, see
+    :mod:`visualize.repeats`), and with ``options.depth`` deep modules collapse except
+    where either model was changed (``options.expand_changed``).
 
     Args:
         before: usually the caller's plain model (its map is traced from a weight-free
@@ -185,6 +158,9 @@ def render_diff(
     Warns:
         MissingRendererWarning: once, when no renderer exists; the ``.dot`` files, the
             Markdown and the HTML (pointing at the ``.dot`` files) are still written.
+        LayoutSkippedWarning: for each diagram of more nodes than
+            ``options.max_layout_nodes``: it is written as DOT only, and the report's
+            ``notes`` (and the HTML page) say why and how to get the image.
 
     Raises:
         RenderError: a renderer failed, or a file could not be written (named).
@@ -201,25 +177,19 @@ def render_diff(
         example_inputs = state.example_inputs
     if example_kwargs is None and state is not None:
         example_kwargs = state.example_kwargs
-    after_map = map_of(after, example_inputs, example_kwargs)
-    frontend = getattr(getattr(after_map, "_surgery_map", None), "frontend", None) or "auto"
-    before_map = map_of(before, example_inputs, example_kwargs, frontend=frontend,
-                        leaf_modules=getattr(state, "leaf_modules", None) or ())
-    g_before = build_graph(before_map, before, depth=options.depth)
-    g_after = build_graph(after_map, after, depth=options.depth)
-    nodes = node_diff(g_before, g_after)
+    (g_before, g_after), nodes = pictures([before, after], example_inputs, example_kwargs, options)
     added = frozenset(n.id for n in nodes if n.kind == "added")
-    for change in nodes:
-        if change.kind == "removed":
-            g_before.nodes[change.id]["diff"] = "removed"  # drawn dashed, see visualize.dot
+    highlight = frozenset(nid for nid, attrs in g_after.nodes(data=True)
+                          if nid in added or any(c in added for c in attrs.get("copies", ())))
     before_opts = replace(options, highlight=frozenset(),
                           title=options.title or f"before: {default_title(g_before)}")
-    after_opts = replace(options, highlight=added,
+    after_opts = replace(options, highlight=highlight,
                          title=options.title or f"after: {default_title(g_after)}")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         before_img = write_diagram(g_before, out / "before.svg", options=before_opts)
         after_img = write_diagram(g_after, out / "after.svg", options=after_opts)
+    notes = tuple(str(w.message) for w in caught if issubclass(w.category, LayoutSkippedWarning))
     missing_told = False
     for w in caught:  # one missing-renderer warning for the pair is enough
         if issubclass(w.category, MissingRendererWarning):
@@ -249,6 +219,7 @@ def render_diff(
         before_trainable=before_trainable,
         after_total=after_total,
         after_trainable=after_trainable,
+        notes=notes,
     )
     try:
         (out / "diff.md").write_text(report.to_markdown(), encoding="utf-8")

@@ -14,6 +14,7 @@ from typing import Any
 import networkx as nx
 
 from visualize.options import RenderOptions
+from visualize.repeats import display_path
 from visualize.style import LEGEND_BASE, node_category, node_style
 
 __all__ = ["to_dot", "default_title", "quote", "format_count", "format_shape", "REMOVED_BORDER"]
@@ -56,11 +57,15 @@ def _shorten(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _detail_lines(attrs: dict[str, Any], options: RenderOptions) -> list[str]:
+def _detail_lines(attrs: dict[str, Any], options: RenderOptions,
+                  repeats: dict[str, Any] | None = None) -> list[str]:
     lines: list[str] = []
     op = attrs["op"]
+    times = int(attrs.get("repeat", 1))
     if op == "module":
         lines.append(f"{attrs.get('module_type') or 'module'} · {attrs['collapsed']} nodes")
+        if times > 1 and attrs.get("module") in (repeats or {}):
+            lines.append(f"×{times}")
     elif op == "call_module" and attrs.get("module_type"):
         lines.append(attrs["module_type"])
     if options.show_params and attrs.get("numel"):
@@ -77,6 +82,8 @@ def _detail_lines(attrs: dict[str, Any], options: RenderOptions) -> list[str]:
             text += f" · {part}"
         if adapter and adapter != "default":
             text += f" [{adapter}]"
+        if times > 1:  # one inserted node drawn for every copy of its block
+            text += f" ×{times}"
         lines.append(text)
     if attrs.get("adapted"):
         lines.append("adapted: " + ", ".join(attrs["adapted"]))
@@ -89,15 +96,21 @@ def _detail_lines(attrs: dict[str, Any], options: RenderOptions) -> list[str]:
     return lines
 
 
-def _label(attrs: dict[str, Any], options: RenderOptions) -> str:
+def _label(attrs: dict[str, Any], options: RenderOptions,
+           repeats: dict[str, Any] | None = None) -> str:
     # Plain escString labels: HTML-like labels need Graphviz built with expat, which the
     # WebAssembly build lacks (it silently prints the node id instead).
-    lines = [str(attrs["label"])] + _detail_lines(attrs, options)
+    first = str(attrs["label"])
+    if repeats and attrs["op"] == "module" and first == attrs.get("module"):
+        first = display_path(first, repeats)
+    lines = [first] + _detail_lines(attrs, options, repeats)
     return quote("\n".join(_shorten(line, options.max_label) for line in lines))
 
 
 def _tooltip(nid: str, attrs: dict[str, Any]) -> str:
     lines = [nid, f"{attrs['op']}: {attrs['target']}"]
+    if int(attrs.get("repeat", 1)) > 1:
+        lines.append(f"drawn once for {attrs['repeat']} identical copies")
     if attrs.get("module"):
         what = "collapsed module" if attrs["op"] == "module" else "module"
         lines.append(f"{what}: {attrs['module']} ({attrs.get('module_type') or '?'})")
@@ -123,14 +136,15 @@ def _is_removed(attrs: dict[str, Any]) -> bool:
     return attrs.get("diff") == "removed"
 
 
-def _node_line(nid: str, attrs: dict[str, Any], options: RenderOptions, indent: str) -> str:
+def _node_line(nid: str, attrs: dict[str, Any], options: RenderOptions, indent: str,
+               repeats: dict[str, Any] | None = None) -> str:
     style = node_style(attrs, options.palette, highlighted=nid in options.highlight)
     if _is_removed(attrs):  # gone from the other model of a diff: thick dashed border
         dashed = style.style if "dashed" in style.style.split(",") else f"{style.style},dashed"
         style = replace(style, border=_removed_border(options.palette), penwidth=3.0,
                         style=dashed if "bold" in dashed.split(",") else f"{dashed},bold")
     parts = [
-        f"label={_label(attrs, options)}",
+        f"label={_label(attrs, options, repeats)}",
         f"shape={style.shape}",
         f"style={quote(style.style)}",
         f"fillcolor={quote(style.fill)}",
@@ -180,7 +194,12 @@ def _cluster_lines(graph: nx.DiGraph, options: RenderOptions, path: str,
                    members: dict[str, list[str]], children: dict[str, list[str]],
                    indent: str) -> list[str]:
     types = graph.graph.get("module_types", {})
-    label = path + (f" · {types[path]}" if types.get(path) else "")
+    repeats = graph.graph.get("repeats") or {}
+    if path in repeats:  # one block drawn for a run of identical ones
+        label = display_path(path, repeats) + f" ×{repeats[path]['count']}"
+    else:
+        label = display_path(path, repeats) if repeats else path
+    label += f" · {types[path]}" if types.get(path) else ""
     small = max(options.fontsize - 1, 4)
     lines = [
         f"{indent}subgraph {quote('cluster_' + path)} {{",
@@ -189,7 +208,7 @@ def _cluster_lines(graph: nx.DiGraph, options: RenderOptions, path: str,
         f"fontsize={small}, labeljust=l];",
     ]
     for nid in members.get(path, []):
-        lines.append(_node_line(nid, graph.nodes[nid], options, indent + "  "))
+        lines.append(_node_line(nid, graph.nodes[nid], options, indent + "  ", repeats))
     for child in children.get(path, []):
         lines.extend(_cluster_lines(graph, options, child, members, children, indent + "  "))
     lines.append(f"{indent}}}")
@@ -198,7 +217,9 @@ def _cluster_lines(graph: nx.DiGraph, options: RenderOptions, path: str,
 
 def _flat_lines(graph: nx.DiGraph, options: RenderOptions, path: str,
                 members: dict[str, list[str]], children: dict[str, list[str]]) -> list[str]:
-    lines = [_node_line(nid, graph.nodes[nid], options, "  ") for nid in members.get(path, [])]
+    repeats = graph.graph.get("repeats") or {}
+    lines = [_node_line(nid, graph.nodes[nid], options, "  ", repeats)
+             for nid in members.get(path, [])]
     for child in children.get(path, []):
         lines.extend(_flat_lines(graph, options, child, members, children))
     return lines
@@ -214,7 +235,10 @@ def _edge_lines(graph: nx.DiGraph, options: RenderOptions) -> list[str]:
             parts.append(f"label={quote(format_shape(data['shape'], data.get('dtype')))}")
         passes = [graph.nodes[n].get("pass_name") for n in (v, u)]
         owner = next((p for p in passes if p), None)
-        if owner:
+        if data.get("repeat"):  # from one copy of a block to the next, drawn once
+            parts = [f"label={quote('repeated ×' + str(data['repeat']))}", "style=dashed",
+                     "constraint=false"]
+        elif owner:
             parts.append(f"color={quote(options.palette.for_pass(owner)[1])}")
         suffix = f" [{', '.join(parts)}]" if parts else ""
         lines.append(f"  {quote(u)} -> {quote(v)}{suffix};")
@@ -292,12 +316,18 @@ def to_dot(graph: nx.DiGraph, options: RenderOptions | None = None) -> str:
     border and a "− removed" line. Edges carry tensor shapes (``2×16×64``) when known,
     modules are grouped into nested clusters by qualified path, and a legend lists the
     colours used (with "added (diff)" / "removed (diff)" entries when those are drawn).
+    A block drawn once for a run of identical ones (:func:`visualize.collapse_repeats`) is
+    titled with its range and count (``model.layers.0–23 ×24 · LlamaDecoderLayer``), the
+    modules inside it with the range (``model.layers.0–23.self_attn``), the nodes passes
+    inserted in it say ``×24``, and one dashed "repeated ×24" edge goes from the block's
+    output back to where the next copy reads it.
 
     Args:
         graph: the graph; node attributes as documented in :func:`visualize.to_networkx`
             (``op``, ``label`` and ``target`` are required, the rest optional).
-        options: drawing options; ``RenderOptions()`` when omitted. ``options.depth`` is
-            not applied here (collapse when building the graph).
+        options: drawing options; ``RenderOptions()`` when omitted. ``options.depth``,
+            ``repeats`` and ``max_layout_nodes`` are not applied here (see
+            :func:`visualize.render`).
 
     Returns:
         DOT source text ending in a newline. The same graph and options always give
@@ -321,7 +351,9 @@ def to_dot(graph: nx.DiGraph, options: RenderOptions | None = None) -> str:
         f"color={quote(options.palette.edge)}, fontcolor={quote(options.palette.edge)}, arrowsize=0.6];",
     ]
     if options.clusters:
-        lines.extend(_node_line(nid, graph.nodes[nid], options, "  ") for nid in members.get("", []))
+        repeats = graph.graph.get("repeats") or {}
+        lines.extend(_node_line(nid, graph.nodes[nid], options, "  ", repeats)
+                     for nid in members.get("", []))
         for child in children.get("", []):
             lines.extend(_cluster_lines(graph, options, child, members, children, "  "))
     else:

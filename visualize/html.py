@@ -98,8 +98,12 @@ def _node_table(report: DiffReport) -> str:
         for n in report.nodes])
 
 
-def _diagram(svg: str | None, dot_name: str) -> str:
+def _diagram(svg: str | None, dot_name: str, notes: tuple[str, ...] = ()) -> str:
     if svg is None:
+        stem = dot_name.rpartition(".")[0]
+        why = next((n for n in notes if n.startswith(stem + ".")), None)
+        if why is not None:
+            return f'<p class="missing">{_e(why)}</p>'
         return (f'<p class="missing">No Graphviz renderer was available; the diagram is in '
                 f"<code>{_e(dot_name)}</code>.</p>")
     return inline_svg(svg)
@@ -111,7 +115,8 @@ def diff_html(report: DiffReport, before_svg: str | None, after_svg: str | None)
     Args:
         report: the diff.
         before_svg, after_svg: SVG documents from Graphviz (inlined as they are), or
-            ``None`` when none could be drawn (the page then points at the ``.dot`` files).
+            ``None`` when none could be drawn (the page then says why, from
+            ``report.notes``, or points at the ``.dot`` files).
 
     Returns:
         The HTML text. Every value taken from the models is HTML-escaped; the SVGs are
@@ -124,8 +129,8 @@ def diff_html(report: DiffReport, before_svg: str | None, after_svg: str | None)
         after_total=f"{report.after_total:,}",
         before_trainable=f"{report.before_trainable:,}",
         after_trainable=f"{report.after_trainable:,}",
-        before_svg=_diagram(before_svg, "before.dot"),
-        after_svg=_diagram(after_svg, "after.dot"),
+        before_svg=_diagram(before_svg, "before.dot", report.notes),
+        after_svg=_diagram(after_svg, "after.dot", report.notes),
         param_count=len(report.params),
         param_table=_param_table(report),
         nodes_added=len(report.nodes_added),

