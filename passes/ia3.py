@@ -11,7 +11,9 @@ Input scaling (feed-forward output layers)::
 
 ``l`` starts at ones, so outputs are bitwise unchanged at init. On a fused qkv projection
 (GPT-2's ``c_attn``) only the key and value slices of ``l`` are learned; the query slice is
-fixed at one.
+fixed at one. On ``nn.Conv2d`` / ``nn.Conv3d`` layers (selected by pattern, as PEFT's IA³
+allows them) ``l`` scales the channel dimension: output channels, or input channels for a
+feed-forward layer.
 
 On a layer that already carries a LoRA branch, IA³ scales the layer as adapted, whatever
 the order the passes ran in: ``(W x + s · B A x) * l`` for output scaling and
@@ -27,6 +29,7 @@ from typing import ClassVar
 from torch import nn
 
 from passes.lora import lora_features
+from passes.lora_layers import is_plain_conv
 from passes.modules import IA3Vector
 from surgery.errors import ConfigError, NoMatchError, near_matches
 from surgery.map.leaves import is_hf_conv1d
@@ -48,8 +51,13 @@ from surgery.targets import Site, resolve_sites, with_roles
 __all__ = ["IA3Pass"]
 
 
-def _accept(module: nn.Module) -> bool:
+def _accept_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_hf_conv1d(module)
+
+
+def _accept(module: nn.Module) -> bool:
+    return _accept_linear(module) or (is_plain_conv(module)
+                                      and isinstance(module, (nn.Conv2d, nn.Conv3d)))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,6 +81,11 @@ class IA3Pass(Pass):
     A vector has shape ``(out_features,)`` for output scaling and ``(in_features,)`` for
     input scaling (``(2/3 · out_features,)`` on a fused qkv layer with ``fused="key_value"``:
     key and value only), in the dtype and on the device of the layer's weight.
+
+    Sites: ``nn.Linear`` and transformers' ``Conv1D``; by pattern also ``nn.Conv2d`` and
+    ``nn.Conv3d`` running torch's own forward (as PEFT's IA³), whose vector is
+    ``(out_channels,)`` or ``(in_channels,)`` and scales the channel dimension (groups
+    included in the merge). Selection by role alone picks linear layers only.
 
     Raises:
         NoMatchError: the selection, or a ``feedforward`` pattern, matches nothing.
@@ -108,10 +121,14 @@ class IA3Pass(Pass):
             raise ConfigError(f"IA3Pass: name must be a Python identifier, got {name!r}")
 
     def sites(self, model: nn.Module) -> list[Site]:
-        """The sites this pass would adapt in ``model``."""
+        """The sites this pass would adapt in ``model`` (convolutions only when a pattern
+        is given)."""
+        by_pattern = self.pattern is not None
         return resolve_sites(model, pass_name="IA3Pass", pattern=self.pattern, role=self.role,
                              exclude=self.exclude, default_roles=self.default_roles,
-                             accept=_accept, accepted_types="nn.Linear / Conv1D")
+                             accept=_accept if by_pattern else _accept_linear,
+                             accepted_types=("nn.Linear / Conv1D / nn.Conv2d / nn.Conv3d"
+                                             if by_pattern else "nn.Linear / Conv1D"))
 
     def _is_feedforward(self, site: Site) -> bool:
         if self.feedforward is None:
@@ -153,7 +170,8 @@ class IA3Pass(Pass):
         vec = IA3Vector(in_f if feedforward else out_f, parts=parts,
                         mode="input" if feedforward else "output", site=qname,
                         adapter_name=self.adapter_name, role=role, dtype=sg.weight.dtype,
-                        device=sg.weight.device)
+                        device=sg.weight.device,
+                        spatial=sg.weight.dim() - 2 if is_plain_conv(site.base) else 0)
         register_adapter(sg, "ia3_l", self.adapter_name, vec, pass_name="IA3Pass", site=qname)
         tag = dict(pass_name=self.name, site=qname, role=role, adapter=self.adapter_name,
                    part="ia3_l")

@@ -22,6 +22,11 @@ Parameters read ``q_proj.weight`` (unchanged) and ``q_proj.lora_A.default.weight
 and alpha may differ from site to site (``rank_for`` / ``alpha_for``, as PEFT's
 ``rank_pattern`` / ``alpha_pattern``): each site graph then holds its own rank in the
 factors' shapes and its own scaling in the ``scale`` node.
+
+Convolutions (``nn.Conv1d/2d/3d``) and embeddings (``nn.Embedding``) take the same branch
+with factors of their own kind (:mod:`passes.lora_layers`: ``lora_A`` a convolution with the
+layer's geometry; ``lora_embedding_A.<adapter>`` / ``lora_embedding_B.<adapter>`` on an
+embedding), selected by pattern.
 """
 
 from __future__ import annotations
@@ -34,7 +39,12 @@ from typing import ClassVar, TypeVar
 
 from torch import fx, nn
 
-from passes.modules import LoRADropout, LoRAProjection
+from passes.lora_layers import (
+    is_plain_conv,
+    is_plain_embedding,
+    lora_branch,
+    register_branch,
+)
 from surgery.errors import ConfigError, NoMatchError, near_matches
 from surgery.map.leaves import is_hf_conv1d
 from surgery.pass_base import Change, Pass, PassResult
@@ -44,7 +54,6 @@ from surgery.sites.rewrite import (
     freeze_site,
     insert_after,
     mark,
-    register_adapter,
     replace_uses_after,
     site_input,
 )
@@ -58,17 +67,30 @@ def lora_features(module: nn.Module) -> tuple[int, int]:
     """``(in_features, out_features)`` of a layer LoRA can adapt.
 
     ``nn.Linear`` stores its weight ``(out, in)``; transformers' ``Conv1D`` stores it
-    transposed, ``(in, out)``.
+    transposed, ``(in, out)``; a convolution has ``(in_channels, out_channels)``; an
+    embedding maps its ``num_embeddings`` ids to ``embedding_dim`` (PEFT's ``in_features``
+    and ``out_features`` of these layers).
     """
     module = base_module(module)
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return int(module.in_channels), int(module.out_channels)
+    if isinstance(module, nn.Embedding):
+        return int(module.num_embeddings), int(module.embedding_dim)
     weight = module.weight
     if is_hf_conv1d(module):
         return int(weight.shape[0]), int(weight.shape[1])
     return int(weight.shape[1]), int(weight.shape[0])
 
 
-def _accept(module: nn.Module) -> bool:
+def _accept_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_hf_conv1d(module)
+
+
+def _accept(module: nn.Module) -> bool:
+    return _accept_linear(module) or is_plain_conv(module) or is_plain_embedding(module)
+
+
+_TYPES = "nn.Linear / Conv1D / nn.Conv1d/2d/3d / nn.Embedding"
 
 
 _V = TypeVar("_V", int, float)
@@ -163,7 +185,13 @@ class LoRAPass(Pass):
             ``B`` always starts at zero, so outputs are bitwise unchanged at init.
         name: adapter name; several named adapters can sit on one layer.
 
-    Sites: ``nn.Linear`` and transformers' ``Conv1D`` (weight stored ``(in, out)``).
+    Sites: ``nn.Linear`` and transformers' ``Conv1D`` (weight stored ``(in, out)``); by
+    pattern also ``nn.Conv1d/2d/3d`` and ``nn.Embedding`` running torch's own forward
+    (:mod:`passes.lora_layers`: on a convolution ``A`` is ``(rank, in, *kernel)`` and ``B``
+    ``(out, rank / groups, 1, ...)``, the rank a multiple of ``groups``; on an embedding the
+    parameters are ``lora_embedding_A.<name>`` ``(rank, num_embeddings)``, zero at init,
+    and ``lora_embedding_B.<name>`` ``(embedding_dim, rank)``, normal, with no dropout, and
+    one LoRA adapter per embedding). Selection by role alone picks linear layers only.
     Parameters are created in the dtype and on the device of the adapted weight. Each
     site's ``lora_A`` / ``lora_B`` carry that site's ``rank``, ``alpha`` and ``scaling``
     (what merge, combine and the audit read); :meth:`rank_at`, :meth:`alpha_at` and
@@ -177,10 +205,12 @@ class LoRAPass(Pass):
     Raises:
         ConfigError: invalid rank, alpha, dropout or init, or a ``rank_for`` / ``alpha_for``
             entry with a bad pattern, a repeated pattern, a rank that is not a positive int
-            or an alpha that is not a positive finite number (at construction).
+            or an alpha that is not a positive finite number (at construction); a
+            convolution whose ``groups`` does not divide its rank (when run).
         NoMatchError: the selection matches nothing, or a ``rank_for`` / ``alpha_for`` key
             selects none of the selected sites (when run).
-        AlreadyAdaptedError: a selected layer already has a LoRA adapter of this name.
+        AlreadyAdaptedError: a selected layer already has a LoRA adapter of this name (an
+            embedding: a LoRA adapter of any name).
     """
 
     name: ClassVar[str] = "lora"
@@ -256,10 +286,13 @@ class LoRAPass(Pass):
         return _scaling(self.alpha_at(qname), self.rank_at(qname), self.use_rslora)
 
     def sites(self, model: nn.Module) -> list[Site]:
-        """The sites this pass would adapt in ``model``."""
+        """The sites this pass would adapt in ``model`` (convolutions and embeddings only
+        when a pattern is given)."""
+        by_pattern = self.pattern is not None
         return resolve_sites(model, pass_name="LoRAPass", pattern=self.pattern, role=self.role,
                              exclude=self.exclude, default_roles=self.default_roles,
-                             accept=_accept, accepted_types="nn.Linear / Conv1D")
+                             accept=_accept if by_pattern else _accept_linear,
+                             accepted_types=_TYPES if by_pattern else "nn.Linear / Conv1D")
 
     def run(self, model: nn.Module) -> PassResult:
         changes: list[Change] = []
@@ -298,44 +331,40 @@ class LoRAPass(Pass):
     def _adapt(self, model: nn.Module, site: Site) -> tuple[nn.Module, list[Change]]:
         qname, role = site.qname, site.label
         require_plain_weight(qname, site.base, who="LoRAPass")
-        in_f, out_f = lora_features(site.base)
-        root, sg = site_graph_at(model, qname, who="LoRAPass", aliases=site.aliases)
-        weight = sg.weight
         rank, alpha = self.rank_at(site.aliases), self.alpha_at(site.aliases)
         scaling = _scaling(alpha, rank, self.use_rslora)
-        common = dict(rank=rank, alpha=float(alpha), scaling=scaling, site=qname,
-                      adapter_name=self.adapter_name, role=role, dtype=weight.dtype,
-                      device=weight.device)
-        lora_a = LoRAProjection(in_f, rank, factor="A", init=self.init, **common)
-        lora_b = LoRAProjection(rank, out_f, factor="B", init=self.init, **common)
-        drop = LoRADropout(float(self.dropout), site=qname, adapter_name=self.adapter_name, role=role)
-        for slot, mod in (("lora_A", lora_a), ("lora_B", lora_b), ("lora_dropout", drop)):
-            register_adapter(sg, slot, self.adapter_name, mod, pass_name="LoRAPass", site=qname)
+        name = self.adapter_name
+        weight = site.module.weight  # the template of a site graph is on the meta device
+        slots = lora_branch(site.base, rank=rank, alpha=alpha, scaling=scaling, init=self.init,
+                            dropout=float(self.dropout), site=qname, adapter_name=name,
+                            role=role, dtype=weight.dtype, device=weight.device)
+        root, sg = site_graph_at(model, qname, who="LoRAPass", aliases=site.aliases)
+        targets = register_branch(sg, slots, name, site=qname)
         graph = sg.graph
         base = sg.base_node
         x = site_input(sg)
-        tag = dict(pass_name=self.name, site=qname, role=role, adapter=self.adapter_name)
-        name = self.adapter_name
+        tag = dict(pass_name=self.name, site=qname, role=role, adapter=name)
 
         def build() -> fx.Node:
-            d = mark(graph.call_module(f"lora_dropout.{name}", (x,)), part="lora_dropout", **tag)
-            a = mark(graph.call_module(f"lora_A.{name}", (d,)), part="lora_A", **tag)
-            b = mark(graph.call_module(f"lora_B.{name}", (a,)), part="lora_B", **tag)
-            s = mark(graph.call_function(operator.mul, (b, scaling)), part="scale", **tag)
+            cur = x
+            for part, target, _ in targets:
+                cur = mark(graph.call_module(target, (cur,)), part=part, **tag)
+            s = mark(graph.call_function(operator.mul, (cur, scaling)), part="scale", **tag)
             return mark(graph.call_function(operator.add, (base, s)), part="add", **tag)
 
         out = insert_after(graph, base, build)
         replace_uses_after(base, out)
         detail = f"rank {rank}, alpha {alpha:g}, scaling {scaling:g}"
-        changes = [Change("node_added", self.name, qname, f"{qname}/{part}",
-                          adapter=self.adapter_name, role=role, detail=detail)
-                   for part in ("lora_dropout", "lora_A", "lora_B", "scale", "add")]
-        for slot, mod in (("lora_A", lora_a), ("lora_B", lora_b)):
-            changes.append(Change("param_added", self.name, qname,
-                                  f"{qname}.{slot}.{self.adapter_name}.weight" if qname
-                                  else f"{slot}.{self.adapter_name}.weight",
-                                  adapter=self.adapter_name, role=role,
-                                  shape=tuple(mod.weight.shape), numel=mod.weight.numel(),
-                                  trainable=True, detail=detail))
+        parts = [part for part, _, _ in targets] + ["scale", "add"]
+        changes = [Change("node_added", self.name, qname, f"{qname}/{part}", adapter=name,
+                          role=role, detail=detail) for part in parts]
+        for _, target, mod in targets:
+            for pname, param in mod.named_parameters():
+                full = f"{target}.{pname}"
+                changes.append(Change("param_added", self.name, qname,
+                                      f"{qname}.{full}" if qname else full, adapter=name,
+                                      role=role, shape=tuple(param.shape), numel=param.numel(),
+                                      trainable=True, detail=detail))
         changes.extend(freeze_site(sg, pass_name=self.name, site=qname, role=role))
         return root, changes
+

@@ -76,6 +76,13 @@ def route_mask(module: AdapterModule, out: torch.Tensor) -> torch.Tensor | None:
     return route.to(out.device).view((-1,) + (1,) * (out.ndim - 1))
 
 
+def routed_update(module: AdapterModule, out: torch.Tensor) -> torch.Tensor:
+    """A branch's update ``out`` kept for the samples routed to ``module``'s adapter and
+    ``-0.0`` for the others (the branch's add then returns the base output exactly)."""
+    mask = route_mask(module, out)
+    return out if mask is None else torch.where(mask, out, -0.0)
+
+
 class LoRAProjection(AdapterModule):
     """One factor of a LoRA update: ``A`` (``rank × in``) or ``B`` (``out × rank``).
 
@@ -124,11 +131,7 @@ class LoRAProjection(AdapterModule):
             fill = -0.0 if self.factor == "B" else 0.0
             return x.new_full((), fill).expand(*x.shape[:-1], self.out_features)
         out = F.linear(x, self.weight)
-        if self.factor == "B":
-            mask = route_mask(self, out)
-            if mask is not None:
-                out = torch.where(mask, out, -0.0)
-        return out
+        return routed_update(self, out) if self.factor == "B" else out
 
     def extra_repr(self) -> str:
         return (f"{self.factor}: {self.in_features} -> {self.out_features}, rank={self.rank}, "
@@ -203,14 +206,19 @@ class IA3Vector(AdapterModule):
     """An IA³ scaling vector (Liu et al. 2022, "Few-Shot Parameter-Efficient Fine-Tuning is
     Better and Cheaper than In-Context Learning").
 
-    ``forward(x)`` returns ``x * l`` over the last dimension, ``(..., width) → (..., width)``.
+    ``forward(x)`` returns ``x * l`` over the last dimension, ``(..., width) → (..., width)``,
+    or, on a convolution (``spatial`` > 0), over the channel dimension,
+    ``(N, width, *spatial) → (N, width, *spatial)`` (unbatched ``(width, *spatial)`` too).
     ``l`` starts at ones. With ``parts`` (a fused projection), only those feature slices are
-    learned and the rest of the vector is fixed at one.
+    learned and the rest of the vector is fixed at one. The parameter is ``(width,)``
+    whatever the layer (PEFT stores a convolution's as ``(1, width, 1, ...)``).
 
     Args:
         width: size of the scaled dimension.
         parts: ``[(start, stop)]`` slices that are learned; ``None`` = all of them.
         mode: ``"output"`` (scales a layer's output) or ``"input"`` (scales its input).
+        spatial: the number of spatial dimensions after the channel dimension (2 for
+            ``nn.Conv2d``, 3 for ``nn.Conv3d``); 0 for a linear layer.
 
     Inactive (``active = False``), ``forward`` returns ``x`` itself. Under per-sample
     routing it returns ``x * l`` for the routed samples and ``x`` for the others.
@@ -219,12 +227,15 @@ class IA3Vector(AdapterModule):
     pass_name = "ia3"
     routes_samples: ClassVar[bool] = True
 
+    spatial: int = 0  # a class default: vectors pickled before convolutions were supported
+
     def __init__(self, width: int, *, parts: list[tuple[int, int]] | None, mode: str, site: str,
                  adapter_name: str, role: str | None, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, spatial: int = 0) -> None:
         super().__init__(site=site, adapter_name=adapter_name, role=role)
         self.width = width
         self.mode = mode
+        self.spatial = spatial
         self.parts = sorted(parts) if parts else [(0, width)]
         learned = sum(stop - start for start, stop in self.parts)
         self.weight = nn.Parameter(torch.ones(learned, dtype=dtype, device=device))
@@ -250,12 +261,17 @@ class IA3Vector(AdapterModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active:
             return x
-        out = x * self.vector()
+        vec = self.vector()
+        if self.spatial:  # over the channel dimension, before the spatial ones
+            vec = vec.view(-1, *(1,) * self.spatial)
+        out = x * vec
         mask = route_mask(self, out)
         return out if mask is None else torch.where(mask, out, x)
 
     def extra_repr(self) -> str:
-        return f"{self.mode} scaling, width={self.width}, parts={self.parts}, {super().extra_repr()}"
+        spatial = f", channels of {self.spatial}-d maps" if self.spatial else ""
+        return (f"{self.mode} scaling, width={self.width}{spatial}, parts={self.parts}, "
+                f"{super().extra_repr()}")
 
     # Fold protocol (surgery.sites.marker): the vector is its adapter's only module.
 
@@ -267,9 +283,11 @@ class IA3Vector(AdapterModule):
     def fold(self, site: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``W' = diag(l) W``, ``b' = l ⊙ b`` (output) or ``W' = W diag(l)`` (input), with
-        the full vector (ones outside learned slices), in at least float32, cast once."""
+        the full vector (ones outside learned slices), in at least float32, cast once; on a
+        convolution, per output or input channel (within each group)."""
         return ia3_fold(weight.detach(), bias, self.vector().detach(), mode=self.mode,
-                        transposed=_transposed(site))
+                        transposed=_transposed(site),
+                        groups=int(getattr(base_module(site), "groups", 1)))
 
     def fold_detail(self, site: nn.Module) -> str:
         return f"IA³ {self.adapter_name!r} folded ({self.mode} scaling)"

@@ -101,7 +101,9 @@ def adapters_on(module: nn.Module) -> tuple[str, ...]:
     """``"<pass>:<adapter>"`` for every adapter module registered directly under ``module``."""
     found = []
     for _, holder in module.named_children():
-        if isinstance(holder, nn.ModuleDict):
+        if isinstance(holder, AdapterModule):  # a slot that is one adapter's (lora_embedding_A)
+            found.append(f"{holder.pass_name}:{holder.adapter_name}")
+        elif isinstance(holder, nn.ModuleDict):
             for name, sub in holder.items():
                 if isinstance(sub, AdapterModule):
                     found.append(f"{sub.pass_name}:{name}")

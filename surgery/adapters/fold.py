@@ -71,21 +71,28 @@ def fold_steps(sg: SiteGraph, steps: Sequence[Key], weight: Tensor, bias: Tensor
     return out
 
 
+_PLAIN_FORWARDS = (nn.Linear.forward, nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward,
+                   nn.Embedding.forward)
+"""The forwards that compute the product with the layer's weight (and bias) alone."""
+
+
 def check_foldable(sg: SiteGraph, who: str = "merge") -> None:
     """Refuse to fold into a layer whose output is not the product with its own weight.
 
     Folding writes an adapter into ``weight`` (and ``bias``), which is exact only when the
-    layer computes ``x W^T + b`` and nothing else: the forward of ``nn.Linear`` or
-    transformers' ``Conv1D`` themselves, on a weight that is a plain parameter. A subclass
-    with a forward of its own (``super().forward(x) * 2``), a parametrised or pruned weight
-    (computed from other tensors) would be folded wrongly.
+    layer computes its product with them and nothing else: the forward of ``nn.Linear``,
+    ``nn.Conv1d/2d/3d``, ``nn.Embedding`` or transformers' ``Conv1D`` themselves, on a
+    weight that is a plain parameter. A subclass with a forward of its own
+    (``super().forward(x) * 2``), a parametrised or pruned weight (computed from other
+    tensors), or an embedding with ``max_norm`` (it renormalises the rows it reads) would be
+    folded wrongly.
 
     Raises:
         MergeError: naming the site, its type and the reason, with the way out.
     """
     base = sg.template
     cls = type(base)
-    plain = cls.forward is nn.Linear.forward or (
+    plain = cls.forward in _PLAIN_FORWARDS or (
         cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
         and cls.forward.__qualname__ == "Conv1D.forward")
     why = None
@@ -94,13 +101,16 @@ def check_foldable(sg: SiteGraph, who: str = "merge") -> None:
                f"alone")
     elif not isinstance(sg._parameters.get("weight"), nn.Parameter):
         why = "its weight is not a plain parameter (parametrised or pruned)"
+    elif isinstance(base, nn.Embedding) and base.max_norm is not None:
+        why = (f"it renormalises every row it reads to max_norm={base.max_norm:g}, so its "
+               f"output is not linear in its weight")
     if why is not None:
         raise MergeError(
             f"{who}: {sg.site or 'the model'} ({cls.__name__}) cannot take an adapter into its "
             f"weight: "
             f"{why}, so a folded weight would compute something else. Way out: keep the "
             f"adapter unmerged (it computes exactly), or adapt layers of type nn.Linear / "
-            f"Conv1D.")
+            f"Conv1D / nn.Conv* / nn.Embedding.")
 
 
 def adapter_params(sg: SiteGraph, key: Key) -> list[tuple[str, nn.Parameter]]:
@@ -240,7 +250,10 @@ def merge(model: nn.Module, *, kind: str, names: tuple[str, ...] | None, safe: b
                 raise MergeError(f"{who}: {qualify(qname, 'weight')} shares its storage with "
                                  f"{', '.join(others[:5])}; an in-place merge would change them "
                                  f"too. Way out: inplace=False.")
-        results = fold_steps(sg, steps, sg.weight, sg._parameters.get("bias"))
+        try:
+            results = fold_steps(sg, steps, sg.weight, sg._parameters.get("bias"))
+        except MergeError as e:
+            raise MergeError(f"{who}: {e}") from None
         if safe:
             for key, (w, b) in zip(steps, results):
                 if not bool(w.isfinite().all()) or (b is not None and not bool(b.isfinite().all())):

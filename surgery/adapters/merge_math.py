@@ -11,7 +11,10 @@ Weight layouts:
 
 * ``nn.Linear`` stores its weight ``(out_features, in_features)``;
 * transformers' ``Conv1D`` stores it transposed, ``(in_features, out_features)``
-  (``transposed=True`` below). A square-only test would hide a missing transpose.
+  (``transposed=True`` below). A square-only test would hide a missing transpose;
+* ``nn.Embedding`` stores ``(num_embeddings, embedding_dim)``: a lookup is the product of a
+  one-hot row with it, so it is a transposed layer from the vocabulary to the embedding;
+* ``nn.Conv1d/2d/3d`` store ``(out_channels, in_channels / groups, *kernel)``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from surgery.errors import MergeError
 
 __all__ = [
     "compute_dtype",
+    "conv_lora_delta",
     "lora_delta",
     "merge_delta",
     "ia3_fold",
@@ -60,6 +64,37 @@ def lora_delta(lora_A: Tensor, lora_B: Tensor, scaling: float, *, transposed: bo
     return delta.T if transposed else delta
 
 
+def conv_lora_delta(lora_A: Tensor, lora_B: Tensor, scaling: float, *,
+                    dtype: torch.dtype = torch.float32) -> Tensor:
+    """The dense update of a LoRA branch on a convolution without groups.
+
+    The branch is ``B(A(x))``: ``A`` a convolution with the layer's kernel, stride, padding
+    and dilation from ``in`` to ``rank`` channels, ``B`` a ``1×…×1`` convolution from
+    ``rank`` to ``out`` channels. Their composition is one convolution with
+    ``ΔW[o, i, *k] = scaling · Σ_j B[o, j] A[j, i, *k]`` (PEFT's ``get_delta_weight`` for
+    ``_ConvNd``, computed here as one matrix product on the flattened factors).
+
+    Args:
+        lora_A: ``(rank, in_channels, *kernel)``.
+        lora_B: ``(out_channels, rank, 1, ..., 1)``.
+        scaling: ``alpha / rank`` (or ``alpha / sqrt(rank)``).
+        dtype: the compute dtype.
+
+    Returns:
+        ``ΔW`` in ``dtype``, ``(out_channels, in_channels, *kernel)``.
+
+    Raises:
+        MergeError: the factors do not chain (``B`` not ``1×…×1``, or ranks differ).
+    """
+    if (lora_A.dim() < 3 or lora_B.dim() != lora_A.dim() or lora_B.shape[1] != lora_A.shape[0]
+            or any(k != 1 for k in lora_B.shape[2:])):
+        raise MergeError(f"convolution LoRA factors do not chain: B {tuple(lora_B.shape)} after "
+                         f"A {tuple(lora_A.shape)}; B must be (out, rank, 1, ...) and A "
+                         f"(rank, in, *kernel).")
+    delta = (lora_B.flatten(1).to(dtype) @ lora_A.flatten(1).to(dtype)) * scaling
+    return delta.view(lora_B.shape[0], *lora_A.shape[1:])
+
+
 def merge_delta(weight: Tensor, delta: Tensor) -> Tensor:
     """``W + ΔW`` computed in ``delta``'s dtype and cast once to ``weight.dtype``.
 
@@ -80,20 +115,25 @@ def merge_delta(weight: Tensor, delta: Tensor) -> Tensor:
 
 
 def ia3_fold(weight: Tensor, bias: Tensor | None, vector: Tensor, *, mode: str,
-             transposed: bool = False) -> tuple[Tensor, Tensor | None]:
-    """Fold an IA³ scaling vector into a linear layer (Liu et al. 2022).
+             transposed: bool = False, groups: int = 1) -> tuple[Tensor, Tensor | None]:
+    """Fold an IA³ scaling vector into a linear or convolution layer (Liu et al. 2022).
 
     Output scaling ``l ⊙ (W x + b)`` becomes ``W' = diag(l) W``, ``b' = l ⊙ b`` (rows of an
-    ``(out, in)`` weight, columns of a transposed ``(in, out)`` one). Input scaling
-    ``W (l ⊙ x) + b`` becomes ``W' = W diag(l)`` (columns of ``(out, in)``, rows of
-    ``(in, out)``); the bias is unchanged.
+    ``(out, in)`` weight, columns of a transposed ``(in, out)`` one, output channels of a
+    convolution). Input scaling ``W (l ⊙ x) + b`` becomes ``W' = W diag(l)`` (columns of
+    ``(out, in)``, rows of ``(in, out)``; for a convolution with ``groups``, input channel
+    ``i`` of the group of output channel ``o`` is scaled by ``l[group(o) · in / groups + i]``,
+    as PEFT's ``_get_ia3_scaling_for_weight``); the bias is unchanged. Per-channel scaling
+    commutes with any padding mode, so a convolution folds exactly.
 
     Args:
-        weight: ``(out, in)``, or ``(in, out)`` with ``transposed``.
+        weight: ``(out, in)``, ``(in, out)`` with ``transposed``, or a convolution's
+            ``(out, in / groups, *kernel)``.
         bias: ``(out,)`` or ``None``.
         vector: ``(out,)`` for ``mode="output"``, ``(in,)`` for ``mode="input"``.
         mode: ``"output"`` or ``"input"``.
         transposed: the weight is stored ``(in, out)`` (transformers' ``Conv1D``).
+        groups: the convolution's ``groups`` (1 for a linear layer).
 
     Returns:
         ``(W', b')``: new tensors in the dtypes of ``weight`` and ``bias``, each computed in
@@ -104,14 +144,25 @@ def ia3_fold(weight: Tensor, bias: Tensor | None, vector: Tensor, *, mode: str,
     """
     if mode not in ("output", "input"):
         raise MergeError(f"IA³ mode must be 'output' or 'input', got {mode!r}")
-    out_axis = 1 if transposed else 0
+    conv = weight.dim() > 2
+    out_axis = 1 if transposed and not conv else 0
     axis = out_axis if mode == "output" else 1 - out_axis
-    if vector.dim() != 1 or weight.dim() != 2 or vector.shape[0] != weight.shape[axis]:
+    width = weight.shape[axis] * (groups if conv and mode == "input" else 1)
+    if vector.dim() != 1 or weight.dim() < 2 or vector.shape[0] != width:
         raise MergeError(f"IA³ vector of shape {tuple(vector.shape)} does not fit a weight of "
-                         f"shape {tuple(weight.shape)} ({mode} scaling)")
+                         f"shape {tuple(weight.shape)} ({mode} scaling"
+                         f"{f', groups={groups}' if groups != 1 else ''})")
     dtype = compute_dtype(weight.dtype)
     scale = vector.to(dtype)
-    scale = scale[:, None] if axis == 0 else scale[None, :]
+    if conv and mode == "input" and groups > 1:  # (out, in / groups): each group its slice
+        per_in = weight.shape[1]
+        scale = scale.view(groups, 1, per_in).expand(groups, weight.shape[0] // groups, per_in)
+        scale = scale.reshape(weight.shape[0], per_in)
+    elif axis == 0:
+        scale = scale[:, None]
+    else:
+        scale = scale[None, :]
+    scale = scale.reshape(*scale.shape, *([1] * (weight.dim() - 2)))
     new_weight = (weight.to(dtype) * scale).to(weight.dtype)
     if mode == "input" or bias is None:
         return new_weight, bias

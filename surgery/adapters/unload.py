@@ -154,7 +154,10 @@ def _fold_site(qname: str, sg: SiteGraph) -> list[tuple[str, nn.Parameter, nn.Pa
         return []
     check_foldable(sg, "unload")
     weight, bias = sg._parameters["weight"], sg._parameters.get("bias")
-    new_w, new_b = fold_steps(sg, steps, weight, bias)[-1]
+    try:
+        new_w, new_b = fold_steps(sg, steps, weight, bias)[-1]
+    except MergeError as e:
+        raise MergeError(f"unload: {e}") from None
     out = []
     for pname, old, value in (("weight", weight, new_w), ("bias", bias, new_b)):
         if value is None or value is old:

@@ -33,14 +33,21 @@ from typing import Any
 import torch
 from torch import nn
 
+from surgery.adapters.fold import adapter_params
 from surgery.adapters.fold_layout import fold_head
 from surgery.adapters.merge_state import KIND_LABEL, adapter_inventory, merged_adapters
 from surgery.apply import unwrap
 from surgery.checkpoint.files import checkpoint_dir, write_json, write_tensors
 from surgery.checkpoint.peft_config import CONFIG_NAME, parse_peft_config
-from surgery.checkpoint.peft_keys import PREFIX, WEIGHTS_NAME, ia3_key, lora_keys
+from surgery.checkpoint.peft_keys import (
+    PREFIX,
+    WEIGHTS_NAME,
+    check_keys,
+    expected_keys,
+    peft_local,
+)
 from surgery.checkpoint.peft_targets import PeftTargets, resolve_peft_targets
-from surgery.errors import AdapterNotFoundError, CheckpointError
+from surgery.errors import AdapterNotFoundError, CheckpointError, ConfigError
 from surgery.map.leaves import is_hf_conv1d
 from surgery.sites.site_graph import SiteGraph, base_module, site_graphs
 
@@ -70,12 +77,11 @@ class _Layer:
 
     qname: str
     conv1d: bool
-    tensor_a: torch.Tensor | None = None  # LoRA (rank, in); IA³: the vector
-    tensor_b: torch.Tensor | None = None  # LoRA (out, rank)
+    tensors: dict[str, torch.Tensor]  # PEFT's name relative to the layer -> tensor
     rank: int = 0
     alpha: float | None = None
     scaling: float = 0.0
-    dropout: float = 0.0
+    dropout: float | None = None  # None: the layer has none (an embedding; PEFT ignores it)
     feedforward: bool = False
 
 
@@ -95,13 +101,18 @@ def export_peft(model: nn.Module, directory: str | os.PathLike[str],
 
     ``peft.PeftModel.from_pretrained(base, directory)`` on the base model (the model
     :func:`surgery.apply_passes` was given) then computes what ``model`` computes with only
-    that adapter active (in float32, to within ``1e-6 · (1 + max|y|)``), on ``nn.Linear``
-    and transformers ``Conv1D`` layers alike.
+    that adapter active (in float32, to within ``1e-6 · (1 + max|y|)``), on ``nn.Linear``,
+    transformers ``Conv1D``, ``nn.Conv1d/2d/3d`` and ``nn.Embedding`` layers alike.
 
     Files, per adapter (``<directory>/`` for ``"default"``, ``<directory>/<name>/`` for the
     others): ``adapter_model.safetensors`` with ``base_model.model.<layer>.lora_A.weight``
-    ``(rank, in)`` and ``.lora_B.weight`` ``(out, rank)``, or ``base_model.model.<layer>.ia3_l``
-    (``(out, 1)``; ``(1, in)`` for input scaling), in the parameters' dtypes, plus the
+    ``(rank, in)`` and ``.lora_B.weight`` ``(out, rank)`` (a convolution's ``(rank, in,
+    *kernel)`` and ``(out, rank / groups, 1, ...)``; an embedding's ``.lora_embedding_A``
+    ``(rank, num_embeddings)`` and ``.lora_embedding_B`` ``(embedding_dim, rank)``: each
+    parameter under its own name without the adapter's, see
+    :func:`~surgery.checkpoint.peft_keys.peft_local`), or ``base_model.model.<layer>.ia3_l``
+    (``(out, 1)``; ``(1, in)`` for input scaling; ``(1, channels, 1, ...)`` on a
+    convolution), in the parameters' dtypes, plus the
     state of every module trained fully (``TrainModulePass``) under
     ``base_model.model.<module>.<key>`` (``modules_to_save``; these belong to no adapter, so
     every adapter's files carry them); and ``adapter_config.json`` with ``peft_type``
@@ -132,8 +143,10 @@ def export_peft(model: nn.Module, directory: str | os.PathLike[str],
         AdapterNotFoundError: a name the model does not carry.
         CheckpointError: the model carries no adapter; an adapter PEFT's LoRA / IA³ files
             cannot express: a serial or parallel bottleneck adapter, a prefix, one name
-            holding both LoRA and IA³, LoRA with different dropouts at different layers, an
-            adapter on the model itself (not on a named layer); a module trained fully whose
+            holding both LoRA and IA³, LoRA with different dropouts at different layers
+            (embeddings, which have none, aside), LoRA on a convolution with a dilation or
+            a padding mode (PEFT's ``lora_A`` ignores them), an adapter on the model itself
+            (not on a named layer); a module trained fully whose
             parameter is tied to a module not trained (PEFT trains an untied copy); settings
             PEFT would read differently (a module name that PEFT's suffix rules for
             ``modules_to_save`` cannot single out); ``directory`` is a file. Checked for every
@@ -146,6 +159,11 @@ def export_peft(model: nn.Module, directory: str | os.PathLike[str],
     trained = _trained(bare)
     plans = [_plan(bare, name, inventory[name], trained, root) for name in chosen]
     for plan in plans:
+        on_meta = [k for k, t in plan.tensors.items() if t.is_meta]
+        if on_meta:
+            raise CheckpointError(f"{_WHO}: {len(on_meta)} tensor(s) of adapter {plan.name!r} are "
+                                  f"on the meta device and hold no values ({on_meta[0]}, ...). "
+                                  f"Way out: materialise the model first.")
         if plan.directory.exists() and not plan.directory.is_dir():
             raise CheckpointError(f"{_WHO}: {str(plan.directory)!r} is a file; adapter "
                                   f"{plan.name!r} goes into a directory of that name.")
@@ -170,6 +188,9 @@ def _choose(inventory: dict[str, dict[str, list[str]]],
         if isinstance(names, str):
             names = [names]
         chosen = list(dict.fromkeys(names))
+        if not chosen:
+            raise ConfigError(f"{_WHO}: names is an empty list; give adapter names, or None to "
+                              f"export all of them ({', '.join(map(repr, inventory))}).")
         for name in chosen:
             if name not in inventory:
                 raise AdapterNotFoundError(
@@ -208,17 +229,19 @@ def _plan(model: nn.Module, name: str, kinds: dict[str, list[str]], trained: lis
     _refuse_tied(model, trained)
     tensors: dict[str, torch.Tensor] = {}
     for layer in layers:
-        if kind == "lora":
-            key_a, key_b = lora_keys(layer.qname)
-            tensors[key_a] = layer.tensor_a
-            tensors[key_b] = layer.tensor_b
-        else:
-            tensors[ia3_key(layer.qname)] = layer.tensor_a
+        for local, tensor in layer.tensors.items():
+            tensors[f"{PREFIX}{layer.qname}.{local}"] = tensor
     for qname in trained:
         for local, tensor in model.get_submodule(qname).state_dict().items():
             tensors[f"{PREFIX}{qname}.{local}"] = tensor
     tensors = {k: v.detach().clone() for k, v in tensors.items()}  # tied tensors: one copy each
-    config = _config(model, name, kind, layers, trained)
+    config, targets = _config(model, name, kind, layers, trained)
+    try:  # the layout PEFT (and import_peft) will expect
+        check_keys(tensors, expected_keys(model, targets, kind), _WHO,
+                   f"the tensors of adapter {name!r}")
+    except CheckpointError as exc:
+        raise CheckpointError(f"{_WHO}: adapter {name!r} cannot be written in the layout PEFT "
+                              f"reads. Nothing was written. ({exc})") from None
     return _Plan(name, root if name == "default" else root / name, config, tensors)
 
 
@@ -241,7 +264,7 @@ def _layers(model: nn.Module, name: str, kind: str) -> list[_Layer]:
         raise CheckpointError(f"{_WHO}: adapter {name!r} sits on no layer PEFT can adapt "
                               f"(no LoRA / IA³ site graph carries it). Nothing was written.")
     if kind == "lora":
-        rates = {layer.dropout for layer in out}
+        rates = {layer.dropout for layer in out if layer.dropout is not None}
         if len(rates) > 1:
             raise CheckpointError(
                 f"{_WHO}: LoRA adapter {name!r} has different dropouts at different layers "
@@ -251,17 +274,21 @@ def _layers(model: nn.Module, name: str, kind: str) -> list[_Layer]:
 
 
 def _lora_layer(sg: SiteGraph, qname: str, name: str, head: nn.Module, conv1d: bool) -> _Layer:
+    """The adapter's parameters at one layer, under PEFT's names: since the parameter names
+    are PEFT's, each goes by its own name with the adapter's taken out (the shapes are
+    checked against PEFT's layer of that type later, :func:`_plan`)."""
     factors = head.low_rank(sg)
     if factors is None:
         raise CheckpointError(f"{_WHO}: LoRA adapter {name!r} at {qname} is not a low-rank "
                               f"update B A; PEFT's LoRA files cannot hold it.")
-    lora_a, lora_b, scaling = factors
+    lora_a, _, scaling = factors
+    tensors = {peft_local(rel, name): param for rel, param in adapter_params(sg, ("lora", name))}
     drop = sg._modules.get("lora_dropout")
-    p = getattr(drop[name], "p", 0.0) if drop is not None and name in drop else 0.0
+    p = float(getattr(drop[name], "p", 0.0)) if drop is not None and name in drop else None
     alpha = getattr(head, "alpha", None)
-    return _Layer(qname, conv1d, lora_a, lora_b, rank=int(lora_a.shape[0]),
+    return _Layer(qname, conv1d, tensors, rank=int(lora_a.shape[0]),
                   alpha=float(alpha) if alpha is not None else None, scaling=float(scaling),
-                  dropout=float(p))
+                  dropout=p)
 
 
 def _ia3_layer(qname: str, name: str, head: nn.Module, base: nn.Module, conv1d: bool) -> _Layer:
@@ -271,8 +298,12 @@ def _ia3_layer(qname: str, name: str, head: nn.Module, base: nn.Module, conv1d: 
                               f"vector; PEFT's IA³ files cannot hold it.")
     full = vector().detach()
     feedforward = head.fold_mode == "input"
-    shape = (1, -1) if feedforward else (-1, 1)
-    return _Layer(qname, conv1d, full.reshape(shape), feedforward=feedforward)
+    spatial = base.weight.dim() - 2 if isinstance(base, nn.modules.conv._ConvNd) else 0
+    if spatial:  # PEFT's convolution IA³: (1, channels, 1, ...)
+        shape: tuple[int, ...] = (1, -1, *(1,) * spatial)
+    else:
+        shape = (1, -1) if feedforward else (-1, 1)
+    return _Layer(qname, conv1d, {"ia3_l": full.reshape(shape)}, feedforward=feedforward)
 
 
 def _refuse_tied(model: nn.Module, trained: list[str]) -> None:
@@ -300,16 +331,16 @@ def _exact_regex(names: list[str]) -> str:
 
 
 def _config(model: nn.Module, name: str, kind: str, layers: list[_Layer],
-            trained: list[str]) -> dict[str, Any]:
-    """The settings, read back with PEFT's rules before they are returned."""
+            trained: list[str]) -> tuple[dict[str, Any], PeftTargets]:
+    """The settings, read back with PEFT's rules before they are returned with the
+    targets PEFT reads from them."""
     task = _task_type(model)
     candidates = [task, None] if task not in (None, "CAUSAL_LM") else [task]
     last: CheckpointError | None = None
     for task_type in candidates:
         config = _settings(model, kind, layers, trained, task_type)
         try:
-            _verify(model, name, kind, config, layers, trained)
-            return config
+            return config, _verify(model, name, kind, config, layers, trained)
         except CheckpointError as exc:
             last = exc
     assert last is not None
@@ -343,7 +374,8 @@ def _settings(model: nn.Module, kind: str, layers: list[_Layer], trained: list[s
     config.update({
         "r": rank,
         "lora_alpha": _number(alpha),
-        "lora_dropout": layers[0].dropout,
+        "lora_dropout": next((layer.dropout for layer in layers if layer.dropout is not None),
+                             0.0),
         "use_rslora": use_rslora,
         "bias": "none",
         "init_lora_weights": True,
@@ -391,9 +423,9 @@ def _task_type(model: nn.Module) -> str | None:
 
 
 def _verify(model: nn.Module, name: str, kind: str, config: dict[str, Any],
-            layers: list[_Layer], trained: list[str]) -> None:
+            layers: list[_Layer], trained: list[str]) -> PeftTargets:
     """Read ``config`` back with PEFT's rules; it must select exactly ``layers`` (with their
-    ranks and scalings, or feed-forward flags) and ``trained``."""
+    ranks and scalings, or feed-forward flags) and ``trained``. Returns what it read."""
     settings = parse_peft_config(config, _WHO, source=f"the settings of adapter {name!r}")
     targets: PeftTargets = resolve_peft_targets(model, settings, name, _WHO)
     got = [site.qname for site in targets.sites]
@@ -423,6 +455,7 @@ def _verify(model: nn.Module, name: str, kind: str, config: dict[str, Any],
             f"{', '.join(trained)} would also select {', '.join(extra[:5])} (which is not "
             f"trained here). Nothing was written. Way out: train those modules fully too, or "
             f"rename the modules.")
+    return targets
 
 
 def _warn_merged(model: nn.Module, chosen: list[str]) -> None:

@@ -54,7 +54,9 @@ def import_peft(base_model: nn.Module, directory: str | os.PathLike[str],
     ``layers_pattern``, ``lora_dropout``, ``exclude_modules``, ``modules_to_save`` and
     ``target_modules`` as a list, a regex or ``"all-linear"`` followed as PEFT follows them;
     ``fan_in_fan_out`` needs nothing (``lora_A`` is ``(r, in)`` and ``lora_B`` ``(out, r)``
-    whatever the layer stores).
+    whatever the layer stores). LoRA on ``nn.Embedding`` (``lora_embedding_A`` /
+    ``lora_embedding_B``) and on ``nn.Conv1d/2d/3d``, and IA³ on ``nn.Conv2d/3d``
+    (``ia3_l`` of shape ``(1, channels, 1, ...)``), load too.
 
     Args:
         base_model: the model the adapter was trained on (a ``torch.compile`` or DDP wrapper
@@ -67,7 +69,8 @@ def import_peft(base_model: nn.Module, directory: str | os.PathLike[str],
 
     Returns:
         The adapted model (same class as ``base_model``): LoRA ``lora_A`` / ``lora_B`` of
-        shapes ``(rank, in)`` / ``(out, rank)``, IA³ vectors over the whole layer width
+        shapes ``(rank, in)`` / ``(out, rank)`` (a convolution's and an embedding's as PEFT
+        has them), IA³ vectors ``(width,)`` over the whole layer width
         (a fused ``c_attn`` learns all three slices, as in PEFT), the modules of
         ``modules_to_save`` trained fully under their own names. The adapter's parameters
         (and the saved modules) train; every other parameter is frozen, as after
@@ -76,7 +79,8 @@ def import_peft(base_model: nn.Module, directory: str | os.PathLike[str],
     Raises:
         CheckpointError: the directory or a file is missing, unreadable, truncated or a
             pickle (``adapter_model.bin``: never unpickled); a setting fx-surgery cannot
-            reproduce (DoRA, a LoRA bias, LoRA on an embedding or convolution, trainable
+            reproduce (DoRA, a LoRA bias, LoRA on ``nn.MultiheadAttention`` or on a
+            convolution with a dilation or padding mode PEFT's ``lora_A`` ignores, trainable
             token indices, ``target_parameters``, Megatron, another PEFT method, ...),
             named; keys missing or unexpected, shapes or dtypes that do not fit (the first
             few of each, their number, the nearest names present); ``adapter_name`` taken
@@ -196,6 +200,9 @@ def _load(model: nn.Module, tensors: dict[str, torch.Tensor], expected: dict[str
             value = tensors[key]
             if spec.slot in ("lora_A", "lora_B"):
                 param = root.get_submodule(spec.qname)._modules[spec.slot][adapter_name].weight
+                param.data = value.to(param.device)
+            elif spec.slot in ("lora_embedding_A", "lora_embedding_B"):  # lora_embedding_A.<name>
+                param = root.get_submodule(spec.qname).get_parameter(f"{spec.slot}.{adapter_name}")
                 param.data = value.to(param.device)
             elif spec.slot == "ia3_l":
                 _load_ia3(root.get_submodule(spec.qname)._modules["ia3_l"][adapter_name], value)

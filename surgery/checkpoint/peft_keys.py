@@ -6,18 +6,30 @@ PEFT stores an adapter's tensors under the model's own qualified names, prefixed
 ==========================================================  =================================
 key                                                         tensor
 ==========================================================  =================================
-``base_model.model.<layer>.lora_A.weight``                  LoRA ``A``, ``(r, in)``
-``base_model.model.<layer>.lora_B.weight``                  LoRA ``B``, ``(out, r)``
+``base_model.model.<layer>.lora_A.weight``                  LoRA ``A``, ``(r, in)``; on a
+                                                            convolution ``(r, in, *kernel)``
+``base_model.model.<layer>.lora_B.weight``                  LoRA ``B``, ``(out, r)``; on a
+                                                            convolution ``(out, r / groups,
+                                                            1, ...)``
+``base_model.model.<layer>.lora_embedding_A``               LoRA ``A`` of an embedding,
+                                                            ``(r, num_embeddings)``
+``base_model.model.<layer>.lora_embedding_B``               LoRA ``B`` of an embedding,
+                                                            ``(embedding_dim, r)``
 ``base_model.model.<layer>.ia3_l``                          IA³ ``l``: ``(out, 1)``, or
                                                             ``(1, in)`` for a feed-forward
-                                                            layer (input scaling)
+                                                            layer (input scaling); on a
+                                                            convolution ``(1, out, 1, ...)``
+                                                            or ``(1, in, 1, ...)``
 ``base_model.model.<module>.<key in its state_dict>``       a module of ``modules_to_save``
 ==========================================================  =================================
 
 ``Conv1D`` layers (GPT-2) use the same orientation: ``A`` is ``(r, in)``, ``B`` is
-``(out, r)``. Keys are built from exact module names and matched whole
-(:func:`expected_keys`, :func:`check_keys`), never by replacing substrings, so module names
-holding ``weight``, ``lora`` or ``base`` map as any other.
+``(out, r)``. The keys are the adapted model's parameter names with ``base_model.model.``
+in front and the adapter's name taken out (``wte.lora_embedding_A.default`` is saved as
+``base_model.model.wte.lora_embedding_A``; :func:`peft_local`). Keys are built from exact
+module names and matched whole (:func:`expected_keys`, :func:`check_keys`), never by
+replacing substrings, so module names holding ``weight``, ``lora`` or ``base`` map as any
+other.
 """
 
 from __future__ import annotations
@@ -28,11 +40,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from surgery.checkpoint.peft_targets import PeftTargets
+from surgery.checkpoint.peft_targets import PeftSite, PeftTargets
 from surgery.errors import CheckpointError, near_matches
 
 __all__ = ["PREFIX", "WEIGHTS_NAME", "PeftKey", "lora_keys", "ia3_key", "expected_keys",
-           "check_keys"]
+           "check_keys", "peft_local"]
 
 PREFIX = "base_model.model."
 """What every key of a PEFT adapter file starts with (``PeftModel.base_model.model``)."""
@@ -45,8 +57,8 @@ _SHOWN = 5
 
 _HINTS = (
     (".lora_magnitude_vector", "DoRA's magnitude vector"),
-    (".lora_embedding_A", "LoRA on an embedding"),
-    (".lora_embedding_B", "LoRA on an embedding"),
+    (".lora_embedding_A", "an embedding LoRA layer the settings do not target"),
+    (".lora_embedding_B", "an embedding LoRA layer the settings do not target"),
     (".lora_B.bias", "a bias on lora_B (lora_bias)"),
     (".lora_A.weight", "a LoRA layer the settings do not target"),
     (".lora_B.weight", "a LoRA layer the settings do not target"),
@@ -59,7 +71,8 @@ class PeftKey:
     """Where one key of a PEFT file goes.
 
     Attributes:
-        slot: ``"lora_A"``, ``"lora_B"``, ``"ia3_l"`` or ``"saved"`` (``modules_to_save``).
+        slot: ``"lora_A"``, ``"lora_B"``, ``"lora_embedding_A"``, ``"lora_embedding_B"``,
+            ``"ia3_l"`` or ``"saved"`` (``modules_to_save``).
         qname: the qualified name of the layer or saved module.
         local: for ``"saved"``, the key within that module's ``state_dict``.
         shape: the shape the tensor must have.
@@ -74,14 +87,46 @@ class PeftKey:
     dtype: torch.dtype
 
 
-def lora_keys(qname: str) -> tuple[str, str]:
-    """The keys of ``A`` and ``B`` of the LoRA layer at ``qname``."""
+def lora_keys(qname: str, embedding: bool = False) -> tuple[str, str]:
+    """The keys of ``A`` and ``B`` of the LoRA layer at ``qname`` (an embedding's with
+    ``embedding``)."""
+    if embedding:
+        return f"{PREFIX}{qname}.lora_embedding_A", f"{PREFIX}{qname}.lora_embedding_B"
     return f"{PREFIX}{qname}.lora_A.weight", f"{PREFIX}{qname}.lora_B.weight"
 
 
 def ia3_key(qname: str) -> str:
     """The key of the IA³ vector of the layer at ``qname``."""
     return f"{PREFIX}{qname}.ia3_l"
+
+
+def peft_local(rel: str, adapter_name: str) -> str:
+    """The name under which PEFT saves an adapter parameter, relative to its layer: the
+    parameter's name relative to the site graph without the adapter's name
+    (``lora_A.default.weight`` → ``lora_A.weight``, ``lora_embedding_A.default`` →
+    ``lora_embedding_A``)."""
+    parts = rel.split(".")
+    if len(parts) > 1 and parts[1] == adapter_name:
+        del parts[1]
+    return ".".join(parts)
+
+
+def _lora_shapes(site: PeftSite) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shapes of ``A`` and ``B`` at ``site``, as PEFT's layer of that type holds them."""
+    if site.embedding:
+        return (site.rank, site.in_features), (site.out_features, site.rank)
+    if site.kernel:
+        ones = (1,) * len(site.kernel)
+        return ((site.rank, site.in_features, *site.kernel),
+                (site.out_features, site.rank // site.groups, *ones))
+    return (site.rank, site.in_features), (site.out_features, site.rank)
+
+
+def _ia3_shape(site: PeftSite) -> tuple[int, ...]:
+    if site.kernel:
+        return (1, site.in_features if site.feedforward else site.out_features,
+                *(1,) * len(site.kernel))
+    return (1, site.in_features) if site.feedforward else (site.out_features, 1)
 
 
 def expected_keys(model: nn.Module, targets: PeftTargets, kind: str) -> dict[str, PeftKey]:
@@ -97,12 +142,13 @@ def expected_keys(model: nn.Module, targets: PeftTargets, kind: str) -> dict[str
     for site in targets.sites:
         dtype = _weight_dtype(model, site.qname)
         if kind == "lora":
-            key_a, key_b = lora_keys(site.qname)
-            out[key_a] = PeftKey("lora_A", site.qname, "", (site.rank, site.in_features), dtype)
-            out[key_b] = PeftKey("lora_B", site.qname, "", (site.out_features, site.rank), dtype)
+            key_a, key_b = lora_keys(site.qname, site.embedding)
+            shape_a, shape_b = _lora_shapes(site)
+            slot = "lora_embedding_" if site.embedding else "lora_"
+            out[key_a] = PeftKey(slot + "A", site.qname, "", shape_a, dtype)
+            out[key_b] = PeftKey(slot + "B", site.qname, "", shape_b, dtype)
         else:
-            shape = (1, site.in_features) if site.feedforward else (site.out_features, 1)
-            out[ia3_key(site.qname)] = PeftKey("ia3_l", site.qname, "", shape, dtype)
+            out[ia3_key(site.qname)] = PeftKey("ia3_l", site.qname, "", _ia3_shape(site), dtype)
     for qname in targets.modules_to_save:
         for local, tensor in model.get_submodule(qname).state_dict(keep_vars=True).items():
             out[f"{PREFIX}{qname}.{local}"] = PeftKey("saved", qname, local, tuple(tensor.shape),

@@ -63,9 +63,13 @@ class PeftSite:
     Attributes:
         qname: qualified module name.
         conv1d: the layer is transformers' ``Conv1D`` (weight stored ``(in, out)``).
-        in_features / out_features: the layer's sizes.
+        in_features / out_features: the layer's sizes (a convolution's channels; an
+            embedding's ``num_embeddings`` and ``embedding_dim``, as PEFT counts them).
         rank / alpha: LoRA's rank and alpha at this layer (``0`` for IA³).
         feedforward: IA³ scales this layer's input (``False``: its output).
+        kernel: a convolution's kernel size (``()`` for any other layer).
+        groups: a convolution's ``groups`` (1 otherwise).
+        embedding: the layer is an ``nn.Embedding``.
     """
 
     qname: str
@@ -75,6 +79,9 @@ class PeftSite:
     rank: int = 0
     alpha: float = 0.0
     feedforward: bool = False
+    kernel: tuple[int, ...] = ()
+    groups: int = 1
+    embedding: bool = False
 
 
 @dataclass(frozen=True)
@@ -167,10 +174,12 @@ def resolve_peft_targets(model: nn.Module, settings: PeftSettings, adapter_name:
 
     Raises:
         CheckpointError: the settings target no module; a targeted module is not a layer
-            fx-surgery adapts the way PEFT does (``nn.Embedding``, a convolution,
-            ``nn.MultiheadAttention``: PEFT adapts those, fx-surgery does not; any other
-            type: PEFT cannot either); or ``modules_to_save`` reaches an adapted layer, a
-            module PEFT inserts, or modules nested in one another.
+            fx-surgery adapts the way PEFT does (``nn.MultiheadAttention``, a subclass of a
+            convolution or embedding with a forward of its own, IA³ on ``nn.Conv1d``: PEFT
+            adapts those, fx-surgery does not; any other type: PEFT cannot either); LoRA
+            on a convolution with a dilation or a padding mode PEFT's ``lora_A`` ignores;
+            or ``modules_to_save`` reaches an adapted layer, a module PEFT inserts, or
+            modules nested in one another.
     """
     nothing = _NOTHING.get(who, "")
     view = peft_view(model)
@@ -256,19 +265,59 @@ def _layer_index(settings: PeftSettings, qname: str) -> int | None:
 
 def _site(kind: str, settings: PeftSettings, qname: str, module: nn.Module, who: str) -> PeftSite:
     conv1d = is_hf_conv1d(module)
-    if not (isinstance(module, nn.Linear) or conv1d):
+    shape: dict = {}
+    if isinstance(module, nn.Linear) or conv1d:
+        rows, cols = module.weight.shape
+        in_f, out_f = (rows, cols) if conv1d else (cols, rows)  # Conv1D stores (in, out)
+    elif _plain(module, _CONVS[kind]):
+        _refuse_geometry(settings, qname, module, who)
+        in_f, out_f = module.in_channels, module.out_channels
+        shape = dict(kernel=tuple(module.kernel_size), groups=int(module.groups))
+    elif kind == "lora" and _plain(module, (nn.Embedding,)):
+        in_f, out_f = module.num_embeddings, module.embedding_dim
+        shape = dict(embedding=True)
+    else:
         _refuse_type(kind, settings, qname, module, who)
-    rows, cols = module.weight.shape
-    in_f, out_f = (rows, cols) if conv1d else (cols, rows)  # Conv1D stores (in, out)
     if kind == "ia3":
         ff = settings.feedforward_modules
         feedforward = (re.fullmatch(ff, qname) is not None if isinstance(ff, str)
                        else any(qname.endswith(f) for f in ff))
-        return PeftSite(qname, conv1d, int(in_f), int(out_f), feedforward=feedforward)
+        return PeftSite(qname, conv1d, int(in_f), int(out_f), feedforward=feedforward, **shape)
     rank = settings.rank_pattern.get(_pattern_key(settings.rank_pattern, qname), settings.r)
     alpha = settings.alpha_pattern.get(_pattern_key(settings.alpha_pattern, qname),
                                        settings.lora_alpha)
-    return PeftSite(qname, conv1d, int(in_f), int(out_f), rank=rank, alpha=float(alpha))
+    return PeftSite(qname, conv1d, int(in_f), int(out_f), rank=rank, alpha=float(alpha), **shape)
+
+
+_CONVS = {"lora": (nn.Conv1d, nn.Conv2d, nn.Conv3d), "ia3": (nn.Conv2d, nn.Conv3d)}
+"""The convolutions each method adapts, in PEFT and here."""
+
+
+def _plain(module: nn.Module, types: tuple[type[nn.Module], ...]) -> bool:
+    """One of ``types`` running its own torch forward (a subclass that changes the forward,
+    Gemma's scaled embedding, computes something PEFT's layer would treat otherwise)."""
+    return isinstance(module, types) and type(module).forward in tuple(t.forward for t in types)
+
+
+def _refuse_geometry(settings: PeftSettings, qname: str, module: nn.Module, who: str) -> None:
+    """PEFT's LoRA ``lora_A`` on a convolution takes the layer's kernel, stride and padding
+    but neither its dilation nor its padding mode; fx-surgery's follows the layer in both
+    (so that a merge is exact). Where they differ, the two compute different things."""
+    if settings.peft_type != "LORA":
+        return
+    odd = []
+    if any(d != 1 for d in module.dilation):
+        odd.append(f"dilation={tuple(module.dilation)}")
+    if module.padding_mode != "zeros":
+        odd.append(f"padding_mode={module.padding_mode!r}")
+    if odd:
+        raise CheckpointError(
+            f"{who}: {settings.source} puts LoRA on {qname} ({type(module).__name__}, "
+            f"{', '.join(odd)}); PEFT's lora_A convolution ignores the layer's dilation and "
+            f"padding mode, fx-surgery's follows the layer, so the two would compute different "
+            f"things. {_NOTHING.get(who, '')} Way out: adapt convolutions with dilation 1 and "
+            f"zero padding only, or keep this adapter in fx-surgery's own files "
+            f"(surgery.save_adapters).")
 
 
 def _pattern_key(patterns: dict[str, object], qname: str) -> str | None:
@@ -284,9 +333,13 @@ def _refuse_type(kind: str, settings: PeftSettings, qname: str, module: nn.Modul
     peft_can = ((nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
                 if kind == "lora" else (nn.Conv2d, nn.Conv3d))
     if isinstance(module, peft_can):
+        ours = ("nn.Linear, Conv1D, nn.Conv1d/2d/3d and nn.Embedding" if kind == "lora"
+                else "nn.Linear, Conv1D, nn.Conv2d and nn.Conv3d")
+        why = ("" if isinstance(module, nn.MultiheadAttention) else  # else a subclass
+               f" running torch's own forward ({typ} has a forward of its own)")
         raise CheckpointError(
             f"{who}: {settings.source} puts {label} on {qname} ({typ}); PEFT adapts "
-            f"{typ} layers, fx-surgery's {label} adapts nn.Linear and Conv1D only, so it "
+            f"{typ} layers, fx-surgery's {label} adapts {ours}{why}, so it "
             f"cannot reproduce this adapter. {_NOTHING.get(who, '')} Way out: merge the adapter "
             f"into the weights with PEFT (merge_and_unload) and use that model.")
     raise CheckpointError(

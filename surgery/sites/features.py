@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import warnings
@@ -43,7 +44,9 @@ def layer_features(module: nn.Module) -> tuple[int, int] | None:
 
 
 def warn_rank_exceeds(sites: Iterable, rank: int, *, pass_name: str) -> None:
-    """Warn when ``rank`` is larger than ``min(in_features, out_features)`` of a site.
+    """Warn when ``rank`` is larger than ``min(in_features, out_features)`` of a site (for
+    a convolution, ``in_features`` counts ``in_channels · kernel`` values, what LoRA's ``A``
+    reads at each position).
 
     ``sites`` are :class:`surgery.targets.Site` records. A low-rank update ``B A`` of such a
     layer cannot have a rank above that minimum, so the extra rank only adds parameters. This is a warning, not an error: the result is still a
@@ -52,9 +55,16 @@ def warn_rank_exceeds(sites: Iterable, rank: int, *, pass_name: str) -> None:
     over = []
     for site in sites:
         feats = layer_features(site.module)
-        if feats is not None and rank > min(feats):
-            over.append(f"{site.qname} ({type(base_module(site.module)).__name__}, "
-                        f"{feats[0]} -> {feats[1]})")
+        if feats is None:
+            continue
+        module = base_module(site.module)
+        size_in = str(feats[0])
+        if isinstance(module, nn.modules.conv._ConvNd):  # A reads in_channels · kernel values
+            kernel = math.prod(module.kernel_size)
+            feats = (feats[0] * kernel, feats[1])
+            size_in = f"{module.in_channels}·{kernel}" if kernel > 1 else size_in
+        if rank > min(feats):
+            over.append(f"{site.qname} ({type(module).__name__}, {size_in} -> {feats[1]})")
     if over:
         shown = ", ".join(over[:5]) + (f", ... ({len(over)} layers)" if len(over) > 5 else "")
         warnings.warn(

@@ -77,7 +77,8 @@ class AdapterModule(nn.Module):
         Args:
             site: the site graph holding the adapter's modules (its siblings live there).
             weight: the layer's weight as stored (``(out, in)``; ``(in, out)`` for
-                transformers' ``Conv1D``), not changed.
+                transformers' ``Conv1D``; ``(out, in / groups, *kernel)`` for a convolution;
+                ``(num_embeddings, dim)`` for an embedding), not changed.
             bias: the layer's bias ``(out,)`` or ``None``, not changed.
 
         Returns:
@@ -98,7 +99,10 @@ class AdapterModule(nn.Module):
     def low_rank(self, site: nn.Module) -> tuple[Tensor, Tensor, float] | None:
         """``(A, B, scaling)`` of the low-rank update ``ΔW = scaling · B A`` this module
         heads: ``A`` is ``(rank, in)``, ``B`` is ``(out, rank)``; ``None`` for any other
-        module. The tensors are the parameters themselves (not copies)."""
+        module. The tensors are the parameters themselves (not copies), or views of them
+        (a convolution's factors with the kernel flattened into ``in``: ``ΔW.flatten(1) =
+        scaling · B A``); an embedding's update is ``(scaling · B A)ᵀ`` (its table is
+        ``(num_embeddings, dim)``)."""
         return None
 
     def from_low_rank(self, site: nn.Module, lora_a: Tensor, lora_b: Tensor, *,

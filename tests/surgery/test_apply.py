@@ -183,8 +183,9 @@ def test_mha_default_lora_says_why_and_what_to_do(zoo) -> None:
 def test_module_of_the_wrong_type_is_named() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
     with pytest.raises(UnsupportedSiteError, match=r"pattern '1' selects 1, a LayerNorm; LoRAPass "
-                                                   r"adapts nn.Linear / Conv1D. Way out: select "
-                                                   r"layers of those types"):
+                                                   r"adapts nn.Linear / Conv1D / nn.Conv1d/2d/3d / "
+                                                   r"nn.Embedding. Way out: select layers of those "
+                                                   r"types"):
         apply_passes(model, [LoRAPass(pattern="1")])
 
 

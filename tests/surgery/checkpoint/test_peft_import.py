@@ -10,6 +10,7 @@ to ``import_peft`` must come back unchanged.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from pathlib import Path
@@ -332,20 +333,28 @@ def test_refuses_what_it_cannot_reproduce(changes, match, llama_lora_dir, zoo, s
     refused(zoo, snapshot, llama_lora_dir, match)
 
 
-def test_refuses_lora_on_an_embedding(zoo, tmp_path, snapshot) -> None:
-    save_peft(peft_model("hf:llama", zoo, lora(target_modules=["embed_tokens", "q_proj"])),
-              tmp_path)
-    refused(zoo, snapshot, tmp_path, r"LoRA on model.embed_tokens \(Embedding\); PEFT adapts")
+class ScaledEmbedding(nn.Embedding):
+    """An embedding with a forward of its own (as Gemma's scales its output)."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) * 2.0
 
 
-def test_refuses_lora_on_a_convolution(tmp_path, snapshot) -> None:
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2))
-    model(torch.randn(1, 3, 5, 5))
-    reference = peft.get_peft_model(model, lora(target_modules=["0", "2"]))
+@pytest.mark.parametrize("layer, match", [
+    (nn.Conv2d(3, 4, 3, dilation=2), r"LoRA on 0 \(Conv2d, dilation=\(2, 2\)\); PEFT's lora_A "
+                                     r"convolution ignores the layer's dilation"),
+    (nn.Conv1d(3, 4, 3, padding=1, padding_mode="reflect"),
+     r"LoRA on 0 \(Conv1d, padding_mode='reflect'\)"),
+    (ScaledEmbedding(10, 3), r"LoRA on 0 \(ScaledEmbedding\); .* running torch's own forward"),
+], ids=["dilation", "padding_mode", "embedding_subclass"])
+def test_refuses_a_layer_peft_adapts_otherwise(layer, match, tmp_path, snapshot) -> None:
+    """PEFT's lora_A ignores a convolution's dilation and padding mode (fx-surgery's follows
+    the layer), and an embedding subclass with a forward of its own is not adapted here."""
+    reference = peft.get_peft_model(nn.Sequential(copy.deepcopy(layer)), lora(target_modules=["0"]))
     save_peft(reference, tmp_path)
-    base = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(36, 2))
+    base = nn.Sequential(layer)
     before = snapshot(base)
-    with pytest.raises(CheckpointError, match=r"LoRA on 0 \(Conv2d\)"):
+    with pytest.raises(CheckpointError, match=match):
         import_peft(base, tmp_path)
     before.assert_unchanged(base)
 
