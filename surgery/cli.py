@@ -115,8 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "save_pretrained): passes, sites, parameter counts, dtypes; with --model, "
                     "whether it loads onto that model.")
     inspect.add_argument("directory", metavar="DIRECTORY", help="the checkpoint directory")
-    inspect.add_argument("--model", default=None, metavar="SPEC",
-                         help="check that the checkpoint fits this model of the zoo")
+    fit = inspect.add_mutually_exclusive_group()
+    fit.add_argument("--model", default=None, metavar="SPEC",
+                     help="check that the checkpoint fits this model of the zoo")
+    fit.add_argument("--factory", default=None, metavar="MODULE:FUNCTION",
+                     help="check that the checkpoint fits the model FUNCTION() returns "
+                          "(your own model: e.g. mypackage.models:build_base; the module is "
+                          "imported from the current directory or the installed packages)")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
     return parser
 
@@ -184,10 +189,38 @@ def _targets(args: argparse.Namespace, out: TextIO) -> int:
 def _inspect(args: argparse.Namespace, out: TextIO) -> int:
     from surgery.checkpoint.inspect import inspect_checkpoint
 
-    model = _load(args.model).model if args.model else None
+    model = None
+    if args.model:
+        model = _load(args.model).model
+    elif args.factory:
+        model = _factory(args.factory)
     summary = inspect_checkpoint(args.directory, model)
     print(json.dumps(summary.to_dict(), indent=2) if args.json else summary, file=out)
-    return EXIT_OK if summary.fits is not False else EXIT_ERROR
+    return EXIT_OK if summary.ok else EXIT_ERROR
+
+
+def _factory(spec: str) -> nn.Module:
+    """The model ``FUNCTION()`` of ``MODULE:FUNCTION`` returns."""
+    import importlib
+
+    from torch import nn
+
+    module_name, _, func_name = spec.partition(":")
+    if not module_name or not func_name:
+        raise ConfigError(f"--factory takes MODULE:FUNCTION (mypackage.models:build_base), got "
+                          f"{spec!r}")
+    if "" not in sys.path:
+        sys.path.insert(0, "")  # the current directory, as `python -m` does
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"--factory {spec}: cannot find {func_name} in {module_name} ({exc})") \
+            from None
+    model = func()
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"--factory {spec}: {func_name}() returned a {type(model).__name__}, "
+                          f"not an nn.Module")
+    return model
 
 
 def _passes(args: argparse.Namespace) -> list[Pass]:

@@ -23,6 +23,7 @@ __all__ = [
     "RenderError",
     "CheckpointError",
     "near_matches",
+    "few",
 ]
 
 
@@ -87,3 +88,9 @@ def near_matches(word: str, candidates: Iterable[str], n: int = 5) -> list[str]:
         scored.append((-(max(whole, last) + 0.5 * min(whole, last)), cand))
     scored.sort()
     return [cand for _, cand in scored[:n]]
+
+
+def few(items: Sequence[str], n: int = 5) -> str:
+    """The first ``n`` of ``items`` joined by commas, then how many more there are."""
+    items = list(items)
+    return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")

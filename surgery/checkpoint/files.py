@@ -148,7 +148,7 @@ def write_together(files: Mapping[Path, Writer], remove: tuple[Path, ...] = ()) 
     staged: list[tuple[str, Path]] = []
     try:
         for path, write in files.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
+            _make_dir(path.parent)
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
             os.close(fd)
             staged.append((tmp, path))
@@ -167,8 +167,21 @@ def write_together(files: Mapping[Path, Writer], remove: tuple[Path, ...] = ()) 
         path.unlink(missing_ok=True)
 
 
+def _make_dir(path: Path) -> None:
+    """Create ``path`` and its parents.
+
+    Raises:
+        CheckpointError: it cannot be created (a parent is a file, no permission).
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(f"cannot create the checkpoint directory {str(path)!r}: "
+                              f"{exc.strerror or exc}. Nothing was written.") from None
+
+
 def _atomic(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_dir(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:

@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from surgery.errors import few
 from surgery.sites.marker import AdapterModule
 from surgery.sites.site_graph import plain_weight_free
 
@@ -71,17 +72,12 @@ def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> l
         changed = [k for k in old if k and k in new and old[k] != new[k]]  # root: the class
         if missing:
             out.append(f"{len(missing)} {label}(s) of the checkpoint's base are not in this "
-                       f"model: {_few(missing)}")
+                       f"model: {few(missing)}")
         if extra:
             out.append(f"{len(extra)} {label}(s) of this model were not in the checkpoint's "
-                       f"base: {_few(extra)}")
+                       f"base: {few(extra)}")
         if changed:
             word = "type" if what == "modules" else "shape"
-            out.append(f"{len(changed)} {label}(s) differ in {word}: " + _few(
+            out.append(f"{len(changed)} {label}(s) differ in {word}: " + few(
                 [f"{k} ({new[k]} here, {old[k]} in the checkpoint)" for k in changed]))
     return out or ["the fingerprints differ"]
-
-
-def _few(items: list[str], n: int = 5) -> str:
-    shown = ", ".join(items[:n])
-    return shown + (f", ... ({len(items) - n} more)" if len(items) > n else "")

@@ -20,9 +20,12 @@ from torch import nn
 
 from surgery.checkpoint.files import checkpoint_dir, read_json, tensor_headers
 from surgery.checkpoint.peft_config import CONFIG_NAME as PEFT_CONFIG
+from surgery.checkpoint.peft_config import parse_peft_config
 from surgery.checkpoint.peft_keys import PREFIX as PEFT_PREFIX
 from surgery.checkpoint.peft_keys import WEIGHTS_NAME as PEFT_TENSORS
-from surgery.checkpoint.save import FORMAT, RECIPE_FILE, TENSORS_FILE
+from surgery.checkpoint.recipe import rebuild_step
+from surgery.checkpoint.save import RECIPE_FILE, TENSORS_FILE
+from surgery.checkpoint.validate import check_listing, read_recipe
 from surgery.errors import CheckpointError, SurgeryError
 
 __all__ = ["AdapterInfo", "CheckpointSummary", "inspect_checkpoint"]
@@ -62,6 +65,8 @@ class CheckpointSummary:
         trained_modules: base modules trained fully (ours) / ``modules_to_save`` (PEFT).
         fits: whether the checkpoint loads onto the model given (``None``: no model given).
         fit_detail: why it does not fit (the loader's error), or ``""``.
+        problems: what makes the checkpoint unloadable whatever the model (files that
+            disagree, unknown passes, PEFT settings fx-surgery cannot reproduce).
     """
 
     directory: Path
@@ -72,13 +77,19 @@ class CheckpointSummary:
     trained_modules: list[str] = field(default_factory=list)
     fits: bool | None = None
     fit_detail: str = ""
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """No problems, and it fits the model given (if any)."""
+        return not self.problems and self.fits is not False
 
     def to_dict(self) -> dict[str, Any]:
         """The summary as JSON-ready values."""
         return {"directory": str(self.directory), "format": self.format, "base": self.base,
                 "adapters": [vars(a) for a in self.adapters], "steps": self.steps,
                 "trained_modules": self.trained_modules, "fits": self.fits,
-                "fit_detail": self.fit_detail}
+                "fit_detail": self.fit_detail, "problems": self.problems}
 
     def __str__(self) -> str:
         lines = [f"{self.directory}: {self.format} checkpoint of a {self.base}"]
@@ -95,6 +106,8 @@ class CheckpointSummary:
             lines.append("  recipe: " + " -> ".join(self.steps))
         if self.trained_modules:
             lines.append("  trained fully: " + ", ".join(self.trained_modules))
+        for problem in self.problems:
+            lines.append(f"  problem: {problem}")
         if self.fits is not None:
             lines.append("  fits the model given: " + ("yes" if self.fits else
                                                        f"no: {self.fit_detail}"))
@@ -105,7 +118,8 @@ def inspect_checkpoint(directory: str | os.PathLike[str],
                        model: nn.Module | None = None) -> CheckpointSummary:
     """Read what ``directory`` holds; with ``model``, also whether it loads onto it.
 
-    The fit is checked by loading (:func:`surgery.load_adapters` or
+    The files are checked against each other as loading checks them (problems are listed,
+    not raised). The fit is checked by loading (:func:`surgery.load_adapters` or
     :func:`surgery.import_peft`) onto a weight-sharing copy that is then dropped; ``model``
     is not changed.
 
@@ -140,12 +154,19 @@ def inspect_checkpoint(directory: str | os.PathLike[str],
 
 
 def _ours(path: Path, who: str) -> CheckpointSummary:
-    recipe = read_json(path / RECIPE_FILE, who)
-    if recipe.get("format") != FORMAT:
-        raise CheckpointError(f"{who}: {RECIPE_FILE} has format {recipe.get('format')!r}, not "
-                              f"{FORMAT!r}.")
+    recipe = read_recipe(path, who)
     headers = tensor_headers(path / TENSORS_FILE, who)
-    listed = recipe.get("tensors", {})
+    problems = []
+    try:
+        check_listing(recipe, headers, who)
+    except CheckpointError as exc:
+        problems.append(str(exc))
+    for i, step in enumerate(recipe["steps"]):
+        try:
+            rebuild_step(step, who)
+        except CheckpointError as exc:
+            problems.append(f"step {i}: {exc}")
+    listed = recipe["tensors"]
     adapters = []
     for name, info in recipe.get("adapters", {}).items():
         keys = [k for k, t in listed.items() if t.get("adapter") == name and k in headers]
@@ -162,18 +183,25 @@ def _ours(path: Path, who: str) -> CheckpointSummary:
         steps.append(f"{step.get('pass')}(" + ", ".join(f"{k}={v!r}" for k, v in shown.items())
                      + ")")
     return CheckpointSummary(path, "fx-surgery", recipe.get("model_class", "?"), adapters, steps,
-                             list(recipe.get("trained_modules", [])))
+                             list(recipe.get("trained_modules", [])), problems=problems)
 
 
 def _peft(path: Path, who: str) -> CheckpointSummary:
     adapters = []
     base = "?"
     trained: list[str] = []
+    problems: list[str] = []
     dirs = [("default", path)] + sorted((p.name, p) for p in path.iterdir()
                                         if p.is_dir() and (p / PEFT_CONFIG).is_file())
     for name, where in dirs:
         config = read_json(where / PEFT_CONFIG, who)
-        base = config.get("base_model_name_or_path") or base
+        mapping = config.get("auto_mapping") if isinstance(config.get("auto_mapping"), dict) else {}
+        base = (config.get("base_model_name_or_path") or mapping.get("base_model_class")
+                or base)
+        try:
+            parse_peft_config(config, who, source=str(where / PEFT_CONFIG))
+        except CheckpointError as exc:
+            problems.append(f"adapter {name!r}: {exc}")
         if not (where / PEFT_TENSORS).is_file():
             raise CheckpointError(f"{who}: {str(where)!r} has {PEFT_CONFIG} but no "
                                   f"{PEFT_TENSORS} (a pickled adapter_model.bin is not "
@@ -187,19 +215,28 @@ def _peft(path: Path, who: str) -> CheckpointSummary:
                     if k in config}
         adapters.append(AdapterInfo(
             name=name, kinds=[str(config.get("peft_type", "?"))], sites=sites,
-            parameters=sum(prod(s) for s, _ in headers.values()),
+            parameters=sum(prod(s) for k, (s, _) in headers.items()
+                           if _peft_part(k) != "modules_to_save"),
             dtypes=sorted({d for _, d in headers.values()}), settings=settings))
-    return CheckpointSummary(path, "peft", base, adapters, [], trained)
+    return CheckpointSummary(path, "peft", base, adapters, [], trained, problems=problems)
 
 
 _PEFT_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
                "ia3_l", "modules_to_save")
 
 
-def _peft_site(key: str) -> str:
-    """The layer a PEFT key belongs to (``base_model.model.<site>.<part>...``), for display."""
+def _peft_split(key: str) -> tuple[str, str]:
+    """``(layer, part)`` of a PEFT key ``base_model.model.<layer>.<part>...``, for display."""
     parts = key.removeprefix(PEFT_PREFIX).split(".")
     for i, part in enumerate(parts):
         if part in _PEFT_PARTS:
-            return ".".join(parts[:i])
-    return ""
+            return ".".join(parts[:i]), part
+    return "", ""
+
+
+def _peft_site(key: str) -> str:
+    return _peft_split(key)[0]
+
+
+def _peft_part(key: str) -> str:
+    return _peft_split(key)[1]

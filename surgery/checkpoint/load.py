@@ -21,21 +21,20 @@ from torch import Tensor, nn
 from surgery.adapters.active import active_adapters, set_active
 from surgery.adapters.merge_state import merged_adapters
 from surgery.apply import apply_passes, unwrap
-from surgery.checkpoint.files import checkpoint_dir, read_json, read_tensors
+from surgery.checkpoint.files import checkpoint_dir, read_tensors
 from surgery.checkpoint.fingerprint import fingerprint, fingerprint_differences
 from surgery.checkpoint.recipe import rebuild_step, step_adapter
-from surgery.checkpoint.save import (
-    FORMAT,
-    INPUTS_FILE,
-    RECIPE_FILE,
-    TENSORS_FILE,
-    VERSION,
-    decode_inputs,
-)
+from surgery.checkpoint.save import INPUTS_FILE, TENSORS_FILE, decode_inputs
 from surgery.checkpoint.state import adapter_state, assign
-from surgery.errors import CheckpointError, ConfigError, SurgeryError, near_matches
+from surgery.checkpoint.validate import (
+    check_listing,
+    dtype_name,
+    key_listing,
+    read_recipe,
+)
+from surgery.errors import CheckpointError, ConfigError, SurgeryError, few, near_matches
 
-__all__ = ["load_adapters", "read_checkpoint", "key_listing"]
+__all__ = ["load_adapters", "read_checkpoint"]
 
 
 def read_checkpoint(directory: str | os.PathLike[str], who: str
@@ -47,81 +46,11 @@ def read_checkpoint(directory: str | os.PathLike[str], who: str
             a newer version, or the tensors do not match the recipe's listing.
     """
     path = checkpoint_dir(directory, who, must_exist=True)
-    recipe = read_json(path / RECIPE_FILE, who)
-    if recipe.get("format") != FORMAT:
-        hint = (" It looks like a PEFT adapter: use surgery.import_peft."
-                if (path / "adapter_config.json").is_file() else "")
-        raise CheckpointError(f"{who}: {str(path / RECIPE_FILE)!r} is not an fx-surgery adapter "
-                              f"recipe (format {recipe.get('format')!r}).{hint}")
-    if not isinstance(recipe.get("version"), int) or recipe["version"] > VERSION:
-        raise CheckpointError(f"{who}: the checkpoint has format version "
-                              f"{recipe.get('version')!r}; this version of fx-surgery reads "
-                              f"up to {VERSION}. Way out: upgrade fx-surgery.")
-    _check_layout(recipe, who)
+    recipe = read_recipe(path, who)
     tensors = read_tensors(path / TENSORS_FILE, who)
-    listed = recipe["tensors"]
-    if set(tensors) != set(listed):
-        raise CheckpointError(
-            f"{who}: {TENSORS_FILE} and {RECIPE_FILE} disagree: "
-            + key_listing("tensors missing from the file", sorted(set(listed) - set(tensors)),
-                          tensors)
-            + key_listing("; tensors not in the recipe", sorted(set(tensors) - set(listed)),
-                          listed)
-            + ". One of the files was replaced or edited; save the checkpoint again.")
-    bad = [f"{k} ({list(t.shape)} in the file, {listed[k].get('shape')} listed)"
-           for k, t in tensors.items() if list(t.shape) != listed[k].get("shape")]
-    if bad:
-        raise CheckpointError(f"{who}: {len(bad)} tensor(s) have another shape in "
-                              f"{TENSORS_FILE} than in {RECIPE_FILE}: {_few(bad)}. One of the "
-                              f"files was replaced or edited; save the checkpoint again.")
+    check_listing(recipe, {k: (list(t.shape), dtype_name(t.dtype)) for k, t in tensors.items()},
+                  who)
     return recipe, tensors
-
-
-def _check_layout(recipe: dict[str, Any], who: str) -> None:
-    """The recipe's entries have the types :func:`surgery.save_adapters` writes.
-
-    Raises:
-        CheckpointError: naming the first entry that does not.
-    """
-    def bad(what: str) -> CheckpointError:
-        return CheckpointError(f"{who}: the recipe's {what} is malformed; the file is corrupt "
-                               f"or was edited. Way out: save the checkpoint again.")
-
-    for key, kind in (("steps", list), ("adapters", dict), ("tensors", dict), ("base", dict)):
-        if not isinstance(recipe.get(key), kind):
-            raise bad(f"{key!r} entry")
-    for i, step in enumerate(recipe["steps"]):
-        if not (isinstance(step, dict) and isinstance(step.get("pass"), str)
-                and isinstance(step.get("config"), dict)):
-            raise bad(f"step {i}")
-    for name, info in recipe["adapters"].items():
-        if not isinstance(info, dict):
-            raise bad(f"entry of adapter {name!r}")
-    for key, info in recipe["tensors"].items():
-        if not (isinstance(info, dict) and isinstance(info.get("shape"), list)
-                and isinstance(info.get("ties", []), list)):
-            raise bad(f"entry of tensor {key!r}")
-    spec = recipe.get("example_inputs")
-    if spec is None:
-        return
-    args, kwargs = (spec.get("args", []), spec.get("kwargs", {})) if isinstance(spec, dict) else (
-        None, None)
-    if not (isinstance(args, list) and isinstance(kwargs, dict)
-            and all(isinstance(item, dict) for item in [*args, *kwargs.values()])):
-        raise bad("'example_inputs' entry")
-
-
-def key_listing(what: str, keys: list[str], present: Collection[str]) -> str:
-    """``"<what> (N): k1, k2, ... (nearest present: ...)"`` or ``""`` when ``keys`` is empty."""
-    if not keys:
-        return ""
-    near = near_matches(keys[0], present, n=3)
-    return (f"{what} ({len(keys)}): {_few(keys)}"
-            + (f" (nearest present to {keys[0]!r}: {', '.join(near)})" if near else ""))
-
-
-def _few(items: list[str], n: int = 5) -> str:
-    return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
 
 
 def _kept(recipe: dict[str, Any], names: str | Collection[str] | None, who: str) -> set[str]:
@@ -133,6 +62,9 @@ def _kept(recipe: dict[str, Any], names: str | Collection[str] | None, who: str)
         raise ConfigError(f"{who}: names must be an adapter name, a list of them or None (all), "
                           f"got {names!r}")
     wanted = list(wanted)
+    if not wanted:
+        raise ConfigError(f"{who}: names is an empty list; give adapter names, or None to load "
+                          f"all of them ({', '.join(map(repr, present))}).")
     missing = [n for n in wanted if n not in present]
     if missing or not wanted:
         near = ", ".join(map(repr, near_matches(missing[0] if missing else "", present)))
@@ -205,9 +137,19 @@ def load_adapters(base_model: nn.Module, directory: str | os.PathLike[str],
         ConfigError: ``names`` is not a name, a list of names or ``None``.
     """
     who = "load_adapters"
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ConfigError(f"{who}: dtype must be a floating-point torch.dtype (torch.float32, "
+                          f"torch.bfloat16, ...) or None, got {dtype!r}")
     recipe, tensors = read_checkpoint(directory, who)
     keep = _kept(recipe, names, who)
     base = unwrap(base_model)[0]
+    on_meta = [n for n, t in base.state_dict(keep_vars=True).items() if t.is_meta]
+    if on_meta:
+        raise CheckpointError(f"{who}: the base has {len(on_meta)} tensor(s) on the meta device "
+                              f"({few(on_meta, 3)}): they hold no values, so adapters loaded "
+                              f"onto it could not run. Way out: materialise the base first "
+                              f"(model.to_empty(device=...) and load its weights), then load "
+                              f"the adapters.")
     diffs = fingerprint_differences(recipe["base"], fingerprint(base))
     if diffs:
         raise CheckpointError(f"{who}: the checkpoint was saved from another architecture "
@@ -269,7 +211,8 @@ def _fill(model: nn.Module, tensors: dict[str, Tensor], wanted: dict[str, Any], 
           before: set[str], dtype: torch.dtype | None, who: str) -> None:
     """Put the checkpoint's tensors into the homes the last step made."""
     now = adapter_state(model)
-    mismatched = []
+    mismatched: list[str] = []
+    wrong_dtype: list[str] = []
     for key, entry in now.items():
         if key in before or key in loaded or key not in wanted:
             continue
@@ -280,6 +223,10 @@ def _fill(model: nn.Module, tensors: dict[str, Tensor], wanted: dict[str, Any], 
             continue
         if dtype is not None and value.is_floating_point():
             value = value.to(dtype)
+        if value.is_floating_point() and value.dtype != entry.tensor.dtype:
+            wrong_dtype.append(f"{key} ({dtype_name(value.dtype)}, the layer here is "
+                               f"{dtype_name(entry.tensor.dtype)})")
+            continue
         value = value.to(entry.tensor.device)
         assign(model, key, value)
         if not isinstance(entry.tensor, nn.Parameter):  # a tied buffer is replaced under each key
@@ -288,7 +235,14 @@ def _fill(model: nn.Module, tensors: dict[str, Tensor], wanted: dict[str, Any], 
         loaded.add(key)
     if mismatched:
         raise CheckpointError(f"{who}: {len(mismatched)} tensor(s) do not fit their place: "
-                              f"{_few(mismatched)}. Nothing was loaded.")
+                              f"{few(mismatched)}. Nothing was loaded.")
+    if wrong_dtype:
+        wanted_dtype = dtype_name(next(iter(now.values())).tensor.dtype)
+        raise CheckpointError(
+            f"{who}: {len(wrong_dtype)} tensor(s) are in another dtype than the layers they "
+            f"adapt, and would fail at the first forward: {few(wrong_dtype)}. Nothing was "
+            f"loaded. Way out: load_adapters(..., dtype=torch.{wanted_dtype}) to cast them, "
+            f"or cast the base to the checkpoint's dtype first.")
 
 
 def _check_complete(model: nn.Module, wanted: dict[str, Any], loaded: set[str],
@@ -314,7 +268,7 @@ def _check_ties(model: nn.Module, wanted: dict[str, Any], who: str) -> None:
     if broken:
         raise CheckpointError(
             f"{who}: {len(broken)} tensor(s) were tied in the saved model and are not in this "
-            f"base: {_few(broken)}; loading would leave the second key at the base's values. "
+            f"base: {few(broken)}; loading would leave the second key at the base's values. "
             f"Way out: tie them in the base first (transformers: tie_word_embeddings=True, "
             f"model.tie_weights()).")
 

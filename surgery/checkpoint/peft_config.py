@@ -142,6 +142,17 @@ def read_peft_config(directory: Path, who: str) -> PeftSettings:
             or that fx-surgery cannot reproduce (see :func:`parse_peft_config`).
     """
     path = directory / CONFIG_NAME
+    if not path.is_file() and directory.is_dir():
+        nested = sorted(p.name for p in directory.iterdir() if (p / CONFIG_NAME).is_file())
+        if nested:
+            raise CheckpointError(
+                f"{who}: {str(directory)!r} has no {CONFIG_NAME} of its own, but its "
+                f"subdirectories {nested} do (PEFT saves adapters other than 'default' there). "
+                f"Way out: pass {str(directory / nested[0])!r}.")
+        if (directory / "surgery_config.json").is_file():
+            raise CheckpointError(f"{who}: {str(directory)!r} is an fx-surgery checkpoint, not a "
+                                  f"PEFT adapter. Way out: surgery.load_adapters(base_model, "
+                                  f"{str(directory)!r}).")
     return parse_peft_config(read_json(path, who), who, source=str(path))
 
 

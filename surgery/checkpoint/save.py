@@ -40,6 +40,7 @@ from surgery.errors import (
     AdapterNotFoundError,
     CheckpointError,
     ConfigError,
+    few,
     near_matches,
 )
 
@@ -92,6 +93,12 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike[str],
     keep = _names(who, names, inventory)
     tensors = {k: t for k, t in adapter_state(model).items()
                if t.adapter is None or keep is None or t.adapter in keep}
+    on_meta = [k for k, t in tensors.items() if t.tensor.is_meta]
+    if on_meta:
+        raise CheckpointError(f"{who}: {len(on_meta)} adapter tensor(s) are on the meta device "
+                              f"({few(on_meta, 3)}) and hold no values to save. Way out: "
+                              f"materialise the model (to_empty(device=...)) and set or train "
+                              f"the adapters first.")
     steps = recipe_steps(model, keep, who)
     _warn_unsaved(model, tensors)
     state = model._surgery

@@ -22,6 +22,7 @@ from checkpoint_cases import perturb
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+import surgery
 from passes.stack import AdapterStack
 from surgery import (
     AdapterNotFoundError,
@@ -34,7 +35,9 @@ from surgery import (
     load_adapters,
     save_adapters,
 )
+from surgery.checkpoint.inspect import inspect_checkpoint
 from surgery.checkpoint.save import INPUTS_FILE, RECIPE_FILE, TENSORS_FILE
+from surgery.cli import main
 from surgery.zoo import ConvNet, TinyConfig, TinyTransformer, load_model
 
 QV = ["q_proj", "v_proj"]
@@ -123,12 +126,29 @@ def test_unexpected_keys(zoo, ckpt, snapshot) -> None:
             r"'layers.0.attn.q_proj.lora_C.a.weight': layers.0.attn.q_proj.lora_A.a.weight")
 
 
+def test_dtype_edited_in_the_file(zoo, ckpt, snapshot) -> None:
+    edit_tensors(ckpt, lambda t: t.update({KEY: t[KEY].half()}))
+    refused(zoo.spec("builtin").model, ckpt, snapshot,
+            r"layers.0.attn.q_proj.lora_A.a.weight \(\[4, 64\] float16 in the file, \[4, 64\] "
+            r"float32 listed\)")
+
+
+def test_dtype_other_than_the_layers_is_refused_with_the_cast_to_ask_for(zoo, ckpt,
+                                                                        snapshot) -> None:
+    edit_tensors(ckpt, lambda t: t.update({KEY: t[KEY].half()}))
+    edit_recipe(ckpt, lambda r: r["tensors"][KEY].update(dtype="float16"))
+    refused(zoo.spec("builtin").model, ckpt, snapshot,
+            r"1 tensor\(s\) are in another dtype than the layers they adapt.*"
+            r"lora_A.a.weight \(float16, the layer here is float32\).*"
+            r"dtype=torch.float32")
+
+
 def test_shape_mismatch(zoo, ckpt, snapshot) -> None:
     edit_tensors(ckpt, lambda t: t.update({KEY: torch.ones(3, 64)}))
     refused(zoo.spec("builtin").model, ckpt, snapshot,
-            r"1 tensor\(s\) have another shape in adapters.safetensors than in "
-            r"surgery_config.json: layers.0.attn.q_proj.lora_A.a.weight \(\[3, 64\] in the "
-            r"file, \[4, 64\] listed\)")
+            r"1 tensor\(s\) have another shape or dtype in adapters.safetensors than in "
+            r"surgery_config.json: layers.0.attn.q_proj.lora_A.a.weight \(\[3, 64\] float32 "
+            r"in the file, \[4, 64\] float32 listed\)")
     edit_recipe(ckpt, lambda r: r["tensors"][KEY].update(shape=[3, 64]))  # both edited
     refused(zoo.spec("builtin").model, ckpt, snapshot,
             r"1 tensor\(s\) do not fit their place: layers.0.attn.q_proj.lora_A.a.weight "
@@ -209,8 +229,11 @@ def test_another_format_or_a_newer_version(zoo, ckpt, snapshot) -> None:
     edit_recipe(ckpt, lambda r: r.update(format="something-else", version=1))
     refused(zoo.spec("builtin").model, ckpt, snapshot,
             r"is not an fx-surgery adapter recipe \(format 'something-else'\)\.$")
+    (ckpt / "surgery_config.json").unlink()
     (ckpt / "adapter_config.json").write_text("{}")  # a PEFT directory: say so
-    refused(zoo.spec("builtin").model, ckpt, snapshot, r"It looks like a PEFT adapter")
+    refused(zoo.spec("builtin").model, ckpt, snapshot,
+            r"holds a PEFT adapter \(adapter_config.json\), not an fx-surgery checkpoint.*"
+            r"surgery.import_peft")
 
 
 def test_unknown_pass_in_the_recipe(zoo, ckpt, snapshot) -> None:
@@ -367,3 +390,69 @@ def test_recipe_that_cannot_be_json(adapted, ckpt, monkeypatch) -> None:
     with pytest.raises(CheckpointError, match=r"cannot be written as JSON .*Nothing was written"):
         save_adapters(adapted, ckpt)
     assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
+
+
+# ---- devices, arguments, paths, and inspect on broken files --------------------------------
+
+
+def test_a_base_on_the_meta_device_is_refused(zoo, ckpt, snapshot) -> None:
+    with torch.device("meta"):
+        meta = load_model("builtin").model
+    with pytest.raises(CheckpointError, match=r"on the meta device.*to_empty"):
+        load_adapters(meta, ckpt)
+
+
+def test_saving_adapters_on_the_meta_device_is_refused(tmp_path: Path) -> None:
+    with torch.device("meta"):
+        meta = apply_passes(load_model("builtin").model, [LoRAPass(pattern=QV)])
+    with pytest.raises(CheckpointError, match=r"on the meta device .* hold no values to save"):
+        save_adapters(meta, tmp_path / "out")
+    assert not (tmp_path / "out" / TENSORS_FILE).exists()
+
+
+@pytest.mark.parametrize("dtype", ["float16", torch.int8])
+def test_dtype_must_be_a_floating_torch_dtype(zoo, ckpt, dtype) -> None:
+    with pytest.raises(ConfigError, match=r"dtype must be a floating-point torch.dtype"):
+        load_adapters(zoo.spec("builtin").model, ckpt, dtype=dtype)
+
+
+def test_empty_names_is_a_config_error(zoo, ckpt, adapted, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"names is an empty list.*'a', 'b'"):
+        load_adapters(zoo.spec("builtin").model, ckpt, names=[])
+    with pytest.raises(ConfigError, match=r"export_peft: names is an empty list"):
+        surgery.export_peft(adapted, tmp_path / "peft", names=[])
+
+
+def test_a_directory_under_a_file_is_a_checkpoint_error(adapted, tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(CheckpointError, match=r"cannot create the checkpoint directory"):
+        save_adapters(adapted, tmp_path / "afile" / "sub")
+
+
+def test_import_peft_points_at_the_right_loader_or_subfolder(zoo, ckpt, tmp_path: Path) -> None:
+    base = zoo.spec("builtin").model
+    with pytest.raises(CheckpointError, match=r"an fx-surgery checkpoint.*load_adapters"):
+        surgery.import_peft(base, ckpt)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "adapter_config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"subdirectories \['other'\] do.*other'"):
+        surgery.import_peft(base, tmp_path)
+
+
+def test_inspect_lists_problems_of_a_broken_checkpoint(ckpt, capsys) -> None:
+    edit_tensors(ckpt, lambda t: t.update({KEY: t[KEY].half()}))
+    edit_recipe(ckpt, lambda r: r["steps"].append({"pass": "nonexistent", "config": {}}))
+    summary = inspect_checkpoint(ckpt)
+    assert not summary.ok and len(summary.problems) == 2
+    assert "float16 in the file" in summary.problems[0]
+    assert summary.problems[1].startswith("step 2:") and "nonexistent" in summary.problems[1]
+    assert main(["inspect", str(ckpt)]) == 2
+    assert "problem: " in capsys.readouterr().out
+
+
+def test_inspect_of_a_malformed_recipe_is_a_clean_error(ckpt, capsys) -> None:
+    edit_recipe(ckpt, lambda r: r.update(steps=None))
+    with pytest.raises(CheckpointError, match=r"the recipe's 'steps' entry is malformed"):
+        inspect_checkpoint(ckpt)
+    assert main(["inspect", str(ckpt)]) == 2
+    assert "CheckpointError" in capsys.readouterr().err

@@ -98,3 +98,20 @@ def test_cli_missing_directory_is_a_clean_error(tmp_path: Path,
     assert main(["inspect", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("surgery: error: CheckpointError:") and "no directory" in err
+
+
+def test_cli_factory_builds_the_users_own_model(ours: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "my_models.py").write_text(
+        "from surgery.zoo import load_model\n"
+        "def gpt2():\n    return load_model('hf:gpt2').model\n"
+        "def not_a_model():\n    return 3\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["inspect", str(ours), "--factory", "my_models:gpt2"]) == 0
+    assert "fits the model given: yes" in capsys.readouterr().out
+    assert main(["inspect", str(ours), "--factory", "my_models:not_a_model"]) == 2
+    assert "returned a int, not an nn.Module" in capsys.readouterr().err
+    assert main(["inspect", str(ours), "--factory", "my_models"]) == 2
+    assert "takes MODULE:FUNCTION" in capsys.readouterr().err
