@@ -14,8 +14,8 @@ from torch import nn
 
 from surgery.errors import RenderError
 from surgery.sites.marker import AdapterModule
-from visualize.dot import default_title
 from visualize.diff_nodes import node_diff
+from visualize.dot import default_title
 from visualize.graph import param_totals
 from visualize.html import diff_html
 from visualize.options import RenderOptions

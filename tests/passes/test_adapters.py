@@ -16,8 +16,6 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from adapter_cases import (
     MLP,
     PROJ,
@@ -32,6 +30,8 @@ from adapter_cases import (
     set_random,
 )
 from helpers import Shared
+from torch import nn
+
 from passes.adapters import ParallelAdapterPass, SerialAdapterPass
 from passes.bottleneck import BottleneckAdapter
 from surgery import (
@@ -46,7 +46,6 @@ from surgery import (
     named_trainable_parameters,
     plan,
 )
-
 
 # ---- the invariant table --------------------------------------------------------------------
 

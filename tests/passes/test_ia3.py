@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from adapter_cases import MLP as ResidualMLP
 from torch import nn
 
-from adapter_cases import MLP as ResidualMLP
 from passes.modules import IA3Vector
 from surgery import (
-    TraceError,
     ConfigError,
     IA3Pass,
     LoRAPass,
     NoMatchError,
+    TraceError,
     apply_passes,
     named_trainable_parameters,
 )

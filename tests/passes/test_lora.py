@@ -8,9 +8,9 @@ import operator
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import Shared
 from torch import nn
 
-from helpers import Shared
 from passes.modules import LoRADropout, LoRAProjection
 from surgery import (
     AlreadyAdaptedError,

@@ -16,9 +16,9 @@ import pickle
 
 import pytest
 import torch
+from helpers import Shared, randomize_adapters
 from torch import fx, nn
 
-from helpers import Shared, randomize_adapters
 from passes.merge import (
     MERGED_KEY,
     MergeIA3Pass,
@@ -42,7 +42,12 @@ from surgery import (
     trainable_parameters,
 )
 from surgery.sites.params import adapter_parameters
-from surgery.sites.rewrite import insert_after, mark, register_adapter, replace_uses_after
+from surgery.sites.rewrite import (
+    insert_after,
+    mark,
+    register_adapter,
+    replace_uses_after,
+)
 from surgery.sites.site_graph import SiteGraph, base_module, site_graph_at, site_graphs
 
 TABLE = ["builtin:tiny", "hf:gpt2", "hf:llama", "hf:bert"]

@@ -11,13 +11,18 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from adapter_cases import PROJ, PreLNBlock, adapted_zoo, branch, lora_update, set_random
 from torch import nn
 
-from adapter_cases import PROJ, PreLNBlock, adapted_zoo, branch, lora_update, set_random
 from passes.adapters import SerialAdapterPass
 from passes.parallel_adapter import ParallelAdapterPass
-from surgery import LoRAPass, NoMatchError, SiteGraph, UnsupportedSiteError, apply_passes
-
+from surgery import (
+    LoRAPass,
+    NoMatchError,
+    SiteGraph,
+    UnsupportedSiteError,
+    apply_passes,
+)
 
 # ---- transformers models --------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
+from prefix_cases import WithMixer
 from torch import nn
 
 from passes.prefix import (
@@ -34,7 +35,6 @@ from surgery import (
     named_trainable_parameters,
     trace,
 )
-from prefix_cases import WithMixer
 from surgery.sites.site_graph import SiteGraph, site_graphs
 from surgery.zoo import TinyConfig, TinyTransformer
 

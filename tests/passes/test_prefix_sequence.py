@@ -7,13 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from prefix_cases import WithMixer
 from torch import nn
 
 from passes.prefix import PrefixPass
-from prefix_cases import WithMixer
 from surgery import UnsupportedSiteError, apply_passes, named_trainable_parameters
 from surgery.sites.site_graph import SiteGraph
-
 
 # ---- sequence mode ------------------------------------------------------------------------
 

@@ -27,7 +27,12 @@ from surgery import (
     MergeError,
     apply_passes,
 )
-from surgery.adapters.active import active_adapters, disable_adapters, is_disabled, set_active
+from surgery.adapters.active import (
+    active_adapters,
+    disable_adapters,
+    is_disabled,
+    set_active,
+)
 
 PASSES = [
     LoRAPass(role=["query", "key", "value", "attn_out"], rank=4, name="a"),

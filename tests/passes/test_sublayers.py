@@ -10,9 +10,9 @@ from collections import OrderedDict
 import pytest
 import torch
 import torch.nn.functional as F
+from adapter_cases import PROJ, adapted_zoo, adapter_params, branch, set_random
 from torch import nn
 
-from adapter_cases import PROJ, adapted_zoo, adapter_params, branch, set_random
 from passes.adapters import ParallelAdapterPass, SerialAdapterPass
 from passes.bottleneck import BottleneckAdapter
 from passes.sublayers import SubLayer, find_sublayers, is_sublayer_module
@@ -23,7 +23,6 @@ from surgery import (
     apply_passes,
     named_trainable_parameters,
 )
-
 
 # ---- sub-layers by role ---------------------------------------------------------------------
 

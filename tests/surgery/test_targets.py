@@ -7,11 +7,16 @@ from __future__ import annotations
 import warnings
 
 import pytest
+import torch
 from torch import nn
 
-import torch
-
-from surgery import LoRAPass, NoMatchError, UnsupportedSiteError, apply_passes, list_targets
+from surgery import (
+    LoRAPass,
+    NoMatchError,
+    UnsupportedSiteError,
+    apply_passes,
+    list_targets,
+)
 from surgery.map.leaves import is_linear_like
 from surgery.sites.features import layer_features, warn_rank_exceeds
 from surgery.targets import candidate_sites, resolve_sites

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from viz_models import SITE, TinyNet, example_ids
 
 from surgery import LoRAPass, apply_passes
 from surgery.map.trace import trace
-from viz_models import SITE, TinyNet, example_ids
 
 
 @pytest.fixture

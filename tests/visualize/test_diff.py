@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 from torch import nn
+from viz_models import SITE, D, TinyNet, example_ids, renderer_works, wrap_by_hand
 
 from surgery import LoRAPass, apply_passes
 from surgery.pass_base import Change, PassResult
-from viz_models import D, SITE, TinyNet, example_ids, renderer_works, wrap_by_hand
 from visualize import (
     DiffReport,
     MissingRendererWarning,

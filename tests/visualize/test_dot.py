@@ -21,11 +21,11 @@ import networkx as nx
 import pytest
 import torch
 from torch import nn
+from viz_models import IDS_SHAPE, SITE, TinyNet, example_ids
 
 from surgery import LoRAPass, apply_passes
 from surgery.errors import ConfigError
 from surgery.zoo import TinyConfig, TinyTransformer
-from viz_models import IDS_SHAPE, SITE, TinyNet, example_ids
 from visualize import Palette, RenderOptions, to_dot, to_networkx
 from visualize.dot import format_count, format_shape, quote
 

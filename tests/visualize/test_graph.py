@@ -7,11 +7,11 @@ import networkx as nx
 import pytest
 import torch
 from torch import nn
+from viz_models import IDS_SHAPE, SITE, D, TinyNet, example_ids, wrap_by_hand
 
 from surgery import IA3Pass, LoRAPass, apply_passes
 from surgery.map.trace import trace
 from surgery.pass_base import Change, PassResult
-from viz_models import D, IDS_SHAPE, SITE, TinyNet, example_ids, wrap_by_hand
 from visualize import to_networkx
 
 FX_IDS = [

@@ -10,8 +10,8 @@ import warnings
 from pathlib import Path
 
 import pytest
-
 from viz_models import TinyNet, example_ids, renderer_works
+
 from surgery.errors import ConfigError, RenderError
 from visualize import MissingRendererWarning, RenderOptions, render, to_networkx
 

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from viz_models import renderer_works
 
 import visualize.pictures
 from surgery import LoRAPass, apply_passes
 from surgery.errors import ConfigError
-from viz_models import renderer_works
 from visualize import (
     LayoutSkippedWarning,
     MissingRendererWarning,
@@ -322,7 +322,7 @@ def test_diff_report_says_why_no_image(deep, layout: _FakeLayout, tmp_path: Path
     assert sorted(p.name for p in rep.files) == ["after.dot", "before.dot", "diff.html", "diff.md"]
     page = (tmp_path / "diff.html").read_text(encoding="utf-8")
     assert "before.svg not drawn: the diagram has" in page and "max_layout_nodes=None" in page
-    assert f"Note: after.svg not drawn" in rep.to_markdown()
+    assert "Note: after.svg not drawn" in rep.to_markdown()
     assert len(rep.added) == 200 and len(rep.nodes_added) == 500
 
 

@@ -7,9 +7,9 @@ import pickle
 
 import pytest
 import torch
+from helpers import randomize_adapters
 from torch import nn
 
-from helpers import randomize_adapters
 from passes.merge import MergeLoRAPass, merged_adapters
 from surgery import (
     AdapterModule,
@@ -24,8 +24,8 @@ from surgery import (
     set_active,
 )
 from surgery.adapters.combine import combine_adapters
-from surgery.audit import audit
 from surgery.adapters.unload import unload
+from surgery.audit import audit
 
 SITES = [f"layers.{i}.attn.{p}_proj" for i in range(2) for p in "qv"]
 

@@ -7,9 +7,9 @@ import pickle
 
 import pytest
 import torch
+from helpers import randomize_adapters
 from torch import nn
 
-from helpers import randomize_adapters
 from passes.merge import MergeIA3Pass, MergeLoRAPass
 from surgery import (
     AdapterModule,

@@ -175,7 +175,6 @@ def test_a_classification_head_is_not_a_feed_forward_block(zoo) -> None:
 
 def test_roles_of_an_adapted_model_are_those_of_its_layers(zoo) -> None:
     from surgery import IA3Pass, LoRAPass, apply_passes
-
     from surgery.targets import model_roles
 
     adapted = apply_passes(zoo.spec("builtin:tiny").model, [LoRAPass(pattern="attn.*"), IA3Pass()])

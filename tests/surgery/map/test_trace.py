@@ -8,9 +8,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import MaskedMLP
 from torch import fx, nn
 
-from helpers import MaskedMLP
 from surgery import IA3Pass, LoRAPass, TraceError, apply_passes, list_targets, trace
 from surgery.map.graphs import call_sites, graph_modules
 from surgery.map.trace import is_map
