@@ -27,6 +27,7 @@ __all__ = ["recipe_steps", "step_adapter", "rebuild_step"]
 
 _CREATES = ("name", "adapter_name")  # the config key naming the adapter a step creates
 _NARROWS = "names"  # the config key of steps acting on existing adapters (merge, eject)
+_DELETE = "delete_adapter"  # the step that removes adapters (surgery.adapters.delete)
 
 
 def step_adapter(config: dict[str, Any]) -> str | None:
@@ -71,7 +72,53 @@ def recipe_steps(model: nn.Module, names: Collection[str] | None, who: str) -> l
             config[_NARROWS] = touched  # exactly what it acted on
         steps.append({"pass": result.step.name, "config": config, "adapters": touched,
                       "sites": result.sites})
-    return steps
+    return _drop_deleted(steps)
+
+
+def _drop_deleted(steps: list[dict]) -> list[dict]:
+    """The steps without the adapters a later ``"delete_adapter"`` step removed.
+
+    An adapter deleted and then added again under the same name has, in the checkpoint,
+    only the tensors of its last incarnation; the steps of the earlier one (and the
+    deletion) are left out, so that loading fills the adapter that survives. The steps of
+    a deleted adapter another one was combined from are kept (the combination replays
+    from them).
+    """
+    out = [dict(s, config=dict(s["config"])) for s in steps]
+    dropped: set[int] = set()
+    for j, step in enumerate(out):
+        if step["pass"] != _DELETE:
+            continue
+        gone = []
+        for name in _listed(step["config"]):
+            if any(name in [pair[0] for pair in out[i]["config"].get("weights") or ()]
+                   for i in range(j) if i not in dropped):
+                continue  # a source of a combination: its steps replay
+            for i in range(j):
+                config = out[i]["config"]
+                if i in dropped:
+                    continue
+                if step_adapter(config) == name:
+                    dropped.add(i)
+                elif name in _listed(config):
+                    config[_NARROWS] = [n for n in _listed(config) if n != name]
+                    out[i]["adapters"] = [n for n in out[i]["adapters"] if n != name]
+                    if not config[_NARROWS]:
+                        dropped.add(i)
+            gone.append(name)
+        step["config"][_NARROWS] = [n for n in _listed(step["config"]) if n not in gone]
+        step["adapters"] = [n for n in step["adapters"] if n not in gone]
+        if not step["config"][_NARROWS]:
+            dropped.add(j)
+    return [s for i, s in enumerate(out) if i not in dropped]
+
+
+def _listed(config: dict[str, Any]) -> list[str]:
+    """The adapter names a step acting on existing adapters names (``[]`` for others)."""
+    names = config.get(_NARROWS)
+    if isinstance(names, str):
+        return [names]
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
 
 
 def _check_sources(step: Pass, config: dict[str, Any], names: Collection[str], who: str) -> None:

@@ -13,6 +13,7 @@ import importlib
 import pkgutil
 
 import surgery.adapters.combine  # noqa: F401  (registers "combine_lora")
+import surgery.adapters.delete  # noqa: F401  (registers "delete_adapter")
 from surgery.pass_base import Pass, pass_class
 
 __all__ = ["known_pass"]

@@ -1,0 +1,217 @@
+"""Deleting a named adapter from an adapted model.
+
+::
+
+    adapted = apply_passes(model, [LoRAPass(name="a"), IA3Pass(name="b")])
+    only_a = surgery.delete_adapter(adapted, "b")     # as if IA3Pass(name="b") never ran
+
+Every module of the adapter (found by type, :class:`~surgery.sites.marker.AdapterModule`,
+and its ``adapter_name``) leaves the model, with its parameters and buffers, and every node
+of it (tagged ``node.meta["surgery"]``) leaves the site graphs: what read the adapter's node
+on the layer's path (LoRA's or a bottleneck's ``add``, an IA³ scaling, a sequence prefix)
+reads that node's first argument again, as :func:`surgery.adapters.fold_nodes.remove_adapter`
+does for a merge. Slots left empty (``lora_A`` with no adapter in it) go too. Nothing else
+changes: other adapters keep their parameter objects and values, flags and nodes.
+
+A site graph left with no adapter stays a site graph: it computes the base layer with the
+same operations in the same order (bitwise the base), its state-dict keys are the base
+layer's, and a later pass or :func:`surgery.unload` treats it as any other site graph.
+
+The deletion is a step of the model's history (a pass named ``"delete_adapter"``), so that
+:func:`surgery.save_adapters` / :func:`surgery.load_adapters` replay it in order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import fx, nn
+
+from surgery.adapters.active import merged_names, resolve_names
+from surgery.adapters.fold_layout import Key, adapter_nodes, key_of
+from surgery.adapters.fold_nodes import check_removable
+from surgery.adapters.merge_state import UNMERGE_PASS, label
+from surgery.errors import ConfigError, MergeError, UnsupportedSiteError
+from surgery.pass_base import Change, Pass, PassResult
+from surgery.sites.marker import AdapterModule
+from surgery.sites.site_graph import SiteGraph, site_graphs
+
+__all__ = ["delete_adapter"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class _DeleteAdapterPass(Pass):
+    """Remove every module and graph node of the adapters ``names``."""
+
+    name: ClassVar[str] = "delete_adapter"
+
+    names: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        names = self.names
+        if isinstance(names, str):
+            names = (names,)
+        if not isinstance(names, (list, tuple)) or not names \
+                or not all(isinstance(n, str) for n in names):
+            raise ConfigError(f"delete_adapter: names must be a non-empty list of adapter names, "
+                              f"got {self.names!r}")
+        object.__setattr__(self, "names", tuple(names))
+
+    def run(self, model: nn.Module) -> PassResult:
+        resolve_names("delete_adapter", model, list(self.names))
+        _refuse_merged(model, self.names)
+        wanted = set(self.names)
+        # every check before any edit: the model is left alone if one fails
+        edits = [(qname, sg, key, *_removable(sg, key))
+                 for qname, sg in site_graphs(model) for key in _keys(sg, wanted)]
+        modules = _modules_of(model, wanted)
+        changes: list[Change] = []
+        for qname, sg, key, nodes, main in edits:
+            for node in nodes:
+                changes.append(Change("node_removed", self.name, qname, f"{qname}/{node.name}",
+                                      adapter=key[1], role=node.meta["surgery"].get("role"),
+                                      detail=f"{label(*key)} deleted"))
+            main.replace_all_uses_with(main.args[0])
+            for node in reversed(nodes):
+                sg.graph.erase_node(node)
+        for qname, parent, slot, mod in modules:
+            changes.append(Change("module_removed", self.name, mod.site, qname,
+                                  adapter=mod.adapter_name, role=mod.role,
+                                  detail=f"{type(mod).__name__} deleted"))
+            changes += [Change("param_removed", self.name, mod.site, f"{qname}.{pname}",
+                               adapter=mod.adapter_name, role=mod.role, shape=tuple(p.shape),
+                               numel=p.numel()) for pname, p in mod.named_parameters()]
+            del parent._modules[slot]
+        _drop_empty_slots(model, {id(parent) for _, parent, _, _ in modules})
+        state = getattr(model, "_surgery", None)
+        if state is not None and state.active is not None:
+            state.active = set(state.active) - wanted
+        return PassResult(model, bool(changes), tuple(changes), self.name)
+
+
+def _refuse_merged(model: nn.Module, names: tuple[str, ...]) -> None:
+    merged = merged_names(model)
+    for name in names:
+        if name in merged:
+            where = merged[name]
+            kinds = sorted({w.partition("@")[0] for w in where})
+            unmerge = ", ".join(f"{UNMERGE_PASS.get(k, 'an unmerge pass')}(names=[{name!r}])"
+                                for k in kinds)
+            more = f" and {len(where) - 1} more" if len(where) > 1 else ""
+            raise MergeError(
+                f"delete_adapter: adapter {name!r} is merged into the weights "
+                f"({where[0].partition('@')[2]}{more}); deleting its modules would leave its "
+                f"update in the weights with no way to take it out. Way out: unmerge it "
+                f"first, apply_passes(model, [{unmerge}]), then delete it.")
+
+
+def _keys(sg: SiteGraph, wanted: set[str]) -> list[Key]:
+    """The adapters of ``wanted`` with nodes in ``sg``'s own graph, in graph order."""
+    keys: dict[Key, None] = {}
+    for node in sg.graph.nodes:
+        meta = node.meta.get("surgery")
+        if meta and meta.get("adapter") in wanted:
+            keys[key_of(node)] = None
+    return list(keys)
+
+
+def _removable(sg: SiteGraph, key: Key) -> tuple[list[fx.Node], fx.Node]:
+    """The adapter's nodes and its one node on the layer's path.
+
+    Raises:
+        UnsupportedSiteError: the adapter's nodes are not one side branch joined to the
+            layer's path by one node (a prefix rewritten into an attention op's arguments).
+    """
+    try:
+        return check_removable(sg, key)
+    except MergeError:
+        pass
+    nodes = adapter_nodes(sg, key)
+    site = sg.site or "the model"
+    raise UnsupportedSiteError(
+        f"delete_adapter: {label(*key)} at {site} is woven into the computation there "
+        f"({len(nodes)} nodes, {', '.join(n.name for n in nodes[:5])}, rewrite arguments of "
+        f"nodes that are not its own), so removing its nodes cannot give the original "
+        f"computation back. Way out: switch it off with surgery.set_active(model, [...other "
+        f"adapters]) (it then contributes nothing), or rebuild without it: "
+        f"surgery.load_adapters(base, directory, names=[...other adapters]).")
+
+
+def _modules_of(model: nn.Module, wanted: set[str]
+                ) -> list[tuple[str, nn.Module, str, AdapterModule]]:
+    """``(qualified name, parent, name in parent, module)`` of every adapter module of
+    ``wanted`` not inside another one, once per parent (a shared module is listed under
+    each parent holding it)."""
+    out: list[tuple[str, nn.Module, str, AdapterModule]] = []
+    seen: set[tuple[int, str]] = set()
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        for slot, child in module._modules.items():
+            if child is None:
+                continue
+            qname = f"{prefix}{slot}"
+            if isinstance(child, AdapterModule) and child.adapter_name in wanted:
+                if (id(module), slot) not in seen:
+                    seen.add((id(module), slot))
+                    out.append((qname, module, slot, child))
+                continue  # what it holds leaves with it
+            walk(child, qname + ".")
+
+    walk(model, "")
+    return out
+
+
+def _drop_empty_slots(model: nn.Module, parents: set[int]) -> None:
+    """Remove the ``nn.ModuleDict`` slots (``lora_A``, ``prefix``, ...) that the deletion
+    left empty from the modules holding them."""
+    for module in list(model.modules()):
+        for slot, child in list(module._modules.items()):
+            if isinstance(child, nn.ModuleDict) and id(child) in parents and not len(child):
+                del module._modules[slot]
+
+
+def delete_adapter(model: nn.Module, name: str, *, inplace: bool = False) -> nn.Module:
+    """The model without adapter ``name``: as PEFT's ``delete_adapter``.
+
+    Every module of the adapter, of any kind (LoRA, IA³, serial and parallel bottleneck
+    adapters, prefixes), leaves the model with its parameters (their keys leave the
+    ``state_dict``), and every node of it leaves the site graphs. The outputs then equal,
+    bit for bit, those of the same base adapted without that adapter (same other
+    adapters, same parameters); the other adapters' parameters are the same objects with
+    the same values, ``requires_grad`` and ``active`` flags. A site graph left with no
+    adapter stays a site graph computing exactly the base layer (its keys are the base
+    layer's); :func:`surgery.unload` makes it plain. The deletion is recorded in the
+    model's history as a ``"delete_adapter"`` step, so :func:`surgery.save_adapters` and
+    :func:`surgery.load_adapters` of the result round-trip. A prefix through transformers'
+    attention interface leaves its attention module with no prefix: the attention
+    function then calls the base one with the same arguments.
+
+    Args:
+        model: an adapted model (from :func:`surgery.apply_passes`).
+        name: the adapter to delete.
+        inplace: delete from ``model`` itself instead of a copy sharing its weights.
+
+    Returns:
+        The model without the adapter (a new object sharing ``model``'s weights, unless
+        ``inplace``); ``model`` is not changed unless ``inplace``.
+
+    Raises:
+        ConfigError: ``name`` is not a string.
+        AdapterNotFoundError: the model carries no adapter ``name`` (the names present are
+            listed, nearest first).
+        MergeError: the adapter is merged into the weights; the way out is to unmerge it
+            first (``UnmergeLoRAPass(names=[name])`` / ``UnmergeIA3Pass``).
+        UnsupportedSiteError: the adapter rewrote arguments of nodes that are not its own
+            (a prefix inside a hand-written attention module's site graph), so its nodes
+            cannot simply go.
+
+        Nothing is changed when it raises.
+    """
+    # runs the delete step on a copy, atomically
+    from surgery.apply import apply_passes
+
+    if not isinstance(name, str):
+        raise ConfigError(f"delete_adapter: name must be an adapter name (a string), got "
+                          f"{name!r}")
+    return apply_passes(model, [_DeleteAdapterPass(names=(name,))], inplace=inplace)
