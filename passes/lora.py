@@ -23,6 +23,16 @@ and alpha may differ from site to site (``rank_for`` / ``alpha_for``, as PEFT's
 ``rank_pattern`` / ``alpha_pattern``): each site graph then holds its own rank in the
 factors' shapes and its own scaling in the ``scale`` node.
 
+With ``use_dora=True`` (DoRA, :mod:`passes.dora`) the branch ends in the magnitude vector
+instead of ``scale``; it reads the weights it needs through ``get_attr`` nodes::
+
+        d = self.lora_dropout.default(input)
+        b = self.lora_B.default(self.lora_A.default(d))
+        w = self.weight;  wa = self.lora_A.default.weight;  wb = self.lora_B.default.weight
+        # n = ‖W + s·B A‖ per output row, held constant (detached) as in the paper and PEFT
+        u = self.lora_magnitude_vector.default(b, d, w, wa, wb)  # (m/n - 1)·W d + m/n·s·b
+        return linear + u
+
 Convolutions (``nn.Conv1d/2d/3d``) and embeddings (``nn.Embedding``) take the same branch
 with factors of their own kind (:mod:`passes.lora_layers`: ``lora_A`` a convolution with the
 layer's geometry; ``lora_embedding_A.<adapter>`` / ``lora_embedding_B.<adapter>`` on an
@@ -39,13 +49,15 @@ from typing import ClassVar, TypeVar
 
 from torch import fx, nn
 
+from passes.dora import DoRAMagnitude
 from passes.lora_layers import (
     is_plain_conv,
     is_plain_embedding,
     lora_branch,
     register_branch,
 )
-from surgery.errors import ConfigError, NoMatchError, near_matches
+from passes.modules import LoRAProjection
+from surgery.errors import ConfigError, NoMatchError, UnsupportedSiteError, near_matches
 from surgery.map.leaves import is_hf_conv1d
 from surgery.pass_base import Change, Pass, PassResult
 from surgery.select import Selector, as_patterns, compile_pattern, first_match, matches
@@ -54,6 +66,7 @@ from surgery.sites.rewrite import (
     freeze_site,
     insert_after,
     mark,
+    register_adapter,
     replace_uses_after,
     site_input,
 )
@@ -91,6 +104,23 @@ def _accept(module: nn.Module) -> bool:
 
 
 _TYPES = "nn.Linear / Conv1D / nn.Conv1d/2d/3d / nn.Embedding"
+
+
+def _refuse_dora_sites(sites: list[Site]) -> None:
+    """DoRA is computed here on ``nn.Linear`` and ``Conv1D`` only.
+
+    Raises:
+        UnsupportedSiteError: naming the first other site and its type, and the way out.
+    """
+    other = [s for s in sites if not _accept_linear(base_module(s.base))]
+    if other:
+        names = ", ".join(s.qname for s in other[:5])
+        kind = type(base_module(other[0].base)).__name__
+        raise UnsupportedSiteError(
+            f"LoRAPass(use_dora=True): {other[0].qname} is a {kind}; "
+            f"DoRA is supported on nn.Linear and transformers' Conv1D only, not on "
+            f"convolutions or embeddings (selected: {names}). Way out: exclude them "
+            f"(exclude=[...]) or adapt them with a second LoRAPass without use_dora.")
 
 
 _V = TypeVar("_V", int, float)
@@ -181,6 +211,13 @@ class LoRAPass(Pass):
         dropout: dropout probability on the branch input (0 = none).
         use_rslora: ``scaling = alpha / sqrt(r)`` (rank-stabilised LoRA), per site with that
             site's alpha and rank.
+        use_dora: weight-decomposed LoRA (DoRA, Liu et al. 2024; :mod:`passes.dora`): each
+            branch also learns a magnitude ``lora_magnitude_vector.<name>.weight`` ``(out,)``,
+            starting at ``‖W‖`` per output feature, and the layer computes
+            ``m / ‖W + s·B A‖ · (W + s·B A) x + b`` (the norm held constant in the backward
+            pass), as PEFT's ``use_dora=True``. ``nn.Linear`` and ``Conv1D`` only. At init
+            the output equals the layer's up to rounding (``m / ‖W‖`` is one within an
+            ulp), not bit for bit.
         init: ``"kaiming"`` (A Kaiming-uniform) or ``"gaussian"`` (A normal, std ``1/r``);
             ``B`` always starts at zero, so outputs are bitwise unchanged at init.
         name: adapter name; several named adapters can sit on one layer.
@@ -207,6 +244,8 @@ class LoRAPass(Pass):
             entry with a bad pattern, a repeated pattern, a rank that is not a positive int
             or an alpha that is not a positive finite number (at construction); a
             convolution whose ``groups`` does not divide its rank (when run).
+        UnsupportedSiteError: ``use_dora`` with a convolution or an embedding selected
+            (when run).
         NoMatchError: the selection matches nothing, or a ``rank_for`` / ``alpha_for`` key
             selects none of the selected sites (when run).
         AlreadyAdaptedError: a selected layer already has a LoRA adapter of this name (an
@@ -225,17 +264,19 @@ class LoRAPass(Pass):
     alpha_for: tuple[tuple[str, float], ...] = ()
     dropout: float = 0.0
     use_rslora: bool = False
+    use_dora: bool = False
     init: str = "kaiming"
     adapter_name: str = "default"
 
     def __init__(self, *, pattern: Selector = None, role: str | Sequence[str] | None = None,
                  exclude: Selector = None, rank: int = 8, alpha: float = 8.0,
                  rank_for: PerSite[int] = None, alpha_for: PerSite[float] = None,
-                 dropout: float = 0.0, use_rslora: bool = False, init: str = "kaiming",
-                 name: str = "default") -> None:
+                 dropout: float = 0.0, use_rslora: bool = False, use_dora: bool = False,
+                 init: str = "kaiming", name: str = "default") -> None:
         for key, val in (("pattern", pattern), ("role", role), ("exclude", exclude),
                          ("rank", rank), ("alpha", alpha), ("dropout", dropout),
-                         ("use_rslora", use_rslora), ("init", init), ("adapter_name", name)):
+                         ("use_rslora", use_rslora), ("use_dora", use_dora), ("init", init),
+                         ("adapter_name", name)):
             object.__setattr__(self, key, tuple(val) if isinstance(val, list) else val)
         object.__setattr__(self, "rank_for",
                            _per_site(rank_for, "rank_for", _check_rank, int))
@@ -255,6 +296,10 @@ class LoRAPass(Pass):
             raise ConfigError(f"LoRAPass: alpha must be a positive number, got {self.alpha!r}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ConfigError(f"LoRAPass: dropout must be in [0, 1), got {self.dropout!r}")
+        for flag in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"LoRAPass: {flag} must be True or False, got "
+                                  f"{getattr(self, flag)!r}")
         if self.init not in ("kaiming", "gaussian"):
             raise ConfigError(f"LoRAPass: init must be 'kaiming' or 'gaussian', got {self.init!r}")
         if not isinstance(self.adapter_name, str) or not self.adapter_name.isidentifier():
@@ -298,6 +343,8 @@ class LoRAPass(Pass):
         changes: list[Change] = []
         sites = self.sites(model)
         self._check_keys(model, sites)
+        if self.use_dora:
+            _refuse_dora_sites(sites)
         by_rank: dict[int, list[Site]] = {}
         for site in sites:
             by_rank.setdefault(self.rank_at(site.aliases), []).append(site)
@@ -345,17 +392,45 @@ class LoRAPass(Pass):
         x = site_input(sg)
         tag = dict(pass_name=self.name, site=qname, role=role, adapter=name)
 
+        branch = list(targets)
+
         def build() -> fx.Node:
             cur = x
-            for part, target, _ in targets:
+            for part, target, _ in branch:
                 cur = mark(graph.call_module(target, (cur,)), part=part, **tag)
             s = mark(graph.call_function(operator.mul, (cur, scaling)), part="scale", **tag)
             return mark(graph.call_function(operator.add, (base, s)), part="add", **tag)
 
-        out = insert_after(graph, base, build)
+        def build_dora() -> fx.Node:
+            called = []
+            cur = x
+            for part, target, _ in branch:
+                cur = mark(graph.call_module(target, (cur,)), part=part, **tag)
+                called.append(cur)
+            reads = [mark(graph.get_attr(t), part="dora_weight", **tag)
+                     for t in ("weight", f"lora_A.{name}.weight", f"lora_B.{name}.weight")]
+            update = mark(graph.call_module(f"lora_magnitude_vector.{name}",
+                                            (cur, called[0], *reads)),
+                          part="dora_scale", **tag)
+            return mark(graph.call_function(operator.add, (base, update)), part="add", **tag)
+
+        if self.use_dora:
+            magnitude = DoRAMagnitude(sg._parameters["weight"], transposed=is_hf_conv1d(site.base),
+                                      scaling=scaling, site=qname, adapter_name=name, role=role)
+            register_adapter(sg, "lora_magnitude_vector", name, magnitude, pass_name="LoRAPass",
+                             site=qname)
+            for _, _, mod in branch:
+                if isinstance(mod, LoRAProjection):
+                    mod.dora = True
+            targets = branch + [("dora_scale", f"lora_magnitude_vector.{name}", magnitude)]
+        out = insert_after(graph, base, build_dora if self.use_dora else build)
         replace_uses_after(base, out)
         detail = f"rank {rank}, alpha {alpha:g}, scaling {scaling:g}"
-        parts = [part for part, _, _ in targets] + ["scale", "add"]
+        if self.use_dora:
+            detail += ", DoRA"
+            parts = [part for part, _, _ in targets[:-1]] + ["dora_weight", "dora_scale", "add"]
+        else:
+            parts = [part for part, _, _ in targets] + ["scale", "add"]
         changes = [Change("node_added", self.name, qname, f"{qname}/{part}", adapter=name,
                           role=role, detail=detail) for part in parts]
         for _, target, mod in targets:

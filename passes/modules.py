@@ -105,6 +105,7 @@ class LoRAProjection(AdapterModule):
 
     pass_name = "lora"
     routes_samples: ClassVar[bool] = True  # reads ``route`` itself (see the module docstring)
+    dora: bool = False  # a class default: set on the factors of a DoRA branch (passes.dora)
 
     def __init__(self, in_features: int, out_features: int, *, factor: str, rank: int,
                  alpha: float, scaling: float, init: str, site: str, adapter_name: str,
@@ -142,8 +143,9 @@ class LoRAProjection(AdapterModule):
 
     @property
     def fold_mode(self) -> str | None:
-        """``"add"`` for ``lora_B`` (``W' = W + scaling · B A``); ``None`` for ``lora_A``."""
-        return "add" if self.factor == "B" else None
+        """``"add"`` for ``lora_B`` (``W' = W + scaling · B A``); ``None`` for ``lora_A``
+        and for the factors of a DoRA branch (its magnitude vector heads it)."""
+        return "add" if self.factor == "B" and not self.dora else None
 
     def low_rank(self, site: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         """``(A (rank, in), B (out, rank), scaling)`` for ``lora_B``; ``None`` for ``lora_A``."""

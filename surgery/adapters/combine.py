@@ -150,6 +150,16 @@ class _CombineLoRAPass(Pass):
                     f"({merged[source][0].partition('@')[2]}, ...), so the combined adapter "
                     f"would add its update a second time. Way out: unmerge it first, "
                     f"apply_passes(model, [UnmergeLoRAPass(names=[{source!r}])]).")
+        for qname, sg in site_graphs(model):
+            for source in names:
+                head = fold_head(sg, ("lora", source))
+                if head is not None and head.fold_mode == "dora":
+                    raise ConfigError(
+                        f"combine_adapters: {source!r} is a DoRA adapter (at {qname}, with a "
+                        f"magnitude vector); a weighted sum of DoRA adapters is not a DoRA "
+                        f"adapter of their factors (PEFT refuses it too). Way out: combine "
+                        f"plain LoRA adapters only, or merge the DoRA adapter "
+                        f"(MergeLoRAPass(names=[{source!r}])).")
         if self.adapter_name in inv:
             raise ConfigError(f"combine_adapters: the model already has an adapter named "
                               f"{self.adapter_name!r}. Way out: name=... another name.")
@@ -220,8 +230,8 @@ def combine_adapters(model: nn.Module, weights: Mapping[str, float], method: str
 
     Raises:
         AdapterNotFoundError: a source name the model does not carry.
-        ConfigError: bad method, weights or name, a non-LoRA source, ranks that differ at a
-            site under ``"linear"`` (the message names the site).
+        ConfigError: bad method, weights or name, a non-LoRA source, a DoRA source, ranks
+            that differ at a site under ``"linear"`` (the message names the site).
         NoMatchError: no layer carries every source adapter.
         MergeError: a source adapter is merged into the weights (unmerge it first).
     """

@@ -10,7 +10,8 @@ An adapter folds into the layer's weight only when the weight sees it alone
 (:func:`plan_site`): an ``"add"`` branch whose main node follows the layer's result through
 other ``"add"`` branches only and whose branch reads the layer's own input; an ``"output"``
 scaling right at the layer's result; an ``"input"`` scaling right before the layer, read by
-nothing else.
+nothing else; a ``"dora"`` branch placed as an ``"add"`` one. An unmerged DoRA branch reads
+the layer's weight, so nothing else folds into that weight before it.
 """
 
 from __future__ import annotations
@@ -171,7 +172,8 @@ def plan_site(sg: SiteGraph, wanted: set[Key]) -> list[Key]:
             take(node)
             continue
         if inputs and key_of(inputs[0]) in pending and modes[key_of(inputs[0])] == "input" \
-                and not {u for u in inputs[0].users if tag(u)} - removed:
+                and not {u for u in inputs[0].users if tag(u)} - removed \
+                and _reads_weight(outputs, None, modes) is None:
             node = inputs.pop(0)
             layer_in = node.args[0]
             take(node)
@@ -192,12 +194,24 @@ def _next_output(outputs: list[fx.Node], pending: set[Key], modes: dict[Key, str
         key = key_of(node)
         if key not in pending:
             continue
+        if _reads_weight(outputs, node, modes):
+            continue
         if modes[key] == "add" and branch[node] == {layer_in} \
+                and all(modes[key_of(q)] == "add" for q in outputs[:p]):
+            return node
+        if modes[key] == "dora" and branch[node] == {layer_in} \
                 and all(modes[key_of(q)] == "add" for q in outputs[:p]):
             return node
         if modes[key] == "output" and p == 0:
             return node
     return None
+
+
+def _reads_weight(outputs: list[fx.Node], node: fx.Node | None,
+                  modes: dict[Key, str | None]) -> fx.Node | None:
+    """An unfolded DoRA branch other than ``node``: it reads the layer's weight, so nothing
+    else may fold into that weight before it."""
+    return next((q for q in outputs if q is not node and modes[key_of(q)] == "dora"), None)
 
 
 def _merge_first(key: Key, mode: str | None) -> str:
@@ -216,14 +230,26 @@ def _blocked(sg: SiteGraph, pending: set[Key], outputs: list[fx.Node], inputs: l
         key = key_of(node)
         if key not in pending:
             continue
+        dora = _reads_weight(outputs, node, modes)
+        if dora is not None:
+            d = key_of(dora)
+            if modes[key] == "dora":
+                return (f"cannot merge {label(*key)} into {site}: it and {label(*d)} are both "
+                        f"DoRA, and each reads the layer's weight (its norm) that the other "
+                        f"would fold into, so neither can be merged while the other is there. "
+                        f"Way out: keep them unmerged, or unload one of them first.")
+            return (f"cannot merge {label(*key)} into {site}: the DoRA branch of {label(*d)} "
+                    f"reads the layer's weight (its norm), so folding anything else into that "
+                    f"weight first would change what it computes. Way out: "
+                    f"{_merge_first(d, modes[d])}.")
         blockers = [q for q in outputs[:p]
-                    if not (modes[key] == "add" and modes[key_of(q)] == "add")]
+                    if not (modes[key] in ("add", "dora") and modes[key_of(q)] == "add")]
         if blockers:
             b = key_of(blockers[0])
             return (f"cannot merge {label(*key)} into {site}: {label(*b)} sits between the "
                     f"layer and it, so the layer's weight does not see it alone. Way out: "
                     f"{_merge_first(b, modes[b])}.")
-        if modes[key] == "add" and branch[node] != {layer_in}:
+        if modes[key] in ("add", "dora") and branch[node] != {layer_in}:
             what = label(*key_of(inputs[0])) if inputs else "another node"
             return (f"cannot merge {label(*key)} into {site}: the layer reads its input through "
                     f"{what} (input scaling) but the branch does not, so no single weight "
@@ -232,6 +258,13 @@ def _blocked(sg: SiteGraph, pending: set[Key], outputs: list[fx.Node], inputs: l
         key = key_of(cand)
         if key not in pending:
             continue
+        dora = _reads_weight(outputs, None, modes)
+        if dora is not None:
+            d = key_of(dora)
+            return (f"cannot merge {label(*key)} into {site}: the DoRA branch of {label(*d)} "
+                    f"reads the layer's weight (its norm), so folding anything else into that "
+                    f"weight first would change what it computes. Way out: "
+                    f"{_merge_first(d, modes[d])}.")
         if q > 0:
             first = key_of(inputs[0])
             return (f"cannot merge {label(*key)} into {site}: {label(*first)} lies between it "

@@ -3,13 +3,15 @@
 A PEFT adapter directory holds ``adapter_config.json`` (the settings) and
 ``adapter_model.safetensors`` (the tensors). This module reads the settings of a LoRA or
 IA³ adapter into a :class:`PeftSettings` and refuses, naming the setting, everything a PEFT
-file can say that fx-surgery does not compute (DoRA, a LoRA bias, LoRA on parameters,
+file can say that fx-surgery does not compute (a LoRA bias, LoRA on parameters,
 trainable token indices, Megatron layers, an initialisation that rewrites the base weights,
 other PEFT methods, ...), so an adapter is either reproduced or not loaded at all.
 
 Settings that change what the adapter computes and that fx-surgery follows:
 
-* LoRA: ``r``, ``lora_alpha``, ``use_rslora`` (``alpha / sqrt(r)``), ``rank_pattern`` and
+* LoRA: ``r``, ``lora_alpha``, ``use_rslora`` (``alpha / sqrt(r)``), ``use_dora`` (DoRA,
+  on ``nn.Linear`` / ``Conv1D`` layers: other layers are refused when the file is matched
+  to a model), ``rank_pattern`` and
   ``alpha_pattern`` (regex keys, matched at a dot boundary against the end of a module's
   qualified name, first key wins), ``lora_dropout``.
 * IA³: ``feedforward_modules`` (these layers scale their input, the others their output).
@@ -50,7 +52,7 @@ PEFT_TYPES = ("LORA", "IA3")
 _COMMON = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
            "revision", "inference_mode", "target_modules", "exclude_modules", "modules_to_save",
            "fan_in_fan_out"}
-_LORA_USED = {"r", "lora_alpha", "lora_dropout", "use_rslora", "layers_to_transform",
+_LORA_USED = {"r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "layers_to_transform",
               "layers_pattern", "rank_pattern", "alpha_pattern", "init_lora_weights"}
 _LORA_INERT = {"megatron_core", "qalora_group_size", "loftq_config", "eva_config",
                "corda_config", "lora_ga_config", "runtime_config"}
@@ -59,7 +61,6 @@ initialisation (the saved tensors replace what they initialise)."""
 _IA3_USED = {"feedforward_modules", "init_ia3_weights"}
 
 _LORA_REFUSED: dict[str, tuple[Any, str]] = {
-    "use_dora": (False, "DoRA (weight-decomposed LoRA, use_dora)"),
     "lora_bias": (False, "a bias on lora_B (lora_bias)"),
     "megatron_config": (None, "Megatron parallel layers (megatron_config)"),
     "trainable_token_indices": (None, "trainable token indices (trainable_token_indices)"),
@@ -100,7 +101,7 @@ class PeftSettings:
             for ``QUESTION_ANS``: see :attr:`effective_modules_to_save`).
         layers_to_transform: ``None``, one layer index or a tuple of them.
         layers_pattern: ``None`` or a tuple of names of the layer list (``"layers"``, ``"h"``).
-        r / lora_alpha / lora_dropout / use_rslora / rank_pattern / alpha_pattern: LoRA's
+        r / lora_alpha / lora_dropout / use_rslora / use_dora / rank_pattern / alpha_pattern: LoRA's
             settings (``rank_pattern`` and ``alpha_pattern`` in file order).
         feedforward_modules: IA³'s input-scaled layers: a regex string or a tuple of name
             endings (PEFT's plain ``str.endswith``, no dot boundary).
@@ -118,6 +119,7 @@ class PeftSettings:
     lora_alpha: float = 8.0
     lora_dropout: float = 0.0
     use_rslora: bool = False
+    use_dora: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     feedforward_modules: str | tuple[str, ...] = ()
@@ -215,6 +217,7 @@ def parse_peft_config(data: Mapping[str, Any], who: str, *, source: str = CONFIG
         lora_alpha=_number(data.get("lora_alpha", 8), "lora_alpha", where),
         lora_dropout=_dropout(data.get("lora_dropout", 0.0), where),
         use_rslora=_bool(data.get("use_rslora", False), "use_rslora", where),
+        use_dora=_bool(data.get("use_dora", False), "use_dora", where),
         rank_pattern=_pattern_map(data.get("rank_pattern"), "rank_pattern", where, _positive_int),
         alpha_pattern=_pattern_map(data.get("alpha_pattern"), "alpha_pattern", where, _number),
     )

@@ -83,6 +83,7 @@ class _Layer:
     scaling: float = 0.0
     dropout: float | None = None  # None: the layer has none (an embedding; PEFT ignores it)
     feedforward: bool = False
+    dora: bool = False  # a DoRA branch (its magnitude vector among the tensors)
 
 
 @dataclass
@@ -116,7 +117,9 @@ def export_peft(model: nn.Module, directory: str | os.PathLike[str],
     state of every module trained fully (``TrainModulePass``) under
     ``base_model.model.<module>.<key>`` (``modules_to_save``; these belong to no adapter, so
     every adapter's files carry them); and ``adapter_config.json`` with ``peft_type``
-    ``"LORA"`` or ``"IA3"``, exact targeting (see the module docstring), ``use_rslora``
+    ``"LORA"`` or ``"IA3"``, exact targeting (see the module docstring), ``use_dora`` for a
+    DoRA adapter (with ``base_model.model.<layer>.lora_magnitude_vector`` ``(out,)`` in the
+    tensors, PEFT's key), ``use_rslora``
     when every layer's scaling is ``alpha / sqrt(rank)`` (otherwise ``lora_alpha`` is set so
     that ``alpha / rank`` is the layer's scaling), ``lora_dropout``, ``fan_in_fan_out``
     (true when a layer is ``Conv1D``), ``base_model_name_or_path`` from the model's config
@@ -144,7 +147,8 @@ def export_peft(model: nn.Module, directory: str | os.PathLike[str],
         CheckpointError: the model carries no adapter; an adapter PEFT's LoRA / IA³ files
             cannot express: a serial or parallel bottleneck adapter, a prefix, one name
             holding both LoRA and IA³, LoRA with different dropouts at different layers
-            (embeddings, which have none, aside), LoRA on a convolution with a dilation or
+            (embeddings, which have none, aside), an adapter DoRA at some layers and plain
+            LoRA at others, LoRA on a convolution with a dilation or
             a padding mode (PEFT's ``lora_A`` ignores them), an adapter on the model itself
             (not on a named layer); a module trained fully whose
             parameter is tied to a module not trained (PEFT trains an untied copy); settings
@@ -270,6 +274,14 @@ def _layers(model: nn.Module, name: str, kind: str) -> list[_Layer]:
                 f"{_WHO}: LoRA adapter {name!r} has different dropouts at different layers "
                 f"({sorted(rates)}); PEFT's lora_dropout is one number for the adapter. Nothing "
                 f"was written. Way out: one dropout for the adapter.")
+        dora = [layer.qname for layer in out if layer.dora]
+        if dora and len(dora) != len(out):
+            plain = [layer.qname for layer in out if not layer.dora]
+            raise CheckpointError(
+                f"{_WHO}: LoRA adapter {name!r} is DoRA at {', '.join(dora[:3])} but plain "
+                f"LoRA at {', '.join(plain[:3])}; PEFT's use_dora is one setting for the "
+                f"adapter. Nothing was written. Way out: export DoRA and plain LoRA under "
+                f"different adapter names.")
     return out
 
 
@@ -288,7 +300,7 @@ def _lora_layer(sg: SiteGraph, qname: str, name: str, head: nn.Module, conv1d: b
     alpha = getattr(head, "alpha", None)
     return _Layer(qname, conv1d, tensors, rank=int(lora_a.shape[0]),
                   alpha=float(alpha) if alpha is not None else None, scaling=float(scaling),
-                  dropout=p)
+                  dropout=p, dora=head.fold_mode == "dora")
 
 
 def _ia3_layer(qname: str, name: str, head: nn.Module, base: nn.Module, conv1d: bool) -> _Layer:
@@ -385,7 +397,7 @@ def _settings(model: nn.Module, kind: str, layers: list[_Layer], trained: list[s
                          if layer.rank != rank},
         "alpha_pattern": {f"^{re.escape(layer.qname)}": _number(a) for layer, a
                           in zip(layers, alphas) if a != alpha},
-        "use_dora": False,
+        "use_dora": all(layer.dora for layer in layers),
         "lora_bias": False,
     })
     return config

@@ -50,7 +50,9 @@ def import_peft(base_model: nn.Module, directory: str | os.PathLike[str],
     adapter sits in a subdirectory named after it): ``adapter_config.json`` and
     ``adapter_model.safetensors``. The result computes what ``peft.PeftModel.from_pretrained(
     base_model, directory)`` computes (in float32, to within ``1e-6 · (1 + max|y|)``), with
-    ``use_rslora``, ``rank_pattern`` / ``alpha_pattern``, ``layers_to_transform`` /
+    ``use_rslora``, ``use_dora`` (DoRA on ``nn.Linear`` / ``Conv1D``, the magnitude
+    ``<layer>.lora_magnitude_vector`` going to ``lora_magnitude_vector.<name>.weight``),
+    ``rank_pattern`` / ``alpha_pattern``, ``layers_to_transform`` /
     ``layers_pattern``, ``lora_dropout``, ``exclude_modules``, ``modules_to_save`` and
     ``target_modules`` as a list, a regex or ``"all-linear"`` followed as PEFT follows them;
     ``fan_in_fan_out`` needs nothing (``lora_A`` is ``(r, in)`` and ``lora_B`` ``(out, r)``
@@ -79,7 +81,8 @@ def import_peft(base_model: nn.Module, directory: str | os.PathLike[str],
     Raises:
         CheckpointError: the directory or a file is missing, unreadable, truncated or a
             pickle (``adapter_model.bin``: never unpickled); a setting fx-surgery cannot
-            reproduce (DoRA, a LoRA bias, LoRA on ``nn.MultiheadAttention`` or on a
+            reproduce (DoRA on a convolution or an embedding, a LoRA bias, LoRA on
+            ``nn.MultiheadAttention`` or on a
             convolution with a dilation or padding mode PEFT's ``lora_A`` ignores, trainable
             token indices, ``target_parameters``, Megatron, another PEFT method, ...),
             named; keys missing or unexpected, shapes or dtypes that do not fit (the first
@@ -143,7 +146,8 @@ def _passes(settings: PeftSettings, targets: PeftTargets, kind: str,
             pattern=_exact(names), rank=rank, alpha=alpha,
             rank_for=[(_exact([s.qname]), s.rank) for s in targets.sites if s.rank != rank],
             alpha_for=[(_exact([s.qname]), s.alpha) for s in targets.sites if s.alpha != alpha],
-            dropout=settings.lora_dropout, use_rslora=settings.use_rslora, name=adapter_name))
+            dropout=settings.lora_dropout, use_rslora=settings.use_rslora,
+            use_dora=settings.use_dora, name=adapter_name))
     else:
         feedforward = [s.qname for s in targets.sites if s.feedforward]
         step = known_pass("ia3").from_config(dict(
@@ -198,7 +202,7 @@ def _load(model: nn.Module, tensors: dict[str, torch.Tensor], expected: dict[str
     with torch.no_grad():
         for key, spec in expected.items():
             value = tensors[key]
-            if spec.slot in ("lora_A", "lora_B"):
+            if spec.slot in ("lora_A", "lora_B", "lora_magnitude_vector"):
                 param = root.get_submodule(spec.qname)._modules[spec.slot][adapter_name].weight
                 param.data = value.to(param.device)
             elif spec.slot in ("lora_embedding_A", "lora_embedding_B"):  # lora_embedding_A.<name>

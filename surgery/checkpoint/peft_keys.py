@@ -11,6 +11,9 @@ key                                                         tensor
 ``base_model.model.<layer>.lora_B.weight``                  LoRA ``B``, ``(out, r)``; on a
                                                             convolution ``(out, r / groups,
                                                             1, ...)``
+``base_model.model.<layer>.lora_magnitude_vector``          DoRA's magnitude ``m``,
+                                                            ``(out,)`` (``use_dora``; no
+                                                            ``.weight``: PEFT drops it)
 ``base_model.model.<layer>.lora_embedding_A``               LoRA ``A`` of an embedding,
                                                             ``(r, num_embeddings)``
 ``base_model.model.<layer>.lora_embedding_B``               LoRA ``B`` of an embedding,
@@ -57,6 +60,7 @@ _SHOWN = 5
 
 _HINTS = (
     (".lora_magnitude_vector", "DoRA's magnitude vector"),
+    (".lora_magnitude_vector.weight", "DoRA's magnitude vector (PEFT's key has no .weight)"),
     (".lora_embedding_A", "an embedding LoRA layer the settings do not target"),
     (".lora_embedding_B", "an embedding LoRA layer the settings do not target"),
     (".lora_B.bias", "a bias on lora_B (lora_bias)"),
@@ -71,8 +75,9 @@ class PeftKey:
     """Where one key of a PEFT file goes.
 
     Attributes:
-        slot: ``"lora_A"``, ``"lora_B"``, ``"lora_embedding_A"``, ``"lora_embedding_B"``,
-            ``"ia3_l"`` or ``"saved"`` (``modules_to_save``).
+        slot: ``"lora_A"``, ``"lora_B"``, ``"lora_magnitude_vector"`` (DoRA),
+            ``"lora_embedding_A"``, ``"lora_embedding_B"``, ``"ia3_l"`` or ``"saved"``
+            (``modules_to_save``).
         qname: the qualified name of the layer or saved module.
         local: for ``"saved"``, the key within that module's ``state_dict``.
         shape: the shape the tensor must have.
@@ -104,9 +109,13 @@ def peft_local(rel: str, adapter_name: str) -> str:
     """The name under which PEFT saves an adapter parameter, relative to its layer: the
     parameter's name relative to the site graph without the adapter's name
     (``lora_A.default.weight`` → ``lora_A.weight``, ``lora_embedding_A.default`` →
-    ``lora_embedding_A``)."""
+    ``lora_embedding_A``), and for DoRA's magnitude without ``.weight`` as well
+    (``lora_magnitude_vector.default.weight`` → ``lora_magnitude_vector``, the key PEFT's
+    ``save_pretrained`` writes)."""
     parts = rel.split(".")
     if len(parts) > 1 and parts[1] == adapter_name:
+        del parts[1]
+    if parts == ["lora_magnitude_vector", "weight"]:
         del parts[1]
     return ".".join(parts)
 
@@ -147,6 +156,9 @@ def expected_keys(model: nn.Module, targets: PeftTargets, kind: str) -> dict[str
             slot = "lora_embedding_" if site.embedding else "lora_"
             out[key_a] = PeftKey(slot + "A", site.qname, "", shape_a, dtype)
             out[key_b] = PeftKey(slot + "B", site.qname, "", shape_b, dtype)
+            if site.dora:
+                out[f"{PREFIX}{site.qname}.lora_magnitude_vector"] = PeftKey(
+                    "lora_magnitude_vector", site.qname, "", (site.out_features,), dtype)
         else:
             out[ia3_key(site.qname)] = PeftKey("ia3_l", site.qname, "", _ia3_shape(site), dtype)
     for qname in targets.modules_to_save:

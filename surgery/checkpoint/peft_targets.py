@@ -48,7 +48,7 @@ __all__ = ["PeftSite", "PeftTargets", "PeftView", "peft_view", "resolve_peft_tar
 _LORA_SLOTS = ("base_layer", "lora_dropout", "lora_A", "lora_B", "lora_embedding_A",
                "lora_embedding_B", "lora_magnitude_vector")
 _IA3_SLOTS = ("base_layer", "ia3_l")
-_PER_ADAPTER = ("lora_dropout", "lora_A", "lora_B")
+_PER_ADAPTER = ("lora_dropout", "lora_A", "lora_B", "lora_magnitude_vector")
 """Modules PEFT puts inside each layer it adapts (the ``ModuleDict`` slots, and the
 per-adapter entries of those that hold modules): names a ``modules_to_save`` entry must
 not reach."""
@@ -70,6 +70,8 @@ class PeftSite:
         kernel: a convolution's kernel size (``()`` for any other layer).
         groups: a convolution's ``groups`` (1 otherwise).
         embedding: the layer is an ``nn.Embedding``.
+        dora: the LoRA adapter is DoRA (``use_dora``): the layer also has a magnitude
+            vector ``(out_features,)`` (``nn.Linear`` / ``Conv1D`` only).
     """
 
     qname: str
@@ -82,6 +84,7 @@ class PeftSite:
     kernel: tuple[int, ...] = ()
     groups: int = 1
     embedding: bool = False
+    dora: bool = False
 
 
 @dataclass(frozen=True)
@@ -179,7 +182,8 @@ def resolve_peft_targets(model: nn.Module, settings: PeftSettings, adapter_name:
             adapts those, fx-surgery does not; any other type: PEFT cannot either); LoRA
             on a convolution with a dilation or a padding mode PEFT's ``lora_A`` ignores;
             or ``modules_to_save`` reaches an adapted layer, a module PEFT inserts, or
-            modules nested in one another.
+            modules nested in one another; DoRA (``use_dora``) on a convolution or an
+            embedding.
     """
     nothing = _NOTHING.get(who, "")
     view = peft_view(model)
@@ -286,7 +290,16 @@ def _site(kind: str, settings: PeftSettings, qname: str, module: nn.Module, who:
     rank = settings.rank_pattern.get(_pattern_key(settings.rank_pattern, qname), settings.r)
     alpha = settings.alpha_pattern.get(_pattern_key(settings.alpha_pattern, qname),
                                        settings.lora_alpha)
-    return PeftSite(qname, conv1d, int(in_f), int(out_f), rank=rank, alpha=float(alpha), **shape)
+    if settings.use_dora and shape:
+        what = "an embedding" if shape.get("embedding") else "a convolution"
+        raise CheckpointError(
+            f"{who}: {settings.source} puts DoRA (use_dora) on {qname} "
+            f"({type(module).__name__}, {what}); fx-surgery computes DoRA on nn.Linear and "
+            f"Conv1D layers only. {_NOTHING.get(who, '')} Way out: target linear layers only, "
+            f"or merge the adapter into the weights with PEFT (merge_and_unload) and use that "
+            f"model.")
+    return PeftSite(qname, conv1d, int(in_f), int(out_f), rank=rank, alpha=float(alpha),
+                    dora=settings.use_dora, **shape)
 
 
 _CONVS = {"lora": (nn.Conv1d, nn.Conv2d, nn.Conv3d), "ia3": (nn.Conv2d, nn.Conv3d)}

@@ -10,7 +10,7 @@ through the small **fold protocol** declared here. One module of a foldable adap
 *head*, answers for the whole adapter:
 
 * :attr:`AdapterModule.fold_mode`: how the adapter goes into the weight of its layer
-  (``"add"``, ``"output"``, ``"input"``), or ``None``;
+  (``"add"``, ``"output"``, ``"input"``, ``"dora"``), or ``None``;
 * :meth:`AdapterModule.fold`: the layer's weight and bias with the adapter folded in;
 * :meth:`AdapterModule.low_rank` / :meth:`AdapterModule.from_low_rank`: the factors of a
   low-rank update, and new modules for an adapter built from given factors (combine).
@@ -25,13 +25,16 @@ from torch import Tensor, nn
 
 __all__ = ["AdapterModule", "FOLD_MODES"]
 
-FOLD_MODES = ("add", "output", "input")
+FOLD_MODES = ("add", "output", "input", "dora")
 """The ways an adapter folds into a layer ``y = W x + b``:
 
 * ``"add"``: a branch beside the layer reading the layer's input, ``y + ΔW x``, folds as
   ``W' = W + ΔW``; such branches commute with each other.
 * ``"output"``: scales the layer's output, ``l ⊙ y``: ``W' = diag(l) W``, ``b' = l ⊙ b``.
 * ``"input"``: scales the layer's input, ``W (l ⊙ x) + b``: ``W' = W diag(l)``.
+* ``"dora"``: a weight-decomposed branch (DoRA) reading the layer's input and its weight,
+  ``W' = diag(m / ‖W + ΔW‖) (W + ΔW)``, bias unchanged. It reads the weight, so nothing
+  else may fold into that weight while it is unmerged.
 """
 
 

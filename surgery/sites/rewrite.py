@@ -7,7 +7,8 @@ Every node a pass inserts carries ``node.meta["surgery"] = {"pass", "site", "rol
 "adapter", "part"}`` (see :func:`mark`). The part says where the node sits:
 
 - side-branch parts (:data:`BRANCH_PARTS`: ``lora_dropout``, ``lora_A``, ``lora_B``,
-  ``scale``, ``down``, ``act``, ``up``) read the site's input or output but are not on the
+  ``scale``, ``down``, ``act``, ``up``; a DoRA branch's ``dora_weight``, the reads of the
+  weights it needs, and ``dora_scale``, its magnitude's update) read the site's input or output but are not on the
   path the site's value takes to the output;
 - every other part is on the main path and is see-through: :func:`site_output` passes it
   as if the layer were unadapted. Among them: ``add`` (the sum of the layer's output and a
@@ -39,7 +40,8 @@ __all__ = [
 
 # Parts of an inserted side branch: they read the site's input or output but are not on
 # the path the site's value takes to the output.
-BRANCH_PARTS = frozenset({"lora_dropout", "lora_A", "lora_B", "scale", "down", "act", "up"})
+BRANCH_PARTS = frozenset({"lora_dropout", "lora_A", "lora_B", "scale", "down", "act", "up",
+                          "dora_weight", "dora_scale"})
 
 
 def register_adapter(site_module: nn.Module, slot: str, adapter_name: str, module: nn.Module,

@@ -309,7 +309,7 @@ def refused(zoo, snapshot, directory: Path, match: str, name: str = "hf:llama", 
 
 
 @pytest.mark.parametrize("changes, match", [
-    (dict(use_dora=True), r"DoRA .*use_dora"),
+    (dict(use_dora=True), r"Missing keys: .*q_proj\.lora_magnitude_vector"),
     (dict(bias="all"), r"bias='all'"),
     (dict(lora_bias=True), r"a bias on lora_B"),
     (dict(trainable_token_indices=[1, 2]), r"trainable token indices"),
