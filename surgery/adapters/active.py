@@ -35,8 +35,8 @@ from contextlib import contextmanager
 
 from torch import fx, nn
 
-from surgery.adapters.merge_state import merged_adapters
-from surgery.errors import AdapterNotFoundError, ConfigError, MergeError, near_matches
+from surgery.adapters.merge_state import merged_adapters, merged_refusal
+from surgery.errors import AdapterNotFoundError, ConfigError, near_matches
 from surgery.sites.marker import AdapterModule
 from surgery.sites.site_graph import site_graphs
 
@@ -66,7 +66,6 @@ _HELD_OFF: weakref.WeakKeyDictionary[AdapterModule, int] = weakref.WeakKeyDictio
 # Adapter module -> how many open ``disable_adapters`` blocks hold it off. Kept beside the
 # modules rather than on them, so that a copy made inside a block is not held off forever.
 
-_UNMERGE_PASS = {"lora": "UnmergeLoRAPass", "ia3": "UnmergeIA3Pass"}
 
 
 def adapter_modules(model: nn.Module) -> Iterator[tuple[str, AdapterModule]]:
@@ -148,15 +147,8 @@ def merged_names(model: nn.Module) -> dict[str, list[str]]:
 def _refuse_merged(who: str, merged: dict[str, list[str]], off: Sequence[str]) -> None:
     for name in off:
         if name in merged:
-            where = merged[name]
-            kinds = sorted({w.partition("@")[0] for w in where})
-            unmerge = " / ".join(f"{_UNMERGE_PASS.get(k, 'an unmerge pass')}(names=[{name!r}])"
-                                 for k in kinds)
-            more = f" and {len(where) - 1} more" if len(where) > 1 else ""
-            raise MergeError(
-                f"{who}: adapter {name!r} is merged into the weights ({where[0].partition('@')[2]}"
-                f"{more}), so it cannot be switched off: its update is in the weights, not in a "
-                f"module. Way out: unmerge it first, apply_passes(model, [{unmerge}]).")
+            raise merged_refusal(who, name, merged[name], "so it cannot be switched off: its "
+                                 "update is in the weights, not in a module")
 
 
 def active_flags(model: nn.Module) -> dict[AdapterModule, bool]:

@@ -31,7 +31,7 @@ from torch import fx, nn
 from surgery.adapters.active import merged_names, resolve_names
 from surgery.adapters.fold_layout import Key, adapter_nodes, key_of
 from surgery.adapters.fold_nodes import check_removable
-from surgery.adapters.merge_state import UNMERGE_PASS, label
+from surgery.adapters.merge_state import label, merged_refusal
 from surgery.errors import ConfigError, MergeError, UnsupportedSiteError
 from surgery.pass_base import Change, Pass, PassResult
 from surgery.sites.marker import AdapterModule
@@ -94,16 +94,9 @@ def _refuse_merged(model: nn.Module, names: tuple[str, ...]) -> None:
     merged = merged_names(model)
     for name in names:
         if name in merged:
-            where = merged[name]
-            kinds = sorted({w.partition("@")[0] for w in where})
-            unmerge = ", ".join(f"{UNMERGE_PASS.get(k, 'an unmerge pass')}(names=[{name!r}])"
-                                for k in kinds)
-            more = f" and {len(where) - 1} more" if len(where) > 1 else ""
-            raise MergeError(
-                f"delete_adapter: adapter {name!r} is merged into the weights "
-                f"({where[0].partition('@')[2]}{more}); deleting its modules would leave its "
-                f"update in the weights with no way to take it out. Way out: unmerge it "
-                f"first, apply_passes(model, [{unmerge}]), then delete it.")
+            raise merged_refusal("delete_adapter", name, merged[name], "deleting its modules "
+                                 "would leave its update in the weights with no way to take "
+                                 "it out", then="then delete it")
 
 
 def _keys(sg: SiteGraph, wanted: set[str]) -> list[Key]:

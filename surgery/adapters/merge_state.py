@@ -26,6 +26,7 @@ __all__ = [
     "KIND_LABEL",
     "MERGE_PASS",
     "UNMERGE_PASS",
+    "merged_refusal",
     "WHY_NOT_LINEAR",
     "NodeRef",
     "NodeSpec",
@@ -48,6 +49,24 @@ KIND_LABEL = {"lora": "LoRA", "ia3": "IA³"}
 """Adapter kind (the pass name its modules carry) → how messages name it."""
 MERGE_PASS = {"lora": "MergeLoRAPass", "ia3": "MergeIA3Pass"}
 UNMERGE_PASS = {"lora": "UnmergeLoRAPass", "ia3": "UnmergeIA3Pass"}
+
+
+def merged_refusal(who: str, name: str, where: Sequence[str], why: str, then: str = ""
+                   ) -> MergeError:
+    """The error for an operation that a merged adapter does not allow.
+
+    Args:
+        who: the function refusing; name: the adapter; where: its ``"kind@site"`` merge
+            records (:func:`surgery.adapters.active.merged_names`); why: what the operation
+            would do wrong; then: what to do after unmerging (``"then delete it"``).
+    """
+    kinds = sorted({w.partition("@")[0] for w in where})
+    unmerge = ", ".join(f"{UNMERGE_PASS.get(k, 'an unmerge pass')}(names=[{name!r}])"
+                        for k in kinds)
+    more = f" and {len(where) - 1} more" if len(where) > 1 else ""
+    return MergeError(f"{who}: adapter {name!r} is merged into the weights "
+                      f"({where[0].partition('@')[2]}{more}); {why}. Way out: unmerge it "
+                      f"first, apply_passes(model, [{unmerge}])" + (f", {then}." if then else "."))
 WHY_NOT_LINEAR = (
     "it is not linear in the base weights, so no merged weight W' computes what it does (a "
     "bottleneck adapter applies a non-linearity between its projections; a prefix changes the "
