@@ -50,6 +50,8 @@ from typing import ClassVar, TypeVar
 from torch import fx, nn
 
 from passes.dora import DoRAMagnitude
+from passes.lora_bias import check_bias, train_biases
+from passes.lora_init import check_init, rewrite_base, rewrites_base
 from passes.lora_layers import (
     is_plain_conv,
     is_plain_embedding,
@@ -218,9 +220,22 @@ class LoRAPass(Pass):
             pass), as PEFT's ``use_dora=True``. ``nn.Linear`` and ``Conv1D`` only. At init
             the output equals the layer's up to rounding (``m / ‖W‖`` is one within an
             ulp), not bit for bit.
-        init: ``"kaiming"`` (A Kaiming-uniform) or ``"gaussian"`` (A normal, std ``1/r``);
-            ``B`` always starts at zero, so outputs are bitwise unchanged at init.
+        init: ``"kaiming"`` (A Kaiming-uniform) or ``"gaussian"`` (A normal, std ``1/r``):
+            ``B`` starts at zero, so outputs are bitwise unchanged at init. On ``nn.Linear``
+            and ``Conv1D`` only, also ``"orthogonal"`` (PEFT's: A and B non-zero, ``B A = 0``
+            up to rounding, so outputs are unchanged to rounding; even ranks only) and
+            ``"random"`` (A and B both Kaiming-uniform, PEFT's ``init_lora_weights=False``:
+            outputs CHANGE at init; for tests), ``"pissa"`` / ``"pissa_niter_<K>"`` (PiSSA)
+            and ``"olora"`` (OLoRA): A and B from the SVD / QR of the weight, whose site
+            graph then holds a NEW residual weight ``W - scaling·B A`` (outputs unchanged to
+            rounding; the caller's weight untouched; a ``param_rewritten`` change; not with
+            ``use_dora``). See :mod:`passes.lora_init`.
         name: adapter name; several named adapters can sit on one layer.
+        bias: which base biases train too, as PEFT's ``LoraConfig(bias=...)``
+            (:mod:`passes.lora_bias`): ``"none"`` (default), ``"lora_only"`` (the biases of
+            the adapted layers) or ``"all"`` (every parameter of the model named ``bias``).
+            They keep their names (``q_proj.bias``) and are recorded in
+            ``model._surgery.trained_parameters``; a merge does not fold them.
 
     Sites: ``nn.Linear`` and transformers' ``Conv1D`` (weight stored ``(in, out)``); by
     pattern also ``nn.Conv1d/2d/3d`` and ``nn.Embedding`` running torch's own forward
@@ -240,7 +255,7 @@ class LoRAPass(Pass):
                  alpha_for=[("v_proj", 32.0)])
 
     Raises:
-        ConfigError: invalid rank, alpha, dropout or init, or a ``rank_for`` / ``alpha_for``
+        ConfigError: invalid rank, alpha, dropout, init or bias, or a ``rank_for`` / ``alpha_for``
             entry with a bad pattern, a repeated pattern, a rank that is not a positive int
             or an alpha that is not a positive finite number (at construction); a
             convolution whose ``groups`` does not divide its rank (when run).
@@ -267,16 +282,18 @@ class LoRAPass(Pass):
     use_dora: bool = False
     init: str = "kaiming"
     adapter_name: str = "default"
+    bias: str = "none"
 
     def __init__(self, *, pattern: Selector = None, role: str | Sequence[str] | None = None,
                  exclude: Selector = None, rank: int = 8, alpha: float = 8.0,
                  rank_for: PerSite[int] = None, alpha_for: PerSite[float] = None,
                  dropout: float = 0.0, use_rslora: bool = False, use_dora: bool = False,
-                 init: str = "kaiming", name: str = "default") -> None:
+                 init: str = "kaiming", name: str = "default",
+                 bias: str = "none") -> None:
         for key, val in (("pattern", pattern), ("role", role), ("exclude", exclude),
                          ("rank", rank), ("alpha", alpha), ("dropout", dropout),
                          ("use_rslora", use_rslora), ("use_dora", use_dora), ("init", init),
-                         ("adapter_name", name)):
+                         ("adapter_name", name), ("bias", bias)):
             object.__setattr__(self, key, tuple(val) if isinstance(val, list) else val)
         object.__setattr__(self, "rank_for",
                            _per_site(rank_for, "rank_for", _check_rank, int))
@@ -300,11 +317,23 @@ class LoRAPass(Pass):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"LoRAPass: {flag} must be True or False, got "
                                   f"{getattr(self, flag)!r}")
-        if self.init not in ("kaiming", "gaussian"):
-            raise ConfigError(f"LoRAPass: init must be 'kaiming' or 'gaussian', got {self.init!r}")
+        why = check_init(self.init)
+        if why:
+            raise ConfigError(f"LoRAPass: {why}")
+        if self.use_dora and rewrites_base(self.init):
+            raise ConfigError(f"LoRAPass: init={self.init!r} with use_dora=True is not "
+                              f"supported. Way out: one of them.")
+        odd = [r for r in (self.rank, *(v for _, v in self.rank_for)) if r % 2]
+        if self.init == "orthogonal" and odd:
+            raise ConfigError(f"LoRAPass(init='orthogonal'): every rank must be even (A and B "
+                              f"take half the rows of an orthogonal matrix each), got {odd[0]}. "
+                              f"Way out: even ranks, or another init.")
         if not isinstance(self.adapter_name, str) or not self.adapter_name.isidentifier():
             raise ConfigError(f"LoRAPass: name must be a Python identifier (it becomes part of "
                               f"parameter names), got {self.adapter_name!r}")
+        why = check_bias(self.bias)
+        if why:
+            raise ConfigError(f"LoRAPass: {why}")
 
     @property
     def scaling(self) -> float:
@@ -354,6 +383,7 @@ class LoRAPass(Pass):
         for site in sites:
             root, more = self._adapt(root, site)
             changes.extend(more)
+        changes.extend(train_biases(root, self.bias, [s.qname for s in sites], self.name))
         return PassResult(root, bool(changes), tuple(changes), self.name)
 
     def _check_keys(self, model: nn.Module, sites: list[Site]) -> None:
@@ -387,6 +417,11 @@ class LoRAPass(Pass):
                             role=role, dtype=weight.dtype, device=weight.device)
         root, sg = site_graph_at(model, qname, who="LoRAPass", aliases=site.aliases)
         targets = register_branch(sg, slots, name, site=qname)
+        rewritten = rewrite_base(
+            root, sg, sg.lora_A[name], sg.lora_B[name], init=self.init, rank=rank,
+            scaling=scaling, transposed=is_hf_conv1d(site.base), site=qname,
+            aliases=tuple(site.aliases), adapter_name=name, role=role,
+            pass_name=self.name) if rewrites_base(self.init) else []
         graph = sg.graph
         base = sg.base_node
         x = site_input(sg)
@@ -440,6 +475,7 @@ class LoRAPass(Pass):
                                       f"{qname}.{full}" if qname else full, adapter=name,
                                       role=role, shape=tuple(param.shape), numel=param.numel(),
                                       trainable=True, detail=detail))
+        changes.extend(rewritten)
         changes.extend(freeze_site(sg, pass_name=self.name, site=qname, role=role))
         return root, changes
 

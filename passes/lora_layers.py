@@ -25,6 +25,7 @@ from torch import nn
 
 from passes.lora_conv import LoRAConvFactor
 from passes.lora_embedding import LoRAEmbeddingFactor, register_slot
+from passes.lora_init import is_linear_only, orthogonal_factors
 from passes.modules import LoRADropout, LoRAProjection
 from surgery.errors import ConfigError
 from surgery.map.leaves import is_hf_conv1d
@@ -71,10 +72,17 @@ def lora_branch(layer: nn.Module, *, rank: int, alpha: float, scaling: float, in
 
     Raises:
         ConfigError: a convolution whose ``groups`` does not divide ``rank`` (PEFT refuses
-            it too), or an embedding adapter name a parameter cannot take.
+            it too), an embedding adapter name a parameter cannot take, an ``init`` of
+            :func:`passes.lora_init.is_linear_only` on a convolution or an embedding, or
+            ``init="orthogonal"`` with an odd rank.
     """
     common = dict(rank=rank, alpha=float(alpha), scaling=scaling, site=site,
                   adapter_name=adapter_name, role=role, dtype=dtype, device=device)
+    if is_linear_only(init) and (is_plain_embedding(layer) or is_plain_conv(layer)):
+        raise ConfigError(
+            f"LoRAPass(init={init!r}): {site} is a {type(layer).__name__}; this init is "
+            f"offered on nn.Linear and transformers' Conv1D only. Way out: exclude it, or "
+            f"adapt it with a second LoRAPass with init='kaiming' or 'gaussian'.")
     if is_plain_embedding(layer):
         return [("lora_A", "lora_embedding_A", False,
                  LoRAEmbeddingFactor(layer, factor="A", **common)),
@@ -96,6 +104,11 @@ def lora_branch(layer: nn.Module, *, rank: int, alpha: float, scaling: float, in
                        else (int(weight.shape[1]), int(weight.shape[0])))
         a = LoRAProjection(in_f, rank, factor="A", init=init, **common)
         b = LoRAProjection(rank, out_f, factor="B", init=init, **common)
+        if init == "orthogonal":
+            lora_a, lora_b = orthogonal_factors(in_f, out_f, rank, dtype=dtype)
+            with torch.no_grad():
+                a.weight.copy_(lora_a)
+                b.weight.copy_(lora_b)
     return [("lora_dropout", "lora_dropout", True, drop), ("lora_A", "lora_A", True, a),
             ("lora_B", "lora_B", True, b)]
 

@@ -95,7 +95,11 @@ class LoRAProjection(AdapterModule):
         factor: ``"A"`` or ``"B"``.
         rank, alpha, scaling: the LoRA hyper-parameters of the update this factor belongs to.
         init: ``"kaiming"`` (A Kaiming-uniform with ``a = sqrt(5)``, as ``nn.Linear``),
-            ``"gaussian"`` (A normal with std ``1/rank``); B always starts at zero.
+            ``"gaussian"`` (A normal with std ``1/rank``); B starts at zero, except with
+            ``"random"`` (B Kaiming-uniform too). Other names initialise A as ``"kaiming"``
+            and B at zero, then overwritten (``"orthogonal"`` by
+            :func:`passes.lora_layers.lora_branch`, PiSSA / OLoRA by
+            :func:`passes.lora_init.rewrite_base`).
 
     Inactive (``active = False``), no product is computed: ``A`` returns zeros and ``B``
     returns ``-0.0`` of shape ``(..., out_features)`` (a broadcast view, no allocation), so
@@ -120,7 +124,7 @@ class LoRAProjection(AdapterModule):
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype,
                                                device=device))
         self.route: torch.Tensor | None = None
-        if factor == "B":
+        if factor == "B" and init != "random":
             nn.init.zeros_(self.weight)
         elif init == "gaussian":
             nn.init.normal_(self.weight, std=1.0 / rank)

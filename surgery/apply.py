@@ -124,18 +124,22 @@ def _check_in_place_writes(passes: list[Pass], inplace: bool) -> None:
 
 def _trained_parameters(model: nn.Module) -> set[int]:
     """``id`` of every parameter of the modules trained fully
-    (``model._surgery.trained_modules``), tied ones included."""
+    (``model._surgery.trained_modules``), tied ones included, and of every single parameter
+    a pass made trainable (``model._surgery.trained_parameters``)."""
     state = getattr(model, "_surgery", None)
     out: set[int] = set()
     for qname in getattr(state, "trained_modules", {}):
         out.update(id(p) for p in model.get_submodule(qname).parameters())
+    for pname in getattr(state, "trained_parameters", {}):
+        out.add(id(model.get_parameter(pname)))
     return out
 
 
 def freeze_base(model: nn.Module) -> PassResult:
-    """Freeze every parameter of ``model`` that is neither inside an adapter module nor in a
+    """Freeze every parameter of ``model`` that is neither inside an adapter module, nor in a
     module trained fully (``model._surgery.trained_modules``, from
-    :class:`passes.train_module.TrainModulePass`)."""
+    :class:`passes.train_module.TrainModulePass`), nor a parameter a pass chose to train
+    (``model._surgery.trained_parameters``: the biases of ``LoRAPass(bias=...)``)."""
     keep = {id(p) for _, p in adapter_parameters(model)} | _trained_parameters(model)
     changes = []
     for name, param in model.named_parameters():
@@ -182,6 +186,14 @@ def _check_trained_modules(model: nn.Module, state: SurgeryState, step: Pass) ->
                 f"fully ({by}); the pass adapted a layer holding that parameter (a tied weight "
                 f"is held by two layers). Way out: exclude that layer from this pass, or do not "
                 f"train {qname} fully.")
+
+
+def _keep_trained_parameters(model: nn.Module, state: SurgeryState) -> None:
+    """A parameter a pass chose to train alone (``state.trained_parameters``: a bias of
+    ``LoRAPass(bias=...)``) stays trainable when a later pass adapts its layer again (that
+    pass freezes the base parameters of its sites)."""
+    for pname in state.trained_parameters:
+        model.get_parameter(pname).requires_grad_(True)
 
 
 def _adapted_before(model: nn.Module) -> bool:
@@ -280,6 +292,7 @@ def apply_passes(
                 root = result.module
             recompile_sites(root, result.sites)
             _check_trained_modules(root, state, p)
+            _keep_trained_parameters(root, state)
             _record(state, result, p)
         if freeze:
             result = freeze_base(root)

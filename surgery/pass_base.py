@@ -212,6 +212,10 @@ class SurgeryState:
             trainable, as PEFT's ``modules_to_save``) -> the stable name of the pass that chose
             it (``"train_module"``). :func:`surgery.apply_passes` never freezes their
             parameters, and no later pass may freeze them or adapt inside them.
+        trained_parameters: qualified name of each single base parameter a pass made
+            trainable (``q_proj.bias`` for ``LoRAPass(bias="lora_only")``) -> the stable name
+            of that pass (``"lora"``). :func:`surgery.apply_passes` never freezes them and
+            gives them their own storage; the audit shows them and a checkpoint saves them.
         cached_map: the map (:func:`surgery.targets.model_map`), once built.
         cached_roles: the structural roles (:func:`surgery.targets.model_roles`), once found.
     """
@@ -224,6 +228,7 @@ class SurgeryState:
     active: set[str] | None = None
     notes: list[str] = field(default_factory=list)
     trained_modules: dict[str, str] = field(default_factory=dict)
+    trained_parameters: dict[str, str] = field(default_factory=dict)
     cached_map: nn.Module | None = field(default=None, repr=False, compare=False)
     cached_roles: Any = field(default=None, repr=False, compare=False)
 

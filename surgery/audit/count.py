@@ -116,6 +116,9 @@ class AuditRow:
             :func:`surgery.adapters.active.set_active`); ``""`` for other modules.
         trained_by: names of the passes that chose this module, or a module holding it, to
             train fully (``"train_module"``).
+        trained_params: ``"<parameter> (<pass>)"`` for each of the module's own parameters a
+            pass chose to train alone (``"bias (lora)"`` for ``LoRAPass(bias=...)``;
+            ``SurgeryState.trained_parameters``).
     """
 
     name: str
@@ -133,6 +136,7 @@ class AuditRow:
     tied: tuple[str, ...] = ()
     active: str = ""
     trained_by: tuple[str, ...] = ()
+    trained_params: tuple[str, ...] = ()
 
     @property
     def provenance(self) -> str:
@@ -140,6 +144,7 @@ class AuditRow:
         notes = []
         if self.trained_by:  # frozen by an earlier call, perhaps, but trained now
             notes.append("trained fully (" + ", ".join(self.trained_by) + ")")
+        notes.extend(f"{t.replace(' (', ' trained (', 1)}" for t in self.trained_params)
         if self.added_by:
             notes.append("added by " + ", ".join(self.added_by))
         by_pass = [p for p in self.frozen_by if p != _FREEZE]
@@ -303,6 +308,18 @@ def _trained_by(qname: str, trained: dict[str, str]) -> tuple[str, ...]:
                                if qname == t or qname.startswith(t + ".")))
 
 
+def _trained_params(qname: str, own: list[tuple[str, nn.Parameter]],
+                    trained: dict[str, str]) -> tuple[str, ...]:
+    """``"<parameter> (<pass>)"`` for each of ``own`` that a pass chose to train alone
+    (``SurgeryState.trained_parameters``)."""
+    out = []
+    for pname, _ in own:
+        by = trained.get(f"{qname}.{pname}" if qname else pname)
+        if by is not None:
+            out.append(f"{pname} ({by})")
+    return tuple(out)
+
+
 def _ranks(model: nn.Module) -> dict[int, int]:
     """``id`` of each adapter module heading a low-rank update -> its rank at that site
     (read through the fold protocol, from the site graph holding it)."""
@@ -328,7 +345,8 @@ def _roles(model: nn.Module, state: SurgeryState | None) -> dict[str, str]:
 
 def _row(qname: str, module: nn.Module, own: list[tuple[str, nn.Parameter]], count: int,
          n_train: int, tied: tuple[str, ...], roles: dict[str, str],
-         prov: dict[str, list[str]], trained: dict[str, str]) -> AuditRow:
+         prov: dict[str, list[str]], trained: dict[str, str],
+         trained_params: dict[str, str] | None = None) -> AuditRow:
     added = list(prov.get("added", []))
     role = roles.get(qname, "")
     if isinstance(module, AdapterModule):
@@ -351,6 +369,7 @@ def _row(qname: str, module: nn.Module, own: list[tuple[str, nn.Parameter]], cou
         tied=tied,
         active=("yes" if module.active else "no") if isinstance(module, AdapterModule) else "",
         trained_by=_trained_by(qname, trained),
+        trained_params=_trained_params(qname, own, trained_params or {}),
     )
 
 
@@ -380,6 +399,7 @@ def audit(model: nn.Module, only_trainable: bool = False, depth: int | None = No
     roles = _roles(model, state)
     prov = _provenance(state)
     trained = dict(getattr(state, "trained_modules", {}) or {})
+    trained_params = dict(getattr(state, "trained_parameters", {}) or {})
     ranks = _ranks(model)
     seen: dict[int, str] = {}
     rows: list[AuditRow] = []
@@ -413,7 +433,7 @@ def audit(model: nn.Module, only_trainable: bool = False, depth: int | None = No
             entry["params"] += count
             entry["trainable"] += n_train
         rows.append(_row(qname, module, own, count, n_train, tuple(tied), roles,
-                         prov.get(qname, {}), trained))
+                         prov.get(qname, {}), trained, trained_params))
     if depth is not None:
         rows = _collapse(rows, depth, model, roles)
     if only_trainable:
@@ -436,6 +456,13 @@ def audit(model: nn.Module, only_trainable: bool = False, depth: int | None = No
         adapters=summaries,
         notes=tuple(state.notes) if state is not None else (),
     )
+
+
+def _below(name: str, ancestor: str) -> str:
+    """``name`` relative to ``ancestor``, with a trailing dot (``""`` for the same name)."""
+    if name == ancestor:
+        return ""
+    return (name[len(ancestor) + 1:] if ancestor else name) + "."
 
 
 def _collapse(rows: list[AuditRow], depth: int, model: nn.Module,
@@ -468,5 +495,7 @@ def _collapse(rows: list[AuditRow], depth: int, model: nn.Module,
             adapters=tuple(dict.fromkeys(a for r in members for a in r.adapters)),
             tied=tuple(t for r in members for t in r.tied),
             trained_by=tuple(dict.fromkeys(p for r in members for p in r.trained_by)),
+            trained_params=tuple(f"{_below(r.name, name)}{t}" for r in members
+                                 for t in r.trained_params),
         ))
     return out

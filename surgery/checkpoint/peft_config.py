@@ -3,7 +3,7 @@
 A PEFT adapter directory holds ``adapter_config.json`` (the settings) and
 ``adapter_model.safetensors`` (the tensors). This module reads the settings of a LoRA or
 IA³ adapter into a :class:`PeftSettings` and refuses, naming the setting, everything a PEFT
-file can say that fx-surgery does not compute (a LoRA bias, LoRA on parameters,
+file can say that fx-surgery does not compute (a bias on ``lora_B``, LoRA on parameters,
 trainable token indices, Megatron layers, an initialisation that rewrites the base weights,
 other PEFT methods, ...), so an adapter is either reproduced or not loaded at all.
 
@@ -13,7 +13,9 @@ Settings that change what the adapter computes and that fx-surgery follows:
   on ``nn.Linear`` / ``Conv1D`` layers: other layers are refused when the file is matched
   to a model), ``rank_pattern`` and
   ``alpha_pattern`` (regex keys, matched at a dot boundary against the end of a module's
-  qualified name, first key wins), ``lora_dropout``.
+  qualified name, first key wins), ``lora_dropout``, ``bias`` (``"lora_only"`` / ``"all"``:
+  base biases trained beside the adapter, ``LoRAPass(bias=...)``; their tensors are in the
+  file).
 * IA³: ``feedforward_modules`` (these layers scale their input, the others their output).
 * Both: ``target_modules`` (a regex string matched against the whole qualified name, the
   string ``"all-linear"``, or a list of names each matching a whole name or a dot-suffix),
@@ -39,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from surgery.checkpoint.files import read_json
-from surgery.errors import CheckpointError
+from surgery.errors import CheckpointError, near_matches
 
 __all__ = ["CONFIG_NAME", "PeftSettings", "read_peft_config", "parse_peft_config"]
 
@@ -53,7 +55,7 @@ _COMMON = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model
            "revision", "inference_mode", "target_modules", "exclude_modules", "modules_to_save",
            "fan_in_fan_out"}
 _LORA_USED = {"r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "layers_to_transform",
-              "layers_pattern", "rank_pattern", "alpha_pattern", "init_lora_weights"}
+              "layers_pattern", "rank_pattern", "alpha_pattern", "init_lora_weights", "bias"}
 _LORA_INERT = {"megatron_core", "qalora_group_size", "loftq_config", "eva_config",
                "corda_config", "lora_ga_config", "runtime_config"}
 """LoRA settings that only matter together with a setting refused below, or only at
@@ -103,6 +105,8 @@ class PeftSettings:
         layers_pattern: ``None`` or a tuple of names of the layer list (``"layers"``, ``"h"``).
         r / lora_alpha / lora_dropout / use_rslora / use_dora / rank_pattern / alpha_pattern: LoRA's
             settings (``rank_pattern`` and ``alpha_pattern`` in file order).
+        bias: LoRA's ``bias``: ``"none"``, ``"lora_only"`` (the biases of the adapted layers
+            train, and the file holds them) or ``"all"`` (every bias of the model).
         feedforward_modules: IA³'s input-scaled layers: a regex string or a tuple of name
             endings (PEFT's plain ``str.endswith``, no dot boundary).
         source: the file the settings came from, for messages.
@@ -122,6 +126,7 @@ class PeftSettings:
     use_dora: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    bias: str = "none"
     feedforward_modules: str | tuple[str, ...] = ()
     source: str = CONFIG_NAME
 
@@ -181,7 +186,7 @@ def parse_peft_config(data: Mapping[str, Any], who: str, *, source: str = CONFIG
         raise CheckpointError(
             f"{where} is a {kind!r} adapter (peft_type); fx-surgery reads PEFT's LoRA and IA³ "
             f"adapters ({', '.join(map(repr, PEFT_TYPES))}). Nothing was loaded.")
-    known = _COMMON | (_LORA_USED | _LORA_INERT | set(_LORA_REFUSED) | {"bias"}
+    known = _COMMON | (_LORA_USED | _LORA_INERT | set(_LORA_REFUSED)
                        if kind == "LORA" else _IA3_USED)
     for key, value in data.items():
         if key not in known and not _empty(value):
@@ -220,6 +225,7 @@ def parse_peft_config(data: Mapping[str, Any], who: str, *, source: str = CONFIG
         use_dora=_bool(data.get("use_dora", False), "use_dora", where),
         rank_pattern=_pattern_map(data.get("rank_pattern"), "rank_pattern", where, _positive_int),
         alpha_pattern=_pattern_map(data.get("alpha_pattern"), "alpha_pattern", where, _number),
+        bias=data.get("bias") or "none",
     )
 
 
@@ -239,11 +245,13 @@ def _refuse_lora_features(data: Mapping[str, Any], where: str) -> None:
                 f"W x + (alpha / r) · B A x only, so it cannot reproduce this adapter; nothing "
                 f"was loaded. Way out: merge the adapter into the weights with PEFT "
                 f"(merge_and_unload) and use that model, or train a plain LoRA adapter.")
-    bias = data.get("bias", "none")
-    if bias != "none":
+    bias = data.get("bias") or "none"
+    modes = ("none", "lora_only", "all")
+    if bias not in modes:
+        near = ", ".join(map(repr, near_matches(str(bias), modes)))
         raise CheckpointError(
-            f"{where} trains biases of the base model (bias={bias!r}); fx-surgery's LoRA adds "
-            f"no bias. Nothing was loaded. Way out: an adapter saved with bias='none'.")
+            f"{where} sets bias={bias!r}; PEFT's LoRA knows 'none', 'lora_only' and 'all' "
+            f"(nearest: {near}). Nothing was loaded. Way out: one of those values.")
     init = data.get("init_lora_weights", True)
     if init not in _INIT_KEEPS_BASE:
         raise CheckpointError(

@@ -36,12 +36,13 @@ from torch import nn
 from surgery.adapters.fold import adapter_params
 from surgery.adapters.fold_layout import fold_head
 from surgery.adapters.merge_state import KIND_LABEL, adapter_inventory, merged_adapters
-from surgery.apply import unwrap
+from surgery.apply import history, unwrap
 from surgery.checkpoint.files import checkpoint_dir, write_json, write_tensors
 from surgery.checkpoint.peft_config import CONFIG_NAME, parse_peft_config
 from surgery.checkpoint.peft_keys import (
     PREFIX,
     WEIGHTS_NAME,
+    bias_keys,
     check_keys,
     expected_keys,
     peft_local,
@@ -117,7 +118,10 @@ def export_peft(model: nn.Module, directory: str | os.PathLike[str],
     state of every module trained fully (``TrainModulePass``) under
     ``base_model.model.<module>.<key>`` (``modules_to_save``; these belong to no adapter, so
     every adapter's files carry them); and ``adapter_config.json`` with ``peft_type``
-    ``"LORA"`` or ``"IA3"``, exact targeting (see the module docstring), ``use_dora`` for a
+    ``"LORA"`` or ``"IA3"``, exact targeting (see the module docstring), ``bias`` as the
+    adapter's ``LoRAPass(bias=...)`` (with ``"lora_only"`` / ``"all"`` the trained biases
+    are in the tensors, under ``base_model.model.<layer>.base_layer.bias`` for an adapted
+    layer and ``base_model.model.<module>.bias`` otherwise, PEFT's keys), ``use_dora`` for a
     DoRA adapter (with ``base_model.model.<layer>.lora_magnitude_vector`` ``(out,)`` in the
     tensors, PEFT's key), ``use_rslora``
     when every layer's scaling is ``alpha / sqrt(rank)`` (otherwise ``lora_alpha`` is set so
@@ -150,7 +154,8 @@ def export_peft(model: nn.Module, directory: str | os.PathLike[str],
             (embeddings, which have none, aside), an adapter DoRA at some layers and plain
             LoRA at others, LoRA on a convolution with a dilation or
             a padding mode (PEFT's ``lora_A`` ignores them), an adapter on the model itself
-            (not on a named layer); a module trained fully whose
+            (not on a named layer), an adapter whose pass rewrote the base weight
+            (``LoRAPass(init="pissa" | "pissa_niter_<K>" | "olora")``); a module trained fully whose
             parameter is tied to a module not trained (PEFT trains an untied copy); settings
             PEFT would read differently (a module name that PEFT's suffix rules for
             ``modules_to_save`` cannot single out); ``directory`` is a file. Checked for every
@@ -229,6 +234,7 @@ def _trained(model: nn.Module) -> list[str]:
 def _plan(model: nn.Module, name: str, kinds: dict[str, list[str]], trained: list[str],
           root: Path) -> _Plan:
     kind = next(iter(kinds))
+    _refuse_rewritten_base(model, name)
     layers = _layers(model, name, kind)
     _refuse_tied(model, trained)
     tensors: dict[str, torch.Tensor] = {}
@@ -240,6 +246,8 @@ def _plan(model: nn.Module, name: str, kinds: dict[str, list[str]], trained: lis
             tensors[f"{PREFIX}{qname}.{local}"] = tensor
     tensors = {k: v.detach().clone() for k, v in tensors.items()}  # tied tensors: one copy each
     config, targets = _config(model, name, kind, layers, trained)
+    for key, (_, param) in bias_keys(model, targets).items():  # LoRA's bias="lora_only"/"all"
+        tensors.setdefault(key, param.detach().clone())
     try:  # the layout PEFT (and import_peft) will expect
         check_keys(tensors, expected_keys(model, targets, kind), _WHO,
                    f"the tensors of adapter {name!r}")
@@ -247,6 +255,40 @@ def _plan(model: nn.Module, name: str, kinds: dict[str, list[str]], trained: lis
         raise CheckpointError(f"{_WHO}: adapter {name!r} cannot be written in the layout PEFT "
                               f"reads. Nothing was written. ({exc})") from None
     return _Plan(name, root if name == "default" else root / name, config, tensors)
+
+
+def _bias_mode(model: nn.Module, name: str) -> str:
+    """The ``bias`` setting of the LoRA pass that added adapter ``name``
+    (``LoRAPass(bias=...)``: ``"none"``, ``"lora_only"`` or ``"all"``), as PEFT's
+    ``LoraConfig.bias``; the last such pass wins."""
+    mode = "none"
+    for result in history(model):
+        step = result.step
+        if result.pass_name == "lora" and getattr(step, "adapter_name", None) == name:
+            mode = getattr(step, "bias", "none")
+    return mode
+
+
+def _refuse_rewritten_base(model: nn.Module, name: str) -> None:
+    """An adapter whose pass rewrote the base weight when it was added (PiSSA, OLoRA:
+    ``LoRAPass(init="pissa")`` leaves the residual ``W - s·B₀A₀`` in the layer) applies to
+    that residual, not to the base model PEFT's files are loaded onto.
+
+    Raises:
+        CheckpointError: naming the adapter, the weight and the way out.
+    """
+    for result in history(model):
+        for change in result.changes:
+            if (change.kind == "param_rewritten" and change.adapter == name
+                    and change.pass_name == result.pass_name
+                    and any(c.kind == "param_added" and c.adapter == name and c.site == change.site
+                            for c in result.changes)):
+                raise CheckpointError(
+                    f"{_WHO}: adapter {name!r} was added with a base-rewriting initialisation "
+                    f"({change.detail}: {change.name}); PEFT's files apply to the original "
+                    f"base weights, so the exported adapter would not compute what the model "
+                    f"does. Nothing was written. Way out: save_adapters (which replays the "
+                    f"rewrite), or unload the model and save it whole.")
 
 
 def _layers(model: nn.Module, name: str, kind: str) -> list[_Layer]:
@@ -351,6 +393,8 @@ def _config(model: nn.Module, name: str, kind: str, layers: list[_Layer],
     last: CheckpointError | None = None
     for task_type in candidates:
         config = _settings(model, kind, layers, trained, task_type)
+        if kind == "lora":
+            config["bias"] = _bias_mode(model, name)
         try:
             return config, _verify(model, name, kind, config, layers, trained)
         except CheckpointError as exc:

@@ -74,14 +74,15 @@ def import_peft(base_model: nn.Module, directory: str | os.PathLike[str],
         shapes ``(rank, in)`` / ``(out, rank)`` (a convolution's and an embedding's as PEFT
         has them), IA³ vectors ``(width,)`` over the whole layer width
         (a fused ``c_attn`` learns all three slices, as in PEFT), the modules of
-        ``modules_to_save`` trained fully under their own names. The adapter's parameters
-        (and the saved modules) train; every other parameter is frozen, as after
-        :func:`surgery.apply_passes`.
+        ``modules_to_save`` trained fully under their own names; with PEFT's ``bias``
+        ``"lora_only"`` / ``"all"``, the file's base biases loaded and trained as by
+        ``LoRAPass(bias=...)``. The adapter's parameters (and the saved modules and biases)
+        train; every other parameter is frozen, as after :func:`surgery.apply_passes`.
 
     Raises:
         CheckpointError: the directory or a file is missing, unreadable, truncated or a
             pickle (``adapter_model.bin``: never unpickled); a setting fx-surgery cannot
-            reproduce (DoRA on a convolution or an embedding, a LoRA bias, LoRA on
+            reproduce (DoRA on a convolution or an embedding, a bias on ``lora_B``, LoRA on
             ``nn.MultiheadAttention`` or on a
             convolution with a dilation or padding mode PEFT's ``lora_A`` ignores, trainable
             token indices, ``target_parameters``, Megatron, another PEFT method, ...),
@@ -147,7 +148,7 @@ def _passes(settings: PeftSettings, targets: PeftTargets, kind: str,
             rank_for=[(_exact([s.qname]), s.rank) for s in targets.sites if s.rank != rank],
             alpha_for=[(_exact([s.qname]), s.alpha) for s in targets.sites if s.alpha != alpha],
             dropout=settings.lora_dropout, use_rslora=settings.use_rslora,
-            use_dora=settings.use_dora, name=adapter_name))
+            use_dora=settings.use_dora, name=adapter_name, bias=settings.bias))
     else:
         feedforward = [s.qname for s in targets.sites if s.feedforward]
         step = known_pass("ia3").from_config(dict(

@@ -45,9 +45,10 @@ from torch import nn
 
 from surgery.checkpoint.peft_targets import PeftSite, PeftTargets
 from surgery.errors import CheckpointError, near_matches
+from surgery.sites.marker import AdapterModule
 
 __all__ = ["PREFIX", "WEIGHTS_NAME", "PeftKey", "lora_keys", "ia3_key", "expected_keys",
-           "check_keys", "peft_local"]
+           "bias_keys", "check_keys", "peft_local"]
 
 PREFIX = "base_model.model."
 """What every key of a PEFT adapter file starts with (``PeftModel.base_model.model``)."""
@@ -76,10 +77,12 @@ class PeftKey:
 
     Attributes:
         slot: ``"lora_A"``, ``"lora_B"``, ``"lora_magnitude_vector"`` (DoRA),
-            ``"lora_embedding_A"``, ``"lora_embedding_B"``, ``"ia3_l"`` or ``"saved"``
-            (``modules_to_save``).
-        qname: the qualified name of the layer or saved module.
-        local: for ``"saved"``, the key within that module's ``state_dict``.
+            ``"lora_embedding_A"``, ``"lora_embedding_B"``, ``"ia3_l"``, ``"saved"``
+            (``modules_to_save``) or ``"bias"`` (a base bias trained with LoRA's ``bias``).
+        qname: the qualified name of the layer or saved module (for ``"bias"``: the module
+            owning the bias).
+        local: for ``"saved"``, the key within that module's ``state_dict``; ``"bias"`` for
+            a bias.
         shape: the shape the tensor must have.
         dtype: the dtype of the tensor it replaces (the layer's weight, or the saved
             module's own tensor).
@@ -165,6 +168,36 @@ def expected_keys(model: nn.Module, targets: PeftTargets, kind: str) -> dict[str
         for local, tensor in model.get_submodule(qname).state_dict(keep_vars=True).items():
             out[f"{PREFIX}{qname}.{local}"] = PeftKey("saved", qname, local, tuple(tensor.shape),
                                                       tensor.dtype)
+    for key, (owner, param) in bias_keys(model, targets).items():
+        out.setdefault(key, PeftKey("bias", owner, "bias", tuple(param.shape), param.dtype))
+    return out
+
+
+def bias_keys(model: nn.Module, targets: PeftTargets) -> dict[str, tuple[str, nn.Parameter]]:
+    """The keys of the base biases a LoRA file with ``bias`` = ``targets.bias`` holds, each
+    with the qualified name of the module owning the bias and the bias itself, in module
+    order (PEFT's ``_get_learnable_bias_state_dict``).
+
+    ``"lora_only"``: the bias of each adapted layer that has one, under
+    ``base_model.model.<layer>.base_layer.bias`` (PEFT's layer wraps the base layer).
+    ``"all"``: every parameter named ``bias`` outside adapters, the adapted layers' under
+    ``.base_layer.bias`` as well, the others under ``base_model.model.<module>.bias``.
+    ``"none"``: none.
+    """
+    if targets.bias == "none":
+        return {}
+    sites = {s.qname for s in targets.sites}
+    inside = {id(p) for m in model.modules() if isinstance(m, AdapterModule)
+              for p in m.parameters()}
+    out: dict[str, tuple[str, nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not (name == "bias" or name.endswith(".bias")) or id(param) in inside:
+            continue
+        owner = name.rpartition(".")[0]
+        if owner in sites:
+            out[f"{PREFIX}{owner}.base_layer.bias"] = (owner, param)
+        elif targets.bias == "all":
+            out[f"{PREFIX}{name}"] = (owner, param)
     return out
 
 

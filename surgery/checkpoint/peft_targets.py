@@ -94,10 +94,13 @@ class PeftTargets:
     Attributes:
         sites: the adapted layers, in module order.
         modules_to_save: qualified names of the modules trained fully, in module order.
+        bias: LoRA's ``bias`` (``"none"``, ``"lora_only"``, ``"all"``): which base biases
+            the file holds and the adapter trains.
     """
 
     sites: tuple[PeftSite, ...]
     modules_to_save: tuple[str, ...]
+    bias: str = "none"
 
 
 @dataclass(frozen=True)
@@ -216,7 +219,7 @@ def resolve_peft_targets(model: nn.Module, settings: PeftSettings, adapter_name:
             f"Nearest module names: {', '.join(near) or 'none'}. {nothing} Way out: load it "
             f"onto the model it was trained for.")
     return PeftTargets(tuple(sites), _modules_to_save(view, saved, sites, kind, adapter_name,
-                                                      settings, who))
+                                                      settings, who), settings.bias)
 
 
 def _compile(pattern: str, key: str, settings: PeftSettings, who: str) -> re.Pattern[str]:

@@ -4,9 +4,11 @@ The tensors of an adapter are the state of the inserted modules
 (:class:`~surgery.sites.marker.AdapterModule`, found by type, never by a substring of a
 name), under the keys of the model's own ``state_dict`` (``q_proj.lora_A.default.weight``),
 plus the whole state of base modules trained fully (``TrainModulePass``, recorded on the
-model's state). A tensor reachable under two keys of the model's ``state_dict`` (tied
-weights: GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``; a module shared under
-two names) is stored once, under its first key, and the other keys are recorded as ties.
+model's state) and the single base parameters a pass trains (the biases of
+``LoRAPass(bias=...)``, recorded likewise). A tensor reachable under two keys of the
+model's ``state_dict`` (tied weights: GPT-2's ``lm_head.weight`` is
+``transformer.wte.weight``; a module shared under two names) is stored once, under its
+first key, and the other keys are recorded as ties.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from torch import Tensor, nn
 
 from surgery.sites.marker import AdapterModule
 
-__all__ = ["CheckpointTensor", "adapter_state", "trained_modules", "assign"]
+__all__ = ["CheckpointTensor", "adapter_state", "trained_modules", "trained_parameters",
+           "assign"]
 
 
 @dataclass
@@ -26,7 +29,8 @@ class CheckpointTensor:
 
     Attributes:
         tensor: the parameter or buffer itself (not a copy).
-        adapter: the adapter name it belongs to; ``None`` for a base module trained fully.
+        adapter: the adapter name it belongs to; ``None`` for a base module trained fully
+            or a base parameter trained alone.
         trainable: ``requires_grad`` (``False`` for buffers).
         ties: other keys under which the same tensor is reachable.
     """
@@ -43,13 +47,21 @@ def trained_modules(model: nn.Module) -> list[str]:
     return list(getattr(state, "trained_modules", None) or ())
 
 
+def trained_parameters(model: nn.Module) -> list[str]:
+    """Qualified names of the single base parameters a pass trains (the biases of
+    ``LoRAPass(bias=...)``), in the order they were recorded."""
+    state = getattr(model, "_surgery", None)
+    return list(getattr(state, "trained_parameters", None) or ())
+
+
 def adapter_state(model: nn.Module) -> dict[str, CheckpointTensor]:
     """Every tensor a checkpoint of ``model`` holds, by ``state_dict`` key, in model order.
 
     The outermost adapter modules give their whole ``state_dict`` (parameters and
     persistent buffers, nested modules included); each base module trained fully gives its
-    own. Every other key of ``model.state_dict()`` under which one of these tensors is
-    reachable is recorded as a tie of its first key.
+    own, and each base parameter trained alone gives itself. Every other key of
+    ``model.state_dict()`` under which one of these tensors is reachable is recorded as a
+    tie of its first key.
     """
     out: dict[str, CheckpointTensor] = {}
     by_id: dict[int, str] = {}
@@ -74,6 +86,11 @@ def adapter_state(model: nn.Module) -> dict[str, CheckpointTensor]:
         add(qname, mod, mod.adapter_name)
     for qname in trained_modules(model):
         add(qname, model.get_submodule(qname), None)
+    for pname in trained_parameters(model):
+        param = model.get_parameter(pname)
+        if id(param) not in by_id:
+            by_id[id(param)] = pname
+            out[pname] = CheckpointTensor(param, None, bool(param.requires_grad))
     for key, tensor in model.state_dict(keep_vars=True).items():
         first = by_id.get(id(tensor))
         if first is not None and key != first and key not in out[first].ties:

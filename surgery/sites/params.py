@@ -120,7 +120,8 @@ def snapshot(model: nn.Module) -> dict:
             "configs": configs,
             "history_len": history_len,
             "state_active": None if state is None or state.active is None else set(state.active),
-            "state_trained": None if state is None else dict(state.trained_modules)}
+            "state_trained": None if state is None else dict(state.trained_modules),
+            "state_trained_params": None if state is None else dict(state.trained_parameters)}
 
 
 def restore(model: nn.Module, snap: dict) -> None:
@@ -154,6 +155,8 @@ def restore(model: nn.Module, snap: dict) -> None:
         state.active = snap["state_active"]
         if snap.get("state_trained") is not None:
             state.trained_modules = snap["state_trained"]
+        if snap.get("state_trained_params") is not None:
+            state.trained_parameters = snap["state_trained_params"]
     recompile(model)
 
 

@@ -153,7 +153,8 @@ def test_adapter_modules_follow_the_weight_dtype_and_layout() -> None:
     ({"alpha": -1}, "alpha must be a positive number"),
     ({"alpha": float("nan")}, "alpha must be a positive number"),
     ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
-    ({"init": "xavier"}, "init must be 'kaiming' or 'gaussian'"),
+    ({"init": "xavier"}, "init must be one of 'kaiming', 'gaussian', 'orthogonal', 'random', "
+                         "'pissa', 'pissa_niter_<K>', 'olora', got 'xavier'"),
     ({"name": "my-adapter"}, "name must be a Python identifier"),
     ({"pattern": ""}, "a pattern must be a non-empty string"),
 ])

@@ -251,7 +251,7 @@ def test_json_round_trip_and_stable_keys(builtin_audit: Audit) -> None:
     assert sorted(data["rows"][0]) == ["active", "adapters", "added_by", "device", "dtype",
                                        "frozen_by", "name", "params", "rewritten_by", "role",
                                        "tied", "trainable", "trainable_params", "trained_by",
-                                       "type"]
+                                       "trained_params", "type"]
     assert sorted(data["adapters"][0]) == ["active", "name", "params", "pass_name", "ranks",
                                            "sites", "trainable", "trainable_params"]
     assert data["adapters"][0]["ranks"] == [8] * 8 and data["notes"] == []

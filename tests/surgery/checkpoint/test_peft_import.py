@@ -310,7 +310,7 @@ def refused(zoo, snapshot, directory: Path, match: str, name: str = "hf:llama", 
 
 @pytest.mark.parametrize("changes, match", [
     (dict(use_dora=True), r"Missing keys: .*q_proj\.lora_magnitude_vector"),
-    (dict(bias="all"), r"bias='all'"),
+    (dict(bias="lora"), r"bias='lora'; PEFT's LoRA knows 'none', 'lora_only' and 'all'"),
     (dict(lora_bias=True), r"a bias on lora_B"),
     (dict(trainable_token_indices=[1, 2]), r"trainable token indices"),
     (dict(target_parameters=["mlp.experts.down_proj"]), r"target_parameters"),
