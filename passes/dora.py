@@ -34,11 +34,13 @@ from torch import nn
 
 from passes.modules import routed_update
 from surgery.adapters.merge_math import compute_dtype, lora_delta
-from surgery.map.leaves import is_hf_conv1d
+from surgery.errors import UnsupportedSiteError
+from surgery.map.leaves import is_dense_linear, is_hf_conv1d
 from surgery.sites.marker import AdapterModule
 from surgery.sites.site_graph import base_module
+from surgery.targets import Site
 
-__all__ = ["DoRAMagnitude", "dora_fold", "dora_norm"]
+__all__ = ["DoRAMagnitude", "dora_fold", "dora_norm", "refuse_dora_sites"]
 
 
 def dora_norm(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
@@ -158,3 +160,20 @@ class DoRAMagnitude(AdapterModule):
     def fold_detail(self, site: nn.Module) -> str:
         return (f"m / ‖W + {self.scaling:g}·B A‖ · (W + {self.scaling:g}·B A) of DoRA "
                 f"{self.adapter_name!r}")
+
+
+def refuse_dora_sites(sites: list[Site]) -> None:
+    """DoRA is computed here on ``nn.Linear`` and ``Conv1D`` only.
+
+    Raises:
+        UnsupportedSiteError: naming the first other site and its type, and the way out.
+    """
+    other = [s for s in sites if not is_dense_linear(base_module(s.base))]
+    if other:
+        names = ", ".join(s.qname for s in other[:5])
+        kind = type(base_module(other[0].base)).__name__
+        raise UnsupportedSiteError(
+            f"LoRAPass(use_dora=True): {other[0].qname} is a {kind}; "
+            f"DoRA is supported on nn.Linear and transformers' Conv1D only, not on "
+            f"convolutions or embeddings (selected: {names}). Way out: exclude them "
+            f"(exclude=[...]) or adapt them with a second LoRAPass without use_dora.")

@@ -32,7 +32,7 @@ from passes.lora import lora_features
 from passes.lora_layers import is_plain_conv
 from passes.modules import IA3Vector
 from surgery.errors import ConfigError, NoMatchError, near_matches
-from surgery.map.leaves import is_hf_conv1d
+from surgery.map.leaves import is_dense_linear
 from surgery.pass_base import Change, Pass, PassResult
 from surgery.select import Selector, as_patterns, matches
 from surgery.sites.features import require_plain_weight
@@ -51,12 +51,8 @@ from surgery.targets import Site, resolve_sites, with_roles
 __all__ = ["IA3Pass"]
 
 
-def _accept_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_hf_conv1d(module)
-
-
 def _accept(module: nn.Module) -> bool:
-    return _accept_linear(module) or (is_plain_conv(module)
+    return is_dense_linear(module) or (is_plain_conv(module)
                                       and isinstance(module, (nn.Conv2d, nn.Conv3d)))
 
 
@@ -126,7 +122,7 @@ class IA3Pass(Pass):
         by_pattern = self.pattern is not None
         return resolve_sites(model, pass_name="IA3Pass", pattern=self.pattern, role=self.role,
                              exclude=self.exclude, default_roles=self.default_roles,
-                             accept=_accept if by_pattern else _accept_linear,
+                             accept=_accept if by_pattern else is_dense_linear,
                              accepted_types=("nn.Linear / Conv1D / nn.Conv2d / nn.Conv3d"
                                              if by_pattern else "nn.Linear / Conv1D"))
 

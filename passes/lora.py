@@ -41,15 +41,14 @@ embedding), selected by pattern.
 
 from __future__ import annotations
 
-import math
 import operator
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, TypeVar
+from typing import ClassVar
 
 from torch import fx, nn
 
-from passes.dora import DoRAMagnitude
+from passes.dora import DoRAMagnitude, refuse_dora_sites
 from passes.lora_bias import check_bias, train_biases
 from passes.lora_init import check_init, rewrite_base, rewrites_base
 from passes.lora_layers import (
@@ -58,11 +57,12 @@ from passes.lora_layers import (
     lora_branch,
     register_branch,
 )
+from passes.lora_settings import PerSite, check_alpha, check_rank, per_site, scaling_for
 from passes.modules import LoRAProjection
-from surgery.errors import ConfigError, NoMatchError, UnsupportedSiteError, near_matches
-from surgery.map.leaves import is_hf_conv1d
+from surgery.errors import ConfigError, NoMatchError, near_matches
+from surgery.map.leaves import is_dense_linear, is_hf_conv1d
 from surgery.pass_base import Change, Pass, PassResult
-from surgery.select import Selector, as_patterns, compile_pattern, first_match, matches
+from surgery.select import Selector, as_patterns, first_match, matches
 from surgery.sites.features import require_plain_weight, warn_rank_exceeds
 from surgery.sites.rewrite import (
     freeze_site,
@@ -97,96 +97,11 @@ def lora_features(module: nn.Module) -> tuple[int, int]:
     return int(weight.shape[1]), int(weight.shape[0])
 
 
-def _accept_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_hf_conv1d(module)
-
-
 def _accept(module: nn.Module) -> bool:
-    return _accept_linear(module) or is_plain_conv(module) or is_plain_embedding(module)
+    return is_dense_linear(module) or is_plain_conv(module) or is_plain_embedding(module)
 
 
 _TYPES = "nn.Linear / Conv1D / nn.Conv1d/2d/3d / nn.Embedding"
-
-
-def _refuse_dora_sites(sites: list[Site]) -> None:
-    """DoRA is computed here on ``nn.Linear`` and ``Conv1D`` only.
-
-    Raises:
-        UnsupportedSiteError: naming the first other site and its type, and the way out.
-    """
-    other = [s for s in sites if not _accept_linear(base_module(s.base))]
-    if other:
-        names = ", ".join(s.qname for s in other[:5])
-        kind = type(base_module(other[0].base)).__name__
-        raise UnsupportedSiteError(
-            f"LoRAPass(use_dora=True): {other[0].qname} is a {kind}; "
-            f"DoRA is supported on nn.Linear and transformers' Conv1D only, not on "
-            f"convolutions or embeddings (selected: {names}). Way out: exclude them "
-            f"(exclude=[...]) or adapt them with a second LoRAPass without use_dora.")
-
-
-_V = TypeVar("_V", int, float)
-PerSite = Mapping[str, _V] | Sequence[tuple[str, _V]] | None
-"""Per-site values keyed by pattern: ``{"q_proj": 16}`` or ``[("q_proj", 16), ...]``."""
-
-
-def _scaling(alpha: float, rank: int, use_rslora: bool) -> float:
-    """``alpha / rank``, or ``alpha / sqrt(rank)`` for rank-stabilised LoRA."""
-    return alpha / (math.sqrt(rank) if use_rslora else rank)
-
-
-def _check_rank(value: object) -> str:
-    """Why ``value`` is not a rank (``""`` when it is one)."""
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
-    return "" if ok else "a rank must be a positive int"
-
-
-def _check_alpha(value: object) -> str:
-    """Why ``value`` is not an alpha (``""`` when it is one)."""
-    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
-          and math.isfinite(value) and value > 0)
-    return "" if ok else "an alpha must be a positive finite number"
-
-
-def _per_site(value: object, what: str, check: Callable[[object], str],
-              convert: Callable[[object], _V]) -> tuple[tuple[str, _V], ...]:
-    """Normalise ``rank_for`` / ``alpha_for`` to a tuple of ``(pattern, value)`` pairs, in
-    the order given (a JSON list of ``[pattern, value]`` lists is accepted too), each value
-    passed by ``check`` and then ``convert``-ed (``int``, ``float``).
-
-    Raises:
-        ConfigError: not a mapping or a sequence of pairs; a pattern that is not a
-            non-empty string or not a valid ``re:`` regex; a pattern given twice; a value
-            ``check`` refuses.
-    """
-    if value is None:
-        return ()
-    if isinstance(value, Mapping):
-        items = list(value.items())
-    elif isinstance(value, (list, tuple)) and all(
-            isinstance(p, (list, tuple)) and len(p) == 2 for p in value):
-        items = [tuple(p) for p in value]
-    else:
-        raise ConfigError(
-            f"LoRAPass: {what} must be a mapping {{pattern: value}} or a list of (pattern, "
-            f"value) pairs, got {value!r}. Way out: e.g. {what}={{'v_proj': 16}}.")
-    out: list[tuple[str, _V]] = []
-    for key, val in items:
-        try:
-            if not isinstance(key, str):
-                raise ConfigError(f"a pattern must be a string, got {type(key).__name__}")
-            as_patterns(key)
-            compile_pattern(key)
-        except ConfigError as exc:
-            raise ConfigError(f"LoRAPass: {what} key {key!r}: {exc}") from None
-        if any(key == k for k, _ in out):
-            raise ConfigError(f"LoRAPass: {what} gives pattern {key!r} twice; only the first "
-                              f"could ever apply. Way out: keep one.")
-        why = check(val)
-        if why:
-            raise ConfigError(f"LoRAPass: {what}[{key!r}]: {why}, got {val!r}")
-        out.append((key, convert(val)))
-    return tuple(out)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -296,9 +211,9 @@ class LoRAPass(Pass):
                          ("adapter_name", name), ("bias", bias)):
             object.__setattr__(self, key, tuple(val) if isinstance(val, list) else val)
         object.__setattr__(self, "rank_for",
-                           _per_site(rank_for, "rank_for", _check_rank, int))
+                           per_site(rank_for, "rank_for", check_rank, int))
         object.__setattr__(self, "alpha_for",
-                           _per_site(alpha_for, "alpha_for", _check_alpha, float))
+                           per_site(alpha_for, "alpha_for", check_alpha, float))
         self.__post_init__()
 
     def __post_init__(self) -> None:
@@ -307,9 +222,9 @@ class LoRAPass(Pass):
             as_patterns(self.exclude)
         except ConfigError as exc:
             raise ConfigError(f"LoRAPass: {exc}") from exc
-        if _check_rank(self.rank):
+        if check_rank(self.rank):
             raise ConfigError(f"LoRAPass: rank must be a positive int, got {self.rank!r}")
-        if _check_alpha(self.alpha):
+        if check_alpha(self.alpha):
             raise ConfigError(f"LoRAPass: alpha must be a positive number, got {self.alpha!r}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ConfigError(f"LoRAPass: dropout must be in [0, 1), got {self.dropout!r}")
@@ -340,7 +255,7 @@ class LoRAPass(Pass):
         """The default scaling: ``alpha / rank``, or ``alpha / sqrt(rank)`` with
         ``use_rslora``; a site that a ``rank_for`` / ``alpha_for`` key selects has its own
         (:meth:`scaling_at`)."""
-        return _scaling(self.alpha, self.rank, self.use_rslora)
+        return scaling_for(self.alpha, self.rank, self.use_rslora)
 
     def rank_at(self, qname: str | Sequence[str]) -> int:
         """The rank of the site at ``qname`` (or under any of several names, for a shared
@@ -357,7 +272,7 @@ class LoRAPass(Pass):
     def scaling_at(self, qname: str | Sequence[str]) -> float:
         """The scaling of the site at ``qname``: ``alpha_at / rank_at``, or
         ``alpha_at / sqrt(rank_at)`` with ``use_rslora``."""
-        return _scaling(self.alpha_at(qname), self.rank_at(qname), self.use_rslora)
+        return scaling_for(self.alpha_at(qname), self.rank_at(qname), self.use_rslora)
 
     def sites(self, model: nn.Module) -> list[Site]:
         """The sites this pass would adapt in ``model`` (convolutions and embeddings only
@@ -365,7 +280,7 @@ class LoRAPass(Pass):
         by_pattern = self.pattern is not None
         return resolve_sites(model, pass_name="LoRAPass", pattern=self.pattern, role=self.role,
                              exclude=self.exclude, default_roles=self.default_roles,
-                             accept=_accept if by_pattern else _accept_linear,
+                             accept=_accept if by_pattern else is_dense_linear,
                              accepted_types=_TYPES if by_pattern else "nn.Linear / Conv1D")
 
     def run(self, model: nn.Module) -> PassResult:
@@ -373,7 +288,7 @@ class LoRAPass(Pass):
         sites = self.sites(model)
         self._check_keys(model, sites)
         if self.use_dora:
-            _refuse_dora_sites(sites)
+            refuse_dora_sites(sites)
         by_rank: dict[int, list[Site]] = {}
         for site in sites:
             by_rank.setdefault(self.rank_at(site.aliases), []).append(site)
@@ -409,7 +324,7 @@ class LoRAPass(Pass):
         qname, role = site.qname, site.label
         require_plain_weight(qname, site.base, who="LoRAPass")
         rank, alpha = self.rank_at(site.aliases), self.alpha_at(site.aliases)
-        scaling = _scaling(alpha, rank, self.use_rslora)
+        scaling = scaling_for(alpha, rank, self.use_rslora)
         name = self.adapter_name
         weight = site.module.weight  # the template of a site graph is on the meta device
         slots = lora_branch(site.base, rank=rank, alpha=alpha, scaling=scaling, init=self.init,

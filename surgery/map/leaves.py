@@ -14,6 +14,7 @@ __all__ = [
     "MODE_TYPES",
     "SIGNATURE_TYPES",
     "is_hf_conv1d",
+    "is_dense_linear",
     "is_linear_like",
     "is_leaf_type",
 ]
@@ -51,6 +52,12 @@ def is_hf_conv1d(module: nn.Module) -> bool:
     """True for transformers' ``Conv1D`` (a linear layer storing its weight as ``(in, out)``)."""
     cls = type(module)
     return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+
+
+def is_dense_linear(module: nn.Module) -> bool:
+    """True for ``nn.Linear`` and transformers' ``Conv1D``: ``y = x W^T + b`` (weight stored
+    ``(out, in)``, or ``(in, out)`` for ``Conv1D``)."""
+    return isinstance(module, nn.Linear) or is_hf_conv1d(module)
 
 
 def is_linear_like(module: nn.Module) -> bool:
