@@ -221,6 +221,14 @@ def _merge_first(key: Key, mode: str | None) -> str:
     return f"{label(*key)} cannot be merged ({WHY_NOT_LINEAR}); leave this adapter unmerged"
 
 
+def _dora_reads(key: Key, dora: Key, modes: dict[Key, str | None], site: str) -> str:
+    """Why ``key`` cannot fold while the DoRA adapter ``dora`` reads the layer's weight."""
+    return (f"cannot merge {label(*key)} into {site}: the DoRA branch of {label(*dora)} "
+            f"reads the layer's weight (its norm), so folding anything else into that "
+            f"weight first would change what it computes. Way out: "
+            f"{_merge_first(dora, modes[dora])}.")
+
+
 def _blocked(sg: SiteGraph, pending: set[Key], outputs: list[fx.Node], inputs: list[fx.Node],
              layer_in: fx.Node, modes: dict[Key, str | None],
              branch: dict[fx.Node, set[fx.Node]], removed: set[fx.Node]) -> str:
@@ -238,10 +246,7 @@ def _blocked(sg: SiteGraph, pending: set[Key], outputs: list[fx.Node], inputs: l
                         f"DoRA, and each reads the layer's weight (its norm) that the other "
                         f"would fold into, so neither can be merged while the other is there. "
                         f"Way out: keep them unmerged, or unload one of them first.")
-            return (f"cannot merge {label(*key)} into {site}: the DoRA branch of {label(*d)} "
-                    f"reads the layer's weight (its norm), so folding anything else into that "
-                    f"weight first would change what it computes. Way out: "
-                    f"{_merge_first(d, modes[d])}.")
+            return _dora_reads(key, d, modes, site)
         blockers = [q for q in outputs[:p]
                     if not (modes[key] in ("add", "dora") and modes[key_of(q)] == "add")]
         if blockers:
@@ -261,10 +266,7 @@ def _blocked(sg: SiteGraph, pending: set[Key], outputs: list[fx.Node], inputs: l
         dora = _reads_weight(outputs, None, modes)
         if dora is not None:
             d = key_of(dora)
-            return (f"cannot merge {label(*key)} into {site}: the DoRA branch of {label(*d)} "
-                    f"reads the layer's weight (its norm), so folding anything else into that "
-                    f"weight first would change what it computes. Way out: "
-                    f"{_merge_first(d, modes[d])}.")
+            return _dora_reads(key, d, modes, site)
         if q > 0:
             first = key_of(inputs[0])
             return (f"cannot merge {label(*key)} into {site}: {label(*first)} lies between it "
