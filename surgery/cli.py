@@ -8,6 +8,7 @@
     surgery apply builtin --lora-role query --lora-role value --rank 4 --dry-run
     surgery apply hf:llama --adapter houlsby --bottleneck 16 --name sst2 --out out/
     surgery apply builtin --parallel --prefix 4 --prefix-gate zero --dry-run
+    surgery report builtin --lora 'attn.*' --ia3 --site layers.0.attn.q_proj --out report.html
     surgery inspect ckpt/ --model hf:gpt2             # what a checkpoint (ours or PEFT's) holds
 
 Errors on purpose (a pattern matching nothing, an unknown model name, ...) print one clean
@@ -20,14 +21,17 @@ import argparse
 import json
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from surgery.cli_passes import add_pass_arguments, passes_from_args
 from surgery.errors import ConfigError, NoMatchError, RenderError, SurgeryError
 
 if TYPE_CHECKING:
     from torch import nn
+
+    from visualize.diff_report import DiffReport
 
     from surgery.audit.count import Audit
     from surgery.pass_base import Pass
@@ -72,43 +76,27 @@ def build_parser() -> argparse.ArgumentParser:
         description="Apply the passes to a model of the zoo, print the audit, and write "
                     "before/after diagrams and the audit into --out.")
     apply.add_argument("spec", metavar="SPEC", help=_spec_help())
-    lora = apply.add_argument_group("LoRA")
-    lora.add_argument("--lora", action="append", metavar="PATTERN",
-                      help="layers to adapt, in the selection language ('attn.*', "
-                           "'re:.*\\.(q|v)_proj'); repeat for several")
-    lora.add_argument("--lora-role", action="append", metavar="ROLE",
-                      help="select layers by structural role (query, key, value, attn_out, "
-                           "ffn_up, ffn_gate, ffn_down); repeat or comma-separate for several")
-    lora.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
-    lora.add_argument("--alpha", type=float, default=16.0,
-                      help="LoRA alpha; scaling = alpha / r (default 16)")
-    lora.add_argument("--dropout", type=float, default=0.0,
-                      help="dropout on the LoRA branch input (default 0)")
-    lora.add_argument("--rslora", action="store_true", help="scaling = alpha / sqrt(r)")
-    apply.add_argument("--ia3", nargs="?", const="", default=None, metavar="PATTERN",
-                       help="add IA3 vectors; without PATTERN, to keys, values and "
-                            "feed-forward down projections (found by role)")
-    adapters = apply.add_argument_group("bottleneck adapters and prefixes")
-    adapters.add_argument("--adapter", choices=("houlsby", "pfeiffer"), default=None,
-                          help="serial bottleneck adapters h + up(act(down(h))): houlsby = after "
-                               "every attention output and feed-forward down projection, "
-                               "pfeiffer = after the feed-forward only")
-    adapters.add_argument("--parallel", action="store_true",
-                          help="parallel adapters (He et al.): ffn(x) + 4 * up(act(down(x))) on "
-                               "every feed-forward block")
-    adapters.add_argument("--bottleneck", type=int, default=None, metavar="N",
-                          help="bottleneck width of --adapter / --parallel (default: the "
-                               "layer's width // 16)")
-    adapters.add_argument("--prefix", type=int, default=None, metavar="P",
-                          help="learned prefix of P keys and values before every attention op")
-    adapters.add_argument("--prefix-gate", choices=("zero",), default=None,
-                          help="zero: LLaMA-Adapter's zero-init gate on the prefix (identity "
-                               "at init)")
-    apply.add_argument("--name", default="default", metavar="NAME",
-                       help="adapter name given to every pass of this call (default: default)")
+    add_pass_arguments(apply)
     apply.add_argument("--out", default="out", metavar="DIR", help="output folder (default: out)")
     apply.add_argument("--dry-run", action="store_true",
                        help="print what the passes would change; adapt and write nothing")
+    report = sub.add_parser(
+        "report", help="apply passes to a model and write the HTML report: diagrams with pan "
+                       "and zoom, the anatomy of an adapted site, audit and diff tables",
+        description="Apply the passes to a model of the zoo, print the audit, and write one "
+                    "self-contained HTML page (works offline) with the before, after and diff "
+                    "diagrams, the site graph of an adapted layer, and sortable audit and "
+                    "parameter diff tables; the diagram sources are written beside it.")
+    report.add_argument("spec", nargs="?", default=None, metavar="SPEC", help=_spec_help())
+    report.add_argument("--model", default=None, metavar="SPEC", help="the model (as SPEC)")
+    add_pass_arguments(report)
+    report.add_argument("--site", default=None, metavar="NAME",
+                        help="the adapted site shown first in the anatomy section "
+                             "(layers.0.attn.q_proj); default: the first adapted site")
+    report.add_argument("--max-sites", type=int, default=8, metavar="N",
+                        help="the most site graphs drawn, one per layer pattern (default 8)")
+    report.add_argument("--out", default="report.html", metavar="FILE",
+                        help="the HTML file to write (default: report.html)")
     inspect = sub.add_parser(
         "inspect", help="print what an adapter checkpoint holds (fx-surgery's or PEFT's)",
         description="Print the adapters of a checkpoint directory (save_adapters or PEFT's "
@@ -147,7 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version and usage errors
         return exc.code if isinstance(exc.code, int) else EXIT_ERROR
-    commands = {"demo": _demo, "targets": _targets, "apply": _apply, "inspect": _inspect}
+    commands = {"demo": _demo, "targets": _targets, "apply": _apply, "report": _report,
+                "inspect": _inspect}
     try:
         return commands[args.command](args, sys.stdout)
     except SurgeryError as exc:
@@ -223,49 +212,8 @@ def _factory(spec: str) -> nn.Module:
     return model
 
 
-def _passes(args: argparse.Namespace) -> list[Pass]:
-    """The passes the ``apply`` flags ask for, in a fixed order: LoRA, IA3, serial adapter,
-    parallel adapter, prefix. Pass modules are imported only when asked for."""
-    roles = [r.strip() for item in args.lora_role or () for r in item.split(",") if r.strip()]
-    name = args.name
-    passes: list[Pass] = []
-    if args.lora or roles:
-        from passes.lora import LoRAPass
-
-        passes.append(LoRAPass(pattern=list(args.lora) if args.lora else None,
-                               role=roles or None, rank=args.rank, alpha=args.alpha,
-                               dropout=args.dropout, use_rslora=args.rslora, name=name))
-    if args.ia3 is not None:
-        from passes.ia3 import IA3Pass
-
-        passes.append(IA3Pass(pattern=args.ia3 or None, name=name))
-    if args.bottleneck is not None and args.adapter is None and not args.parallel:
-        raise ConfigError("apply: --bottleneck sets the width of --adapter / --parallel; give "
-                          "one of them too")
-    if args.prefix_gate is not None and args.prefix is None:
-        raise ConfigError("apply: --prefix-gate needs --prefix P (the prefix length)")
-    if args.adapter is not None:
-        from passes.adapters import SerialAdapterPass
-
-        passes.append(SerialAdapterPass(placement=args.adapter, bottleneck=args.bottleneck,
-                                        name=name))
-    if args.parallel:
-        from passes.adapters import ParallelAdapterPass
-
-        passes.append(ParallelAdapterPass(bottleneck=args.bottleneck, name=name))
-    if args.prefix is not None:
-        from passes.prefix import PrefixPass
-
-        passes.append(PrefixPass(length=args.prefix, gate=args.prefix_gate, name=name))
-    if not passes:
-        raise ConfigError("apply: nothing to apply; give --lora PATTERN, --lora-role ROLE, "
-                          "--ia3, --adapter houlsby|pfeiffer, --parallel and/or --prefix P "
-                          "(see surgery apply --help)")
-    return passes
-
-
 def _apply(args: argparse.Namespace, out: TextIO) -> int:
-    passes = _passes(args)
+    passes = passes_from_args(args, "apply")
     spec = _load(args.spec)
     for p in passes:
         if getattr(p, "identity_at_init", True) is False:
@@ -309,7 +257,8 @@ def _dry_run(spec: ModelSpec, passes: list[Pass], out: TextIO) -> int:
     return EXIT_OK
 
 
-def _adapt_and_report(spec: ModelSpec, passes: list[Pass], out_dir: Path, out: TextIO) -> int:
+def _adapt(spec: ModelSpec, passes: list[Pass], out: TextIO) -> tuple[nn.Module, Audit]:
+    """Apply ``passes`` to the spec's model and print its audit."""
     from surgery.apply import apply_passes
     from surgery.audit.count import audit
 
@@ -317,6 +266,11 @@ def _adapt_and_report(spec: ModelSpec, passes: list[Pass], out_dir: Path, out: T
     _build_map(adapted)
     report = audit(adapted)
     _print_audit(report, out)
+    return adapted, report
+
+
+def _adapt_and_report(spec: ModelSpec, passes: list[Pass], out_dir: Path, out: TextIO) -> int:
+    adapted, report = _adapt(spec, passes, out)
     files, hints = _render(spec, adapted, out_dir)
     for name, text in (("audit.md", report.to_markdown()), ("audit.json", report.to_json() + "\n")):
         path = out_dir / name
@@ -325,12 +279,42 @@ def _adapt_and_report(spec: ModelSpec, passes: list[Pass], out_dir: Path, out: T
         except OSError as exc:
             raise RenderError(f"could not write {path}: {exc}") from exc
         files.append(path)
+    _wrote(files, hints, out_dir / "diff.html", out)
+    return EXIT_OK
+
+
+def _report(args: argparse.Namespace, out: TextIO) -> int:
+    from visualize import report as write_report
+
+    if args.spec and args.model and args.spec != args.model:
+        raise ConfigError(f"report: two models given ({args.spec} and --model {args.model}); "
+                          f"give one")
+    name = args.model or args.spec
+    if not name:
+        raise ConfigError(f"report: which model? give SPEC or --model SPEC ({_spec_help()})")
+    passes = passes_from_args(args, "report")
+    spec = _load(name)
+    try:
+        adapted, _ = _adapt(spec, passes, out)
+    except NoMatchError as exc:
+        raise NoMatchError(f"{exc} On the command line, 'surgery targets {name}' lists "
+                           f"every candidate site with its role.") from exc
+    page = Path(args.out)
+    files, hints = _drawn(lambda: write_report(
+        spec.model, adapted, page, spec.example_inputs, spec.example_kwargs or None,
+        site=args.site, max_sites=args.max_sites))
+    _wrote(files, hints, page, out)
+    return EXIT_OK
+
+
+def _wrote(files: list[Path], hints: list[str], page: Path, out: TextIO) -> None:
     print(f"\nwrote {len(files)} file(s):", file=out)
     for path in files:
         print(f"  {path}", file=out)
     for hint in hints:
         print(f"hint: {hint}", file=out)
-    return EXIT_OK
+    print(f"report: open {page} in a browser (diagrams, anatomy of a site, audit, diff)",
+          file=out)
 
 
 def _build_map(adapted: nn.Module) -> None:
@@ -348,18 +332,27 @@ def _build_map(adapted: nn.Module) -> None:
 
 
 def _render(spec: ModelSpec, adapted: nn.Module, out_dir: Path) -> tuple[list[Path], list[str]]:
-    """Draw the before/after diagrams into ``out_dir``.
+    """Draw the before/after diagrams and write the report page (``diff.html``) into
+    ``out_dir``; returns what :func:`_drawn` does."""
+    from visualize import render_diff
+
+    return _drawn(lambda: render_diff(spec.model, adapted, out_dir,
+                                      example_inputs=spec.example_inputs,
+                                      example_kwargs=spec.example_kwargs or None))
+
+
+def _drawn(draw: Callable[[], DiffReport]) -> tuple[list[Path], list[str]]:
+    """Run ``draw`` (which writes diagrams and reports).
 
     Returns:
         The files written, and what the renderer said about a missing Graphviz (only the
         ``.dot`` files are written then), as hints. Other warnings pass through unchanged.
     """
-    from visualize import MissingRendererWarning, render_diff
+    from visualize import MissingRendererWarning
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        report = render_diff(spec.model, adapted, out_dir, example_inputs=spec.example_inputs,
-                             example_kwargs=spec.example_kwargs or None)
+        report = draw()
     hints: list[str] = []
     for w in caught:
         if issubclass(w.category, MissingRendererWarning):

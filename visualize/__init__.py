@@ -9,8 +9,9 @@ adapted call expanded into its site graph, so the nodes a pass inserted appear i
 
     graph = to_networkx(adapted)                      # one dataflow graph, site graphs in place
     render(model, "out/model.svg", options=RenderOptions(depth=2))
-    report = render_diff(model, adapted, "out/")      # before/after SVG, diff.md, diff.html
-    print(report.to_markdown())
+    diff = render_diff(model, adapted, "out/")        # before/after SVG, diff.md, diff.html
+    print(diff.to_markdown())
+    report(model, adapted, "out/report.html", site="layers.0.attn.q_proj")  # one HTML page
 
 Colours are the same in every diagram: nodes a pass inserted take the pass's hue, modules
 with frozen parameters are grey-blue, trainable ones green, rewritten (merged) weights orange.
@@ -22,13 +23,13 @@ diagram of more than ``RenderOptions.max_layout_nodes`` nodes is written as DOT 
 :class:`LayoutSkippedWarning` saying how to get the image.
 """
 
-from visualize.diff import node_diff, param_diff, render_diff
+from visualize.diff import node_diff, param_diff, render_diff, report
 from visualize.dot import to_dot
 from visualize.graph import to_networkx
 from visualize.options import Palette, RenderOptions
 from visualize.render import LayoutSkippedWarning, MissingRendererWarning, render
 from visualize.repeats import collapse_repeats
-from visualize.report import DiffReport, NodeChange, ParamChange
+from visualize.diff_report import DiffReport, NodeChange, ParamChange
 
 __all__ = [
     "DiffReport",
@@ -43,6 +44,7 @@ __all__ = [
     "param_diff",
     "render",
     "render_diff",
+    "report",
     "to_dot",
     "to_networkx",
 ]

@@ -1,4 +1,5 @@
-"""Before/after: the parameter and graph diff of two models, drawn side by side."""
+"""Before/after: the parameter and graph diff of two models, drawn side by side, and the
+HTML report of it."""
 
 from __future__ import annotations
 
@@ -14,16 +15,18 @@ from torch import nn
 
 from surgery.errors import RenderError
 from surgery.sites.marker import AdapterModule
+from visualize.anatomy import DEFAULT_MAX_SITES, SiteChoice, draw_sites, pick_sites, svg_of
 from visualize.diff_nodes import node_diff
-from visualize.dot import default_title
+from visualize.diff_view import diff_graph
+from visualize.dot import default_title, to_dot
 from visualize.graph import param_totals
-from visualize.html import diff_html
+from visualize.html import report_html
 from visualize.options import RenderOptions
 from visualize.pictures import pictures
 from visualize.render import LayoutSkippedWarning, MissingRendererWarning, write_diagram
-from visualize.report import PARAM_KINDS, DiffReport, ParamChange
+from visualize.diff_report import PARAM_KINDS, DiffReport, ParamChange
 
-__all__ = ["render_diff", "param_diff", "node_diff"]
+__all__ = ["render_diff", "report", "param_diff", "node_diff"]
 
 
 def _history(model: nn.Module) -> dict[tuple[str, str], str]:
@@ -109,6 +112,90 @@ def _source_name(model: nn.Module) -> str:
     return type(model).__name__
 
 
+def _draw(before: nn.Module, after: nn.Module, out: Path, stems: tuple[str, str],
+          example_inputs: tuple | None, example_kwargs: Mapping[str, Any] | None,
+          options: RenderOptions) -> tuple[DiffReport, list[str | None], str | None]:
+    """Trace, diff and draw the pair into ``out``: the report (its files: the ``.dot``
+    files and images), the two SVG texts, and the SVG of the changed part (in memory)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RenderError(f"could not create the output folder {out}: {e}") from e
+    state = getattr(after, "_surgery", None)
+    if example_inputs is None and state is not None:
+        example_inputs = state.example_inputs
+    if example_kwargs is None and state is not None:
+        example_kwargs = state.example_kwargs
+    (g_before, g_after), nodes = pictures([before, after], example_inputs, example_kwargs, options)
+    added = frozenset(n.id for n in nodes if n.kind == "added")
+    highlight = frozenset(nid for nid, attrs in g_after.nodes(data=True)
+                          if nid in added or any(c in added for c in attrs.get("copies", ())))
+    before_opts = replace(options, highlight=frozenset(),
+                          title=options.title or f"before: {default_title(g_before)}")
+    after_opts = replace(options, highlight=highlight,
+                         title=options.title or f"after: {default_title(g_after)}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        before_img = write_diagram(g_before, out / f"{stems[0]}.svg", options=before_opts)
+        after_img = write_diagram(g_after, out / f"{stems[1]}.svg", options=after_opts)
+    notes = tuple(str(w.message) for w in caught if issubclass(w.category, LayoutSkippedWarning))
+    missing_told = False
+    for w in caught:  # one missing-renderer warning for the pair is enough
+        if issubclass(w.category, MissingRendererWarning):
+            if missing_told:
+                continue
+            missing_told = True
+        warnings.warn(w.message, w.category, stacklevel=3)
+    files = [out / f"{stems[0]}.dot", out / f"{stems[1]}.dot"]
+    svgs: list[str | None] = []
+    for img in (before_img, after_img):
+        if img.suffix == ".svg":
+            files.append(img)
+            svgs.append(img.read_text(encoding="utf-8"))
+        else:
+            svgs.append(None)
+    removed = frozenset(n.id for n in nodes if n.kind == "removed")
+    changed = diff_graph(g_before, g_after, highlight, removed)
+    diff_svg = None
+    budget = options.max_layout_nodes
+    if changed.number_of_nodes() and (budget is None or changed.number_of_nodes() <= budget):
+        diff_svg = svg_of(to_dot(changed, replace(  # the after diagram's legend serves
+            after_opts, legend=False,
+            title=f"changed: {len(added)} nodes added, {len(removed)} removed")))
+    before_total, before_trainable = param_totals(before)
+    after_total, after_trainable = param_totals(after)
+    report = DiffReport(
+        out_dir=out,
+        files=tuple(files),
+        params=param_diff(before, after),
+        nodes=nodes,
+        before_name=_source_name(before),
+        after_name=_source_name(after) + (" (adapted)" if state is not None and state.history else ""),
+        before_total=before_total,
+        before_trainable=before_trainable,
+        after_total=after_total,
+        after_trainable=after_trainable,
+        notes=notes,
+    )
+    return report, svgs, diff_svg
+
+
+def _page(report: DiffReport, svgs: list[str | None], diff_svg: str | None, after: nn.Module,
+          choice: SiteChoice, options: RenderOptions, stems: tuple[str, str]) -> str:
+    from surgery.audit.count import audit
+
+    return report_html(report, svgs[0], svgs[1], diff_svg=diff_svg, audit=audit(after),
+                       sites=draw_sites(after, choice, options), sites_note=choice.note(),
+                       dot_names=(f"{stems[0]}.dot", f"{stems[1]}.dot"))
+
+
+def _write(path: Path, text: str) -> None:
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise RenderError(f"could not write the report {path}: {e}") from e
+
+
 def render_diff(
     before: nn.Module,
     after: nn.Module,
@@ -122,8 +209,9 @@ def render_diff(
 
     Writes into ``out_dir`` (created if missing; other files there are left alone):
     ``before.dot``, ``after.dot``, ``before.svg`` and ``after.svg`` (when a Graphviz
-    renderer exists, see :func:`visualize.render`), ``diff.md`` and ``diff.html`` (one
-    self-contained page with both diagrams inline and the tables). In the after diagram the
+    renderer exists, see :func:`visualize.render`), ``diff.md`` and ``diff.html`` (the
+    self-contained report page of :func:`report`: the diagrams with pan and zoom, the
+    anatomy of the adapted sites, the audit and the diff tables). In the after diagram the
     added nodes are drawn with a thick border in their pass's colour; in the before diagram
     the removed ones (a merged branch, say) with a thick dashed border, and both legends
     say so. Each title counts the parameters of its whole model as :func:`surgery.audit`
@@ -168,62 +256,71 @@ def render_diff(
     """
     options = options or RenderOptions()
     out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise RenderError(f"could not create the output folder {out}: {e}") from e
-    state = getattr(after, "_surgery", None)
-    if example_inputs is None and state is not None:
-        example_inputs = state.example_inputs
-    if example_kwargs is None and state is not None:
-        example_kwargs = state.example_kwargs
-    (g_before, g_after), nodes = pictures([before, after], example_inputs, example_kwargs, options)
-    added = frozenset(n.id for n in nodes if n.kind == "added")
-    highlight = frozenset(nid for nid, attrs in g_after.nodes(data=True)
-                          if nid in added or any(c in added for c in attrs.get("copies", ())))
-    before_opts = replace(options, highlight=frozenset(),
-                          title=options.title or f"before: {default_title(g_before)}")
-    after_opts = replace(options, highlight=highlight,
-                         title=options.title or f"after: {default_title(g_after)}")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        before_img = write_diagram(g_before, out / "before.svg", options=before_opts)
-        after_img = write_diagram(g_after, out / "after.svg", options=after_opts)
-    notes = tuple(str(w.message) for w in caught if issubclass(w.category, LayoutSkippedWarning))
-    missing_told = False
-    for w in caught:  # one missing-renderer warning for the pair is enough
-        if issubclass(w.category, MissingRendererWarning):
-            if missing_told:
-                continue
-            missing_told = True
-        warnings.warn(w.message, w.category, stacklevel=2)
-    files = [out / "before.dot", out / "after.dot"]
-    svgs: list[str | None] = []
-    for img in (before_img, after_img):
-        if img.suffix == ".svg":
-            files.append(img)
-            svgs.append(img.read_text(encoding="utf-8"))
-        else:
-            svgs.append(None)
-    files += [out / "diff.md", out / "diff.html"]
-    before_total, before_trainable = param_totals(before)
-    after_total, after_trainable = param_totals(after)
-    report = DiffReport(
-        out_dir=out,
-        files=tuple(files),
-        params=param_diff(before, after),
-        nodes=nodes,
-        before_name=_source_name(before),
-        after_name=_source_name(after) + (" (adapted)" if state is not None and state.history else ""),
-        before_total=before_total,
-        before_trainable=before_trainable,
-        after_total=after_total,
-        after_trainable=after_trainable,
-        notes=notes,
-    )
-    try:
-        (out / "diff.md").write_text(report.to_markdown(), encoding="utf-8")
-        (out / "diff.html").write_text(diff_html(report, svgs[0], svgs[1]), encoding="utf-8")
-    except OSError as e:
-        raise RenderError(f"could not write the diff report into {out}: {e}") from e
+    stems = ("before", "after")
+    report, svgs, diff_svg = _draw(before, after, out, stems, example_inputs, example_kwargs,
+                                   options)
+    report = replace(report, files=report.files + (out / "diff.md", out / "diff.html"))
+    _write(out / "diff.md", report.to_markdown())
+    _write(out / "diff.html", _page(report, svgs, diff_svg, after, pick_sites(after), options,
+                                    stems))
     return report
+
+
+def report(
+    before: nn.Module,
+    after: nn.Module,
+    path: str | os.PathLike[str],
+    example_inputs: tuple | None = None,
+    example_kwargs: Mapping[str, Any] | None = None,
+    *,
+    site: str | None = None,
+    max_sites: int = DEFAULT_MAX_SITES,
+    options: RenderOptions | None = None,
+) -> DiffReport:
+    """Write the HTML report of a surgery: one self-contained page that works offline.
+
+    The page holds, inline: the totals; the before, after and diff diagrams side by side
+    (the diff diagram is the changed nodes with their direct neighbours), each with mouse
+    wheel zoom, drag to pan and a reset button; the anatomy of an adapted site (its site
+    graph drawn alone, inserted nodes coloured by pass as in the diagrams), with a picker
+    over one site per layer pattern; the audit of ``after`` (:func:`surgery.audit`: per
+    pass and per layer); the parameter diff and the node diff. Tables sort by a click on a
+    column header (numbers numerically). Diagrams are drawn as by :func:`render_diff`.
+
+    Besides ``path``, the diagram sources are written beside it, named after it:
+    ``report.html`` gets ``report.before.dot`` and ``report.after.dot`` (and their SVGs);
+    when no Graphviz renderer exists, the page says so and names them.
+
+    Args:
+        before: the model before surgery (plain, adapted, or a map; not changed).
+        after: the adapted model (not changed).
+        path: the HTML file to write; missing folders are created.
+        example_inputs: inputs for tracing; by default those ``after`` was adapted with.
+        example_kwargs: keyword inputs, likewise.
+        site: the adapted site shown first in the anatomy section (qualified name, as
+            ``"layers.0.attn.q_proj"``); ``None`` = the first adapted site.
+        max_sites: the most site graphs drawn (one per layer pattern, ``site`` first); the
+            page says how many were left out.
+        options: drawing options; ``RenderOptions()`` by default.
+
+    Returns:
+        The :class:`DiffReport`; its ``files`` are the ``.dot`` files, the SVGs and the page.
+
+    Warns:
+        MissingRendererWarning, LayoutSkippedWarning: as :func:`render_diff`.
+
+    Raises:
+        ConfigError: ``site`` is not an adapted site of ``after`` (raised before anything is
+            drawn; the message gives the nearest names), or ``max_sites < 1``.
+        RenderError: a renderer failed, or a file could not be written (named).
+        surgery.errors.TraceError: a model could not be traced.
+    """
+    options = options or RenderOptions()
+    page = Path(path)
+    choice = pick_sites(after, site, max_sites)
+    stems = (f"{page.stem}.before", f"{page.stem}.after")
+    result, svgs, diff_svg = _draw(before, after, page.parent, stems, example_inputs,
+                                   example_kwargs, options)
+    result = replace(result, files=result.files + (page,))
+    _write(page, _page(result, svgs, diff_svg, after, choice, options, stems))
+    return result

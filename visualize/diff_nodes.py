@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import networkx as nx
 
-from visualize.report import NodeChange
+from visualize.diff_report import NodeChange
 
 __all__ = ["node_diff"]
 

@@ -85,6 +85,8 @@ def _detail_lines(attrs: dict[str, Any], options: RenderOptions,
         if times > 1:  # one inserted node drawn for every copy of its block
             text += f" ×{times}"
         lines.append(text)
+    if attrs.get("scaling"):  # a learned vector multiplying the layer's output or input
+        lines.append(f"× l ({attrs['scaling']} scaling)")
     if attrs.get("adapted"):
         lines.append("adapted: " + ", ".join(attrs["adapted"]))
     if attrs.get("rewritten"):

@@ -121,7 +121,9 @@ def to_networkx(
         ``"frozen"``/``"mixed"``), ``rewritten`` (passes that rewrote a weight),
         ``constant``, ``provenance`` (the ``meta["surgery"]`` dict: ``pass``, ``site``,
         ``role``, ``adapter``, ``part``; ``active=False`` for a switched-off adapter) and
-        ``pass_name``, ``adapter`` (inserted by a pass), ``adapted`` (passes that adapted
+        ``pass_name``, ``adapter`` (inserted by a pass), ``scaling`` (``"output"`` or
+        ``"input"`` for an inserted module multiplying a layer's output or input by a
+        learned vector, as IA³ does; else ``None``), ``adapted`` (passes that adapted
         something inside a collapsed module), ``collapsed`` (how many nodes a collapsed
         module stands for), ``cluster`` (the qualified module path the node is drawn in;
         inserted nodes sit beside their site) and ``order`` (graph order);

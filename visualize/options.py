@@ -25,6 +25,18 @@ _PASS_COLOURS: tuple[tuple[str, str, str], ...] = (
     ("stack", "#e6d2bd", "#8c564b"),
     ("merge", "#fdc086", "#d95f02"),
 )
+# Passes drawn in the hue of their family: both bottleneck placements in the adapter hue,
+# merge and unmerge in the merge hue (the colour of rewritten weights), prefix removal in
+# the prefix hue.
+_PASS_FAMILIES: dict[str, str] = {
+    "serial_adapter": "adapter",
+    "parallel_adapter": "adapter",
+    "merge_lora": "merge",
+    "unmerge_lora": "merge",
+    "merge_ia3": "merge",
+    "unmerge_ia3": "merge",
+    "eject_prefix": "prefix",
+}
 # Hues for passes not listed above, picked by a stable hash of the pass name.
 _SPARE_COLOURS: tuple[tuple[str, str], ...] = (
     ("#fbb4ae", "#b2182b"),
@@ -79,10 +91,16 @@ class Palette:
             _check_colour(f"Palette.passes[{entry[0]!r}] border", entry[2])
 
     def for_pass(self, pass_name: str) -> tuple[str, str]:
-        """``(fill, border)`` of nodes inserted by ``pass_name``; stable for unknown names."""
-        for name, fill, border in self.passes:
-            if name == pass_name:
-                return fill, border
+        """``(fill, border)`` of nodes inserted by ``pass_name``; stable for unknown names.
+
+        A pass not listed in ``passes`` takes the hue of its family when it has one
+        (``serial_adapter`` and ``parallel_adapter``: ``adapter``; ``merge_lora``: ``merge``),
+        else one picked by a stable hash of its name.
+        """
+        for wanted in (pass_name, _PASS_FAMILIES.get(pass_name)):
+            for name, fill, border in self.passes:
+                if name == wanted:
+                    return fill, border
         digest = hashlib.sha256(pass_name.encode("utf-8")).digest()
         return _SPARE_COLOURS[digest[0] % len(_SPARE_COLOURS)]
 

@@ -32,7 +32,7 @@ from visualize.diff_nodes import node_diff
 from visualize.graph import build_graph, map_of
 from visualize.options import RenderOptions
 from visualize.repeats import RepeatMismatch, collapse_repeats
-from visualize.report import NodeChange
+from visualize.diff_report import NodeChange
 from visualize.shell import module_runs, plain_structure, shell_map, unroll
 from visualize.walk import rewritten_params
 

@@ -82,6 +82,13 @@ def param_totals(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
 
+def _scaling(module: nn.Module | None) -> str | None:
+    """``"output"`` / ``"input"`` for an inserted module that multiplies a layer's output or
+    input by a learned vector (IA³: its fold mode), else ``None``."""
+    mode = module.fold_mode if isinstance(module, AdapterModule) else None
+    return mode if mode in ("output", "input") else None
+
+
 def rewritten_params(model: nn.Module) -> dict[str, str]:
     """Map parameter names a pass rewrote (``param_rewritten`` changes) to that pass's name."""
     state = getattr(model, "_surgery", None)
@@ -430,6 +437,7 @@ class GraphBuilder:
             "provenance": prov,
             "pass_name": str(prov["pass"]) if prov and prov.get("pass") else None,
             "adapter": isinstance(module, AdapterModule) or prov is not None,
+            "scaling": _scaling(module),
             "adapted": (),
             "collapsed": 0,
             "cluster": cluster,

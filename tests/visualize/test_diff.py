@@ -1,4 +1,4 @@
-"""Tests of visualize/diff.py, report.py and html.py: before/after diffs and their files."""
+"""Tests of visualize/diff.py, diff_report.py and html.py: before/after diffs and their files."""
 
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ from visualize import (
 )
 from visualize.diff import param_diff
 from visualize.dot import format_count
-from visualize.html import diff_html, inline_svg
-from visualize.report import NodeChange
+from visualize.html import inline_svg, report_html
+from visualize.diff_report import NodeChange
 
 LORA_NODES = tuple(f"{SITE}:{name}" for name in (
     "lora_dropout_default", "lora_a_default", "lora_b_default", "mul", "add"))
@@ -79,7 +79,8 @@ def test_files_written(report: DiffReport, tmp_path: Path) -> None:
     if renderer_works():
         assert {"before.svg", "after.svg"} <= names
         page = (out / "diff.html").read_text(encoding="utf-8")
-        assert page.count("<svg") == 2
+        # before, after, the changed part, and the anatomy of the one adapted site
+        assert page.count("<svg") == 4
         assert "<?xml" not in page and "<!DOCTYPE svg" not in page
     assert (out / "diff.md").read_text(encoding="utf-8") == report.to_markdown()
 
@@ -224,13 +225,13 @@ def test_html_escapes_everything() -> None:
         params=(ParamChange("added", "<script>alert(1)</script>", (1,), 1, True, '"p"'),),
         before_name="M<1>", after_name="M&2", before_total=1, before_trainable=1, after_total=2,
         after_trainable=1)
-    page = diff_html(rep, None, None)
-    assert "<script>" not in page
+    page = report_html(rep, None, None)
+    assert "<script>alert" not in page and page.count("<script") == 1  # the page's own script
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
-    assert "<title>Diff: M&lt;1&gt; → M&amp;2</title>" in page
+    assert "<title>Surgery report: M&lt;1&gt; → M&amp;2</title>" in page
     assert "<code>/&lt;b&gt;</code>" in page and "a&amp;b" in page and "x&lt;y" in page
     assert "&quot;p&quot;" in page
-    assert not re.search(r"<(script|link|img|iframe)\b", page)  # self-contained, nothing fetched
+    assert not re.search(r"<(script\s+src|link|img|iframe)\b", page)  # nothing fetched
     md = rep.to_markdown()
     assert "`<script>alert(1)</script>`" in md and "M\\<1\\> → M&2" in md
 
