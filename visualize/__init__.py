@@ -24,12 +24,12 @@ diagram of more than ``RenderOptions.max_layout_nodes`` nodes is written as DOT 
 """
 
 from visualize.diff import node_diff, param_diff, render_diff, report
+from visualize.diff_report import DiffReport, NodeChange, ParamChange
 from visualize.dot import to_dot
 from visualize.graph import to_networkx
 from visualize.options import Palette, RenderOptions
 from visualize.render import LayoutSkippedWarning, MissingRendererWarning, render
 from visualize.repeats import collapse_repeats
-from visualize.diff_report import DiffReport, NodeChange, ParamChange
 
 __all__ = [
     "DiffReport",

@@ -15,8 +15,15 @@ from torch import nn
 
 from surgery.errors import RenderError
 from surgery.sites.marker import AdapterModule
-from visualize.anatomy import DEFAULT_MAX_SITES, SiteChoice, draw_sites, pick_sites, svg_of
+from visualize.anatomy import (
+    DEFAULT_MAX_SITES,
+    SiteChoice,
+    draw_sites,
+    pick_sites,
+    svg_of,
+)
 from visualize.diff_nodes import node_diff
+from visualize.diff_report import PARAM_KINDS, DiffReport, ParamChange
 from visualize.diff_view import diff_graph
 from visualize.dot import default_title, to_dot
 from visualize.graph import param_totals
@@ -24,7 +31,6 @@ from visualize.html import report_html
 from visualize.options import RenderOptions
 from visualize.pictures import pictures
 from visualize.render import LayoutSkippedWarning, MissingRendererWarning, write_diagram
-from visualize.diff_report import PARAM_KINDS, DiffReport, ParamChange
 
 __all__ = ["render_diff", "report", "param_diff", "node_diff"]
 

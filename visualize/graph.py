@@ -19,7 +19,8 @@ from surgery.map.trace import is_map, trace
 from surgery.sites.site_graph import plain_weight_free, site_graphs
 from surgery.targets import model_map
 from visualize.collapse import collapse
-from visualize.walk import GraphBuilder, param_totals, rewritten_params
+from visualize.facts import param_totals, rewritten_params
+from visualize.walk import GraphBuilder
 
 __all__ = ["to_networkx", "build_graph", "map_of", "param_totals", "rewritten_params"]
 

@@ -16,8 +16,8 @@ from importlib import resources
 from string import Template
 from typing import TYPE_CHECKING
 
-from visualize.dot import format_shape
 from visualize.diff_report import DiffReport
+from visualize.dot import format_shape
 
 if TYPE_CHECKING:
     from surgery.audit.count import Audit

@@ -29,12 +29,12 @@ from surgery.map.trace import is_map
 from surgery.sites.site_graph import is_site_graph
 from visualize.collapse import changed_paths, collapse
 from visualize.diff_nodes import node_diff
+from visualize.diff_report import NodeChange
+from visualize.facts import rewritten_params
 from visualize.graph import build_graph, map_of
 from visualize.options import RenderOptions
 from visualize.repeats import RepeatMismatch, collapse_repeats
-from visualize.diff_report import NodeChange
 from visualize.shell import module_runs, plain_structure, shell_map, unroll
-from visualize.walk import rewritten_params
 
 __all__ = ["pictures", "finish_graphs"]
 

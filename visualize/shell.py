@@ -28,9 +28,9 @@ from surgery.adapters.active import INACTIVE_KEY
 from surgery.map.trace import trace
 from surgery.sites.marker import AdapterModule
 from surgery.sites.site_graph import base_module, is_site_graph, plain_weight_free
+from visualize.facts import rewritten_params
 from visualize.nodeinfo import target_name
 from visualize.repeats import blocks_of, item_path, relative
-from visualize.walk import rewritten_params
 
 __all__ = ["module_runs", "plain_structure", "shell_map", "unroll", "MIN_RUN"]
 

@@ -29,6 +29,7 @@ from surgery.map.graphs import graph_modules, qualified
 from surgery.sites.marker import AdapterModule
 from surgery.sites.site_graph import SiteGraph, base_module
 from visualize.expand import Region, SiteCall, align, find_regions, site_index
+from visualize.facts import fetch_attr, param_totals, rewritten_params, scaling_mode
 from visualize.flow import (
     Pack,
     Record,
@@ -57,47 +58,9 @@ from visualize.nodeinfo import (
     value_shape,
 )
 
-__all__ = ["GraphBuilder", "param_totals", "rewritten_params"]
+__all__ = ["GraphBuilder"]
 
 _MISS = object()
-
-
-def _fetch_attr(owner: nn.Module, target: str) -> Any:
-    obj: Any = owner
-    for part in target.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
-
-
-def param_totals(model: nn.Module) -> tuple[int, int]:
-    """``(all parameter elements, trainable ones)`` of ``model``, as :func:`surgery.audit` counts.
-
-    Every parameter of the model counts, called from the graph or not (a merged adapter's
-    unused modules included); a parameter shared by several modules counts once; trainable
-    means ``requires_grad``.
-    """
-    params = list(model.parameters())  # distinct Parameter objects, each once
-    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
-
-
-def _scaling(module: nn.Module | None) -> str | None:
-    """``"output"`` / ``"input"`` for an inserted module that multiplies a layer's output or
-    input by a learned vector (IA³: its fold mode), else ``None``."""
-    mode = module.fold_mode if isinstance(module, AdapterModule) else None
-    return mode if mode in ("output", "input") else None
-
-
-def rewritten_params(model: nn.Module) -> dict[str, str]:
-    """Map parameter names a pass rewrote (``param_rewritten`` changes) to that pass's name."""
-    state = getattr(model, "_surgery", None)
-    out: dict[str, str] = {}
-    for result in getattr(state, "history", None) or []:
-        for change in result.changes:
-            if change.kind == "param_rewritten":
-                out[change.name] = change.pass_name
-    return out
 
 
 class GraphBuilder:
@@ -196,7 +159,7 @@ class GraphBuilder:
                         continue
                 env[node] = self._keep(node, id_prefix, prefix, flat, flatten(incoming))
             elif node.op == "get_attr":
-                obj = _fetch_attr(owner, str(node.target))
+                obj = fetch_attr(owner, str(node.target))
                 env[node] = (self._keep(node, id_prefix, prefix, flat, (), tensor=obj)
                              if isinstance(obj, torch.Tensor) else None)
             elif node.op == "call_module":
@@ -314,7 +277,7 @@ class GraphBuilder:
         first = self._resolve(node.args[0], env) if node.args else None
         if name == "tree_unflatten" and len(node.args) > 1 and isinstance(first, Pack):
             spec_node = node.args[1]
-            spec = (_fetch_attr(owner, str(spec_node.target))
+            spec = (fetch_attr(owner, str(spec_node.target))
                     if isinstance(spec_node, fx.Node) and spec_node.op == "get_attr" else spec_node)
             try:
                 return structure(pytree.tree_unflatten(list(first), spec))
@@ -393,7 +356,7 @@ class GraphBuilder:
         sg, site = call.sg, call.site
         target = str(node.target)
         module = sg.get_submodule(target) if node.op == "call_module" else None
-        tensor = _fetch_attr(sg, target) if node.op == "get_attr" else None
+        tensor = fetch_attr(sg, target) if node.op == "get_attr" else None
         tensor = tensor if isinstance(tensor, torch.Tensor) else None
         shape, dtype = call.shapes.get(node.name, (None, None))
         attrs = self._attrs(node, graph=site,
@@ -437,7 +400,7 @@ class GraphBuilder:
             "provenance": prov,
             "pass_name": str(prov["pass"]) if prov and prov.get("pass") else None,
             "adapter": isinstance(module, AdapterModule) or prov is not None,
-            "scaling": _scaling(module),
+            "scaling": scaling_mode(module),
             "adapted": (),
             "collapsed": 0,
             "cluster": cluster,
