@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from surgery.adapters.names import check_adapter_name
 from surgery.errors import ConfigError, near_matches
 from surgery.sites.marker import AdapterModule
 
@@ -74,11 +75,12 @@ def check_adapter_settings(who: str, bottleneck: Any, reduction_factor: Any, act
         bottleneck: ``None`` or the bottleneck width ``m``, a positive ``int``.
         reduction_factor: ``None`` or a positive ``int``; not together with ``bottleneck``.
         activation: a key of :data:`ACTIVATIONS`.
-        adapter_name: a Python identifier (it becomes part of parameter names).
+        adapter_name: the adapter's name, a free string without ``"."`` (as in PEFT; see
+            :func:`~surgery.adapters.names.check_adapter_name`).
 
     Raises:
         ConfigError: both or an invalid one of ``bottleneck`` / ``reduction_factor``, an
-            unknown activation, or a name that is not a Python identifier.
+            unknown activation, or a name the adapter-name rule refuses.
     """
     if bottleneck is not None and reduction_factor is not None:
         raise ConfigError(f"{who}: give bottleneck= or reduction_factor=, not both (got "
@@ -89,9 +91,7 @@ def check_adapter_settings(who: str, bottleneck: Any, reduction_factor: Any, act
         raise ConfigError(f"{who}: reduction_factor must be a positive int, got "
                           f"{reduction_factor!r}")
     make_activation(activation, who=who)
-    if not isinstance(adapter_name, str) or not adapter_name.isidentifier():
-        raise ConfigError(f"{who}: name must be a Python identifier (it becomes part of "
-                          f"parameter names), got {adapter_name!r}")
+    check_adapter_name(who, adapter_name)
 
 
 def bottleneck_width(who: str, bottleneck: int | None, reduction_factor: int | None,

@@ -31,6 +31,7 @@ from torch import nn
 from passes.lora import lora_features
 from passes.lora_layers import is_plain_conv
 from passes.modules import IA3Vector
+from surgery.adapters.names import check_adapter_name
 from surgery.errors import ConfigError, NoMatchError, near_matches
 from surgery.map.leaves import is_dense_linear
 from surgery.pass_base import Change, Pass, PassResult
@@ -72,7 +73,7 @@ class IA3Pass(Pass):
             learns only the key and value slices of the output, as the paper scales keys
             and values; ``"all"`` learns the whole output, as PEFT does on GPT-2's
             ``c_attn`` (the only choice where roles are unknown: selection by pattern).
-        name: adapter name.
+        name: adapter name, any string without ``"."`` as in PEFT (``"test-adapter"``).
 
     A vector has shape ``(out_features,)`` for output scaling and ``(in_features,)`` for
     input scaling (``(2/3 · out_features,)`` on a fused qkv layer with ``fused="key_value"``:
@@ -113,8 +114,7 @@ class IA3Pass(Pass):
             raise ConfigError(f"IA3Pass: {exc}") from exc
         if fused not in ("key_value", "all"):
             raise ConfigError(f"IA3Pass: fused must be 'key_value' or 'all', got {fused!r}")
-        if not isinstance(name, str) or not name.isidentifier():
-            raise ConfigError(f"IA3Pass: name must be a Python identifier, got {name!r}")
+        check_adapter_name("IA3Pass", name)
 
     def sites(self, model: nn.Module) -> list[Site]:
         """The sites this pass would adapt in ``model`` (convolutions only when a pattern

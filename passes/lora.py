@@ -29,8 +29,9 @@ instead of ``scale``; it reads the weights it needs through ``get_attr`` nodes::
         d = self.lora_dropout.default(input)
         b = self.lora_B.default(self.lora_A.default(d))
         w = self.weight;  wa = self.lora_A.default.weight;  wb = self.lora_B.default.weight
-        # n = ‖W + s·B A‖ per output row, held constant (detached) as in the paper and PEFT
-        u = self.lora_magnitude_vector.default(b, d, w, wa, wb)  # (m/n - 1)·W d + m/n·s·b
+        # n = ‖W + s·B A‖ per output row, held constant (detached) as in the paper and PEFT;
+        # W d read off the layer's result (linear - bias) unless dropout is drawing
+        u = self.lora_magnitude_vector.default(b, d, w, wa, wb, linear)  # (m/n - 1)·W d + m/n·s·b
         return linear + u
 
 Convolutions (``nn.Conv1d/2d/3d``) and embeddings (``nn.Embedding``) take the same branch
@@ -50,6 +51,7 @@ from torch import fx, nn
 
 from passes.dora import DoRAMagnitude, refuse_dora_sites
 from passes.lora_bias import check_bias, train_biases
+from passes.lora_conv import LoRAConvFactor
 from passes.lora_init import check_init, rewrite_base, rewrites_base
 from passes.lora_layers import (
     is_plain_conv,
@@ -59,12 +61,14 @@ from passes.lora_layers import (
 )
 from passes.lora_settings import PerSite, check_alpha, check_rank, per_site, scaling_for
 from passes.modules import LoRAProjection
+from surgery.adapters.names import check_adapter_name
 from surgery.errors import ConfigError, NoMatchError, near_matches
 from surgery.map.leaves import is_dense_linear, is_hf_conv1d
 from surgery.pass_base import Change, Pass, PassResult
 from surgery.select import Selector, as_patterns, first_match, matches
 from surgery.sites.features import require_plain_weight, warn_rank_exceeds
 from surgery.sites.rewrite import (
+    chain_end,
     freeze_site,
     insert_after,
     mark,
@@ -132,7 +136,8 @@ class LoRAPass(Pass):
             branch also learns a magnitude ``lora_magnitude_vector.<name>.weight`` ``(out,)``,
             starting at ``‖W‖`` per output feature, and the layer computes
             ``m / ‖W + s·B A‖ · (W + s·B A) x + b`` (the norm held constant in the backward
-            pass), as PEFT's ``use_dora=True``. ``nn.Linear`` and ``Conv1D`` only. At init
+            pass), as PEFT's ``use_dora=True``; on a convolution the magnitude is
+            ``(1, out, 1, ...)`` (PEFT's shape); not on embeddings. At init
             the output equals the layer's up to rounding (``m / ‖W‖`` is one within an
             ulp), not bit for bit.
         init: ``"kaiming"`` (A Kaiming-uniform) or ``"gaussian"`` (A normal, std ``1/r``):
@@ -145,7 +150,9 @@ class LoRAPass(Pass):
             graph then holds a NEW residual weight ``W - scaling·B A`` (outputs unchanged to
             rounding; the caller's weight untouched; a ``param_rewritten`` change; not with
             ``use_dora``). See :mod:`passes.lora_init`.
-        name: adapter name; several named adapters can sit on one layer.
+        name: adapter name, any string without ``"."`` as in PEFT (``"test-adapter"``,
+            kept verbatim in keys: ``q_proj.lora_A.test-adapter.weight``); several named
+            adapters can sit on one layer.
         bias: which base biases train too, as PEFT's ``LoraConfig(bias=...)``
             (:mod:`passes.lora_bias`): ``"none"`` (default), ``"lora_only"`` (the biases of
             the adapted layers) or ``"all"`` (every parameter of the model named ``bias``).
@@ -174,7 +181,7 @@ class LoRAPass(Pass):
             entry with a bad pattern, a repeated pattern, a rank that is not a positive int
             or an alpha that is not a positive finite number (at construction); a
             convolution whose ``groups`` does not divide its rank (when run).
-        UnsupportedSiteError: ``use_dora`` with a convolution or an embedding selected
+        UnsupportedSiteError: ``use_dora`` with an embedding selected
             (when run).
         NoMatchError: the selection matches nothing, or a ``rank_for`` / ``alpha_for`` key
             selects none of the selected sites (when run).
@@ -243,9 +250,7 @@ class LoRAPass(Pass):
             raise ConfigError(f"LoRAPass(init='orthogonal'): every rank must be even (A and B "
                               f"take half the rows of an orthogonal matrix each), got {odd[0]}. "
                               f"Way out: even ranks, or another init.")
-        if not isinstance(self.adapter_name, str) or not self.adapter_name.isidentifier():
-            raise ConfigError(f"LoRAPass: name must be a Python identifier (it becomes part of "
-                              f"parameter names), got {self.adapter_name!r}")
+        check_adapter_name("LoRAPass", self.adapter_name)
         why = check_bias(self.bias)
         if why:
             raise ConfigError(f"LoRAPass: {why}")
@@ -349,7 +354,7 @@ class LoRAPass(Pass):
             for part, target, _ in branch:
                 cur = mark(graph.call_module(target, (cur,)), part=part, **tag)
             s = mark(graph.call_function(operator.mul, (cur, scaling)), part="scale", **tag)
-            return mark(graph.call_function(operator.add, (base, s)), part="add", **tag)
+            return mark(graph.call_function(operator.add, (last, s)), part="add", **tag)
 
         def build_dora() -> fx.Node:
             called = []
@@ -357,24 +362,29 @@ class LoRAPass(Pass):
             for part, target, _ in branch:
                 cur = mark(graph.call_module(target, (cur,)), part=part, **tag)
                 called.append(cur)
-            reads = [mark(graph.get_attr(t), part="dora_weight", **tag)
-                     for t in ("weight", f"lora_A.{name}.weight", f"lora_B.{name}.weight")]
+            own = ("weight", f"lora_A.{name}.weight", f"lora_B.{name}.weight",
+                   *(("bias",) if sg._parameters.get("bias") is not None else ()))
+            reads = [mark(graph.get_attr(t), part="dora_weight", **tag) for t in own]
             update = mark(graph.call_module(f"lora_magnitude_vector.{name}",
-                                            (cur, called[0], *reads)),
+                                            (cur, called[0], *reads[:3], base, *reads[3:])),
                           part="dora_scale", **tag)
-            return mark(graph.call_function(operator.add, (base, update)), part="add", **tag)
+            return mark(graph.call_function(operator.add, (last, update)), part="add", **tag)
 
         if self.use_dora:
             magnitude = DoRAMagnitude(sg._parameters["weight"], transposed=is_hf_conv1d(site.base),
-                                      scaling=scaling, site=qname, adapter_name=name, role=role)
+                                      scaling=scaling, site=qname, adapter_name=name, role=role,
+                                      conv=site.base if is_plain_conv(site.base) else None,
+                                      dropout=float(self.dropout))
             register_adapter(sg, "lora_magnitude_vector", name, magnitude, pass_name="LoRAPass",
                              site=qname)
             for _, _, mod in branch:
-                if isinstance(mod, LoRAProjection):
+                if isinstance(mod, (LoRAProjection, LoRAConvFactor)):
                     mod.dora = True
             targets = branch + [("dora_scale", f"lora_magnitude_vector.{name}", magnitude)]
-        out = insert_after(graph, base, build_dora if self.use_dora else build)
-        replace_uses_after(base, out)
+        # after the LoRA updates already there, so that they add up in the order added (PEFT's)
+        last = chain_end(base, self.name)
+        out = insert_after(graph, last, build_dora if self.use_dora else build)
+        replace_uses_after(last, out)
         detail = f"rank {rank}, alpha {alpha:g}, scaling {scaling:g}"
         if self.use_dora:
             detail += ", DoRA"

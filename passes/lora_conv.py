@@ -79,6 +79,7 @@ class LoRAConvFactor(AdapterModule):
 
     pass_name = "lora"
     routes_samples: ClassVar[bool] = True
+    dora: bool = False  # a class default: set on the factors of a DoRA branch (passes.dora)
 
     def __init__(self, conv: nn.Module, *, factor: str, rank: int, alpha: float,
                  scaling: float, init: str, site: str, adapter_name: str, role: str | None,
@@ -129,8 +130,9 @@ class LoRAConvFactor(AdapterModule):
 
     @property
     def fold_mode(self) -> str | None:
-        """``"add"`` for ``lora_B``; ``None`` for ``lora_A``."""
-        return "add" if self.factor == "B" else None
+        """``"add"`` for ``lora_B``; ``None`` for ``lora_A`` and for the factors of a DoRA
+        branch (its magnitude vector heads it)."""
+        return "add" if self.factor == "B" and not self.dora else None
 
     def _factors(self, site: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         return site._modules["lora_A"][self.adapter_name].weight, self.weight

@@ -51,6 +51,7 @@ from passes.prefix_sites import (
     map_attention,
     site_ops,
 )
+from surgery.adapters.names import check_adapter_name
 from surgery.errors import ConfigError, NoMatchError, UnsupportedSiteError
 from surgery.map.roles import ModelRoles, normalize_roles
 from surgery.pass_base import Change, Pass, PassResult
@@ -94,7 +95,7 @@ class PrefixPass(Pass):
         mode: ``"attention"`` (keys and values) or ``"sequence"`` (``(B, L, d) →
             (B, P + L, d)`` at the first input of each selected module).
         init_std: standard deviation of the normal initialisation of stored prefixes.
-        name: adapter name.
+        name: adapter name, any string without ``"."`` as in PEFT (``"test-adapter"``).
 
     Shapes: per attention op, ``key`` and ``value`` are ``(heads, P, head_dim)``, where
     ``heads`` is the number of heads at the op's key input: in a transformers model the
@@ -179,9 +180,7 @@ class PrefixPass(Pass):
                                   "modules whose input gets the prefix.")
             if self.gate is not None or self.role is not None:
                 raise ConfigError("PrefixPass(mode='sequence') takes no gate= and no role=.")
-        if not isinstance(self.adapter_name, str) or not self.adapter_name.isidentifier():
-            raise ConfigError(f"PrefixPass: name must be a Python identifier, got "
-                              f"{self.adapter_name!r}")
+        check_adapter_name("PrefixPass", self.adapter_name)
 
     @property
     def identity_at_init(self) -> bool:

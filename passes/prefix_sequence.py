@@ -21,6 +21,7 @@ from torch import nn
 
 from passes.prefix_modules import SequencePrefix
 from passes.prefix_probe import SequenceSite, check_sequence_sites, record_inputs
+from surgery.adapters.names import identifier_part
 from surgery.errors import UnsupportedSiteError
 from surgery.pass_base import Change, PassResult
 from surgery.select import select_names
@@ -102,7 +103,7 @@ def run_sequence(model: nn.Module, *, pattern: Any, exclude: Any, adapter: str,
         graph, x = sg.graph, sg.input_node
         with graph.inserting_after(x):
             new = mark(graph.create_node("call_module", f"prefix.{adapter}", (x,), {},
-                                         name=f"prefix_{adapter}"),
+                                         name=f"prefix_{identifier_part(adapter)}"),
                        pass_name="prefix", site=qname, role=None, adapter=adapter, part="prefix")
         replace_uses_after(x, new)
         sg.recompile()

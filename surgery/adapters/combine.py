@@ -25,6 +25,7 @@ from torch import Tensor, fx, nn
 from surgery.adapters.active import merged_names, set_active
 from surgery.adapters.fold_layout import adapter_nodes, fold_head, main_node
 from surgery.adapters.merge_state import adapter_inventory
+from surgery.adapters.names import check_adapter_name
 from surgery.errors import AdapterNotFoundError, ConfigError, MergeError, NoMatchError
 from surgery.pass_base import Change, Pass, PassResult
 from surgery.sites.rewrite import register_adapter, replace_uses_after
@@ -249,8 +250,7 @@ def combine_adapters(model: nn.Module, weights: Mapping[str, float], method: str
             raise ConfigError(f"combine_adapters: the weight of {key!r} must be a finite number, "
                               f"got {val!r}")
         pairs.append((str(key), float(val)))
-    if not isinstance(name, str) or not name.isidentifier():
-        raise ConfigError(f"combine_adapters: name must be a Python identifier, got {name!r}")
+    check_adapter_name("combine_adapters", name)
     step = _CombineLoRAPass(weights=tuple(pairs), method=method, adapter_name=name)
     out = apply_passes(model, [step], inplace=inplace)
     return set_active(out, [name, *merged_names(out)])  # merged ones cannot be switched off

@@ -155,7 +155,9 @@ def plan_site(sg: SiteGraph, wanted: set[Key]) -> list[Key]:
                          f"path: the site graph was edited by hand or by a pass that does not "
                          f"keep the adapter next to the layer")
     modes = {key_of(n): _mode(sg, key_of(n)) for n in lay.outputs + lay.inputs}
-    branch = {n: branch_inputs(adapter_nodes(sg, key_of(n)), n) for n in lay.outputs}
+    # a DoRA branch also reads the layer's own result (W x = result - bias): not an input
+    branch = {n: branch_inputs(adapter_nodes(sg, key_of(n)), n)
+              - ({sg.base_node} if modes[key_of(n)] == "dora" else set()) for n in lay.outputs}
     outputs, inputs, layer_in = list(lay.outputs), list(lay.inputs), lay.layer_in
     removed: set[fx.Node] = set()
     pending, order = set(wanted), []

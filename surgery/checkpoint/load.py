@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from surgery.adapters.active import active_adapters, set_active
 from surgery.adapters.merge_state import merged_adapters
+from surgery.adapters.names import check_adapter_name
 from surgery.apply import apply_passes, unwrap
 from surgery.checkpoint.files import checkpoint_dir, read_tensors
 from surgery.checkpoint.fingerprint import fingerprint, fingerprint_differences
@@ -65,6 +66,8 @@ def _kept(recipe: dict[str, Any], names: str | Collection[str] | None, who: str)
     if not wanted:
         raise ConfigError(f"{who}: names is an empty list; give adapter names, or None to load "
                           f"all of them ({', '.join(map(repr, present))}).")
+    for name in wanted:
+        check_adapter_name(who, name, field="names")
     missing = [n for n in wanted if n not in present]
     if missing or not wanted:
         near = ", ".join(map(repr, near_matches(missing[0] if missing else "", present)))

@@ -36,6 +36,7 @@ from torch import nn
 from surgery.adapters.fold import adapter_params
 from surgery.adapters.fold_layout import fold_head
 from surgery.adapters.merge_state import KIND_LABEL, adapter_inventory, merged_adapters
+from surgery.adapters.names import check_adapter_name
 from surgery.apply import history, unwrap
 from surgery.checkpoint.files import checkpoint_dir, write_json, write_tensors
 from surgery.checkpoint.peft_config import CONFIG_NAME, parse_peft_config
@@ -107,7 +108,8 @@ def export_peft(model: nn.Module, directory: str | os.PathLike[str],
     transformers ``Conv1D``, ``nn.Conv1d/2d/3d`` and ``nn.Embedding`` layers alike.
 
     Files, per adapter (``<directory>/`` for ``"default"``, ``<directory>/<name>/`` for the
-    others): ``adapter_model.safetensors`` with ``base_model.model.<layer>.lora_A.weight``
+    others, named as given, ``<directory>/test-adapter/``, as PEFT's ``save_pretrained``):
+    ``adapter_model.safetensors`` with ``base_model.model.<layer>.lora_A.weight``
     ``(rank, in)`` and ``.lora_B.weight`` ``(out, rank)`` (a convolution's ``(rank, in,
     *kernel)`` and ``(out, rank / groups, 1, ...)``; an embedding's ``.lora_embedding_A``
     ``(rank, num_embeddings)`` and ``.lora_embedding_B`` ``(embedding_dim, rank)``: each
@@ -122,8 +124,8 @@ def export_peft(model: nn.Module, directory: str | os.PathLike[str],
     adapter's ``LoRAPass(bias=...)`` (with ``"lora_only"`` / ``"all"`` the trained biases
     are in the tensors, under ``base_model.model.<layer>.base_layer.bias`` for an adapted
     layer and ``base_model.model.<module>.bias`` otherwise, PEFT's keys), ``use_dora`` for a
-    DoRA adapter (with ``base_model.model.<layer>.lora_magnitude_vector`` ``(out,)`` in the
-    tensors, PEFT's key), ``use_rslora``
+    DoRA adapter (with ``base_model.model.<layer>.lora_magnitude_vector`` ``(out,)``, on a convolution
+    ``(1, out, 1, ...)``, in the tensors, PEFT's key), ``use_rslora``
     when every layer's scaling is ``alpha / sqrt(rank)`` (otherwise ``lora_alpha`` is set so
     that ``alpha / rank`` is the layer's scaling), ``lora_dropout``, ``fan_in_fan_out``
     (true when a layer is ``Conv1D``), ``base_model_name_or_path`` from the model's config
@@ -148,6 +150,8 @@ def export_peft(model: nn.Module, directory: str | os.PathLike[str],
 
     Raises:
         AdapterNotFoundError: a name the model does not carry.
+        ConfigError: a name in ``names`` breaks the rule of
+            :func:`~surgery.adapters.names.check_adapter_name`.
         CheckpointError: the model carries no adapter; an adapter PEFT's LoRA / IA³ files
             cannot express: a serial or parallel bottleneck adapter, a prefix, one name
             holding both LoRA and IA³, LoRA with different dropouts at different layers
@@ -158,7 +162,8 @@ def export_peft(model: nn.Module, directory: str | os.PathLike[str],
             (``LoRAPass(init="pissa" | "pissa_niter_<K>" | "olora")``); a module trained fully whose
             parameter is tied to a module not trained (PEFT trains an untied copy); settings
             PEFT would read differently (a module name that PEFT's suffix rules for
-            ``modules_to_save`` cannot single out); ``directory`` is a file. Checked for every
+            ``modules_to_save`` cannot single out); ``directory`` is a file; an adapter name
+            that is an absolute path (its directory would lie outside). Checked for every
             adapter before anything is written: on error no file is written.
     """
     bare = unwrap(model)[0]
@@ -201,6 +206,7 @@ def _choose(inventory: dict[str, dict[str, list[str]]],
             raise ConfigError(f"{_WHO}: names is an empty list; give adapter names, or None to "
                               f"export all of them ({', '.join(map(repr, inventory))}).")
         for name in chosen:
+            check_adapter_name(_WHO, name, field="names")
             if name not in inventory:
                 raise AdapterNotFoundError(
                     f"{_WHO}: the model has no adapter named {name!r}; it has "
@@ -254,6 +260,12 @@ def _plan(model: nn.Module, name: str, kinds: dict[str, list[str]], trained: lis
     except CheckpointError as exc:
         raise CheckpointError(f"{_WHO}: adapter {name!r} cannot be written in the layout PEFT "
                               f"reads. Nothing was written. ({exc})") from None
+    if name != "default" and os.path.isabs(name):  # root / "/x" is "/x", outside root
+        raise CheckpointError(f"{_WHO}: adapter {name!r} would go to its own directory "
+                              f"<directory>/<name>, as PEFT's, but the name is an absolute "
+                              f"path. Nothing was written. Way out: copy it under another name, "
+                              f"combine_adapters(model, {{{name!r}: 1.0}}, name='...'), and "
+                              f"export that.")
     return _Plan(name, root if name == "default" else root / name, config, tensors)
 
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from surgery.adapters.merge_state import adapter_inventory
+from surgery.adapters.names import check_adapter_name
 from surgery.apply import apply_passes, unwrap
 from surgery.checkpoint.files import checkpoint_dir, read_tensors
 from surgery.checkpoint.peft_config import PeftSettings, read_peft_config
@@ -50,7 +51,7 @@ def import_peft(base_model: nn.Module, directory: str | os.PathLike[str],
     adapter sits in a subdirectory named after it): ``adapter_config.json`` and
     ``adapter_model.safetensors``. The result computes what ``peft.PeftModel.from_pretrained(
     base_model, directory)`` computes (in float32, to within ``1e-6 · (1 + max|y|)``), with
-    ``use_rslora``, ``use_dora`` (DoRA on ``nn.Linear`` / ``Conv1D``, the magnitude
+    ``use_rslora``, ``use_dora`` (DoRA on ``nn.Linear`` / ``Conv1D`` / convolutions, the magnitude
     ``<layer>.lora_magnitude_vector`` going to ``lora_magnitude_vector.<name>.weight``),
     ``rank_pattern`` / ``alpha_pattern``, ``layers_to_transform`` /
     ``layers_pattern``, ``lora_dropout``, ``exclude_modules``, ``modules_to_save`` and
@@ -82,19 +83,18 @@ def import_peft(base_model: nn.Module, directory: str | os.PathLike[str],
     Raises:
         CheckpointError: the directory or a file is missing, unreadable, truncated or a
             pickle (``adapter_model.bin``: never unpickled); a setting fx-surgery cannot
-            reproduce (DoRA on a convolution or an embedding, a bias on ``lora_B``, LoRA on
+            reproduce (DoRA on an embedding, a bias on ``lora_B``, LoRA on
             ``nn.MultiheadAttention`` or on a
             convolution with a dilation or padding mode PEFT's ``lora_A`` ignores, trainable
             token indices, ``target_parameters``, Megatron, another PEFT method, ...),
             named; keys missing or unexpected, shapes or dtypes that do not fit (the first
             few of each, their number, the nearest names present); ``adapter_name`` taken
             already. Nothing is loaded and ``base_model`` is unchanged.
-        ConfigError: ``adapter_name`` is not a Python identifier, or ``dtype`` not a
+        ConfigError: ``adapter_name`` breaks the rule of adapter names (empty, holding
+            ``"."``; see :func:`~surgery.adapters.names.check_adapter_name`), or ``dtype`` not a
             ``torch.dtype``.
     """
-    if not isinstance(adapter_name, str) or not adapter_name.isidentifier():
-        raise ConfigError(f"{_WHO}: adapter_name must be a Python identifier (it becomes part "
-                          f"of parameter names), got {adapter_name!r}")
+    check_adapter_name(_WHO, adapter_name, field="adapter_name")
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise ConfigError(f"{_WHO}: dtype must be a torch.dtype (torch.float32), got {dtype!r}")
     path = checkpoint_dir(directory, _WHO, must_exist=True)

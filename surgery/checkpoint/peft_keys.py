@@ -12,7 +12,8 @@ key                                                         tensor
                                                             convolution ``(out, r / groups,
                                                             1, ...)``
 ``base_model.model.<layer>.lora_magnitude_vector``          DoRA's magnitude ``m``,
-                                                            ``(out,)`` (``use_dora``; no
+                                                            ``(out,)``, on a convolution
+                                                            ``(1, out, 1, ...)`` (``use_dora``; no
                                                             ``.weight``: PEFT drops it)
 ``base_model.model.<layer>.lora_embedding_A``               LoRA ``A`` of an embedding,
                                                             ``(r, num_embeddings)``
@@ -160,8 +161,10 @@ def expected_keys(model: nn.Module, targets: PeftTargets, kind: str) -> dict[str
             out[key_a] = PeftKey(slot + "A", site.qname, "", shape_a, dtype)
             out[key_b] = PeftKey(slot + "B", site.qname, "", shape_b, dtype)
             if site.dora:
+                shape_m = ((1, site.out_features, *(1,) * len(site.kernel)) if site.kernel
+                           else (site.out_features,))
                 out[f"{PREFIX}{site.qname}.lora_magnitude_vector"] = PeftKey(
-                    "lora_magnitude_vector", site.qname, "", (site.out_features,), dtype)
+                    "lora_magnitude_vector", site.qname, "", shape_m, dtype)
         else:
             out[ia3_key(site.qname)] = PeftKey("ia3_l", site.qname, "", _ia3_shape(site), dtype)
     for qname in targets.modules_to_save:

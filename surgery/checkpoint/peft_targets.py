@@ -71,7 +71,8 @@ class PeftSite:
         groups: a convolution's ``groups`` (1 otherwise).
         embedding: the layer is an ``nn.Embedding``.
         dora: the LoRA adapter is DoRA (``use_dora``): the layer also has a magnitude
-            vector ``(out_features,)`` (``nn.Linear`` / ``Conv1D`` only).
+            vector, ``(out_features,)`` on ``nn.Linear`` / ``Conv1D``, ``(1, out_features,
+            1, ..., 1)`` on a convolution (not on embeddings).
     """
 
     qname: str
@@ -185,8 +186,7 @@ def resolve_peft_targets(model: nn.Module, settings: PeftSettings, adapter_name:
             adapts those, fx-surgery does not; any other type: PEFT cannot either); LoRA
             on a convolution with a dilation or a padding mode PEFT's ``lora_A`` ignores;
             or ``modules_to_save`` reaches an adapted layer, a module PEFT inserts, or
-            modules nested in one another; DoRA (``use_dora``) on a convolution or an
-            embedding.
+            modules nested in one another; DoRA (``use_dora``) on an embedding.
     """
     nothing = _NOTHING.get(who, "")
     view = peft_view(model)
@@ -293,14 +293,13 @@ def _site(kind: str, settings: PeftSettings, qname: str, module: nn.Module, who:
     rank = settings.rank_pattern.get(_pattern_key(settings.rank_pattern, qname), settings.r)
     alpha = settings.alpha_pattern.get(_pattern_key(settings.alpha_pattern, qname),
                                        settings.lora_alpha)
-    if settings.use_dora and shape:
-        what = "an embedding" if shape.get("embedding") else "a convolution"
+    if settings.use_dora and shape.get("embedding"):
         raise CheckpointError(
             f"{who}: {settings.source} puts DoRA (use_dora) on {qname} "
-            f"({type(module).__name__}, {what}); fx-surgery computes DoRA on nn.Linear and "
-            f"Conv1D layers only. {_NOTHING.get(who, '')} Way out: target linear layers only, "
-            f"or merge the adapter into the weights with PEFT (merge_and_unload) and use that "
-            f"model.")
+            f"({type(module).__name__}, an embedding); fx-surgery computes DoRA on nn.Linear, "
+            f"Conv1D and nn.Conv1d/2d/3d layers only. {_NOTHING.get(who, '')} Way out: target "
+            f"those layers only, or merge the adapter into the weights with PEFT "
+            f"(merge_and_unload) and use that model.")
     return PeftSite(qname, conv1d, int(in_f), int(out_f), rank=rank, alpha=float(alpha),
                     dora=settings.use_dora, **shape)
 

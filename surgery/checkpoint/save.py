@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from surgery.adapters.active import active_adapters
 from surgery.adapters.merge_state import adapter_inventory, merged_adapters
+from surgery.adapters.names import check_adapter_name
 from surgery.apply import unwrap
 from surgery.checkpoint.files import (
     checkpoint_dir,
@@ -179,6 +180,7 @@ def _names(who: str, names: str | Collection[str] | None,
         raise ConfigError(f"{who}: names must be an adapter name or a non-empty list of "
                           f"names, got {names!r}")
     for name in wanted:
+        check_adapter_name(who, name, field="names")
         if name not in inventory:
             near = ", ".join(map(repr, near_matches(name, inventory))) or "none"
             raise AdapterNotFoundError(f"{who}: the model has no adapter named {name!r}; "

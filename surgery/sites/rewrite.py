@@ -28,6 +28,7 @@ from surgery.sites.site_graph import SiteGraph
 
 __all__ = [
     "BRANCH_PARTS",
+    "chain_end",
     "follow_main_path",
     "freeze_site",
     "insert_after",
@@ -73,6 +74,10 @@ def replace_uses_after(node: fx.Node, new: fx.Node) -> None:
     so the cost is the size of the inserted chain, not of the graph.
     """
     keep = {new}
+    # a DoRA magnitude reads the layer's own result ``W x + b`` (to take ``W x`` off it),
+    # whatever is put on the layer's path after it
+    keep.update(u for u in node.users
+                if (u.meta.get("surgery") or {}).get("part") == "dora_scale")
     stack = list(new.all_input_nodes)
     while stack:  # inserted nodes feeding ``new`` that themselves use ``node`` keep using it
         cur = stack.pop()
@@ -81,6 +86,18 @@ def replace_uses_after(node: fx.Node, new: fx.Node) -> None:
         keep.add(cur)
         stack.extend(cur.all_input_nodes)
     node.replace_all_uses_with(new, delete_user_cb=lambda user: user not in keep)
+
+
+def chain_end(node: fx.Node, pass_name: str) -> fx.Node:
+    """The last of the ``add`` nodes of pass ``pass_name`` that follow ``node`` one after the
+    other (each reading the previous one as its first argument), or ``node`` itself."""
+    cur = node
+    while True:
+        nxt = [u for u in cur.users if (u.meta.get("surgery") or {}).get("pass") == pass_name
+               and u.meta["surgery"].get("part") == "add" and u.args and u.args[0] is cur]
+        if len(nxt) != 1:
+            return cur
+        cur = nxt[0]
 
 
 def mark(node: fx.Node, *, pass_name: str, site: str, role: str | None, adapter: str,

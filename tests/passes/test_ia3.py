@@ -73,8 +73,10 @@ def test_feedforward_pattern_must_name_a_selected_layer() -> None:
 
 
 def test_invalid_name() -> None:
-    with pytest.raises(ConfigError, match="name must be a Python identifier"):
-        IA3Pass(name="a b")
+    with pytest.raises(ConfigError, match=r"IA3Pass: name 'a\.b' contains '\.'.*Way out: "
+                                          r"name='a_b'"):
+        IA3Pass(name="a.b")
+    assert IA3Pass(name="a b").adapter_name == "a b"  # free strings, as in PEFT
 
 
 def test_gpt2_fused_all_learns_the_whole_qkv_output(zoo) -> None:

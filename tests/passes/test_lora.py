@@ -155,7 +155,8 @@ def test_adapter_modules_follow_the_weight_dtype_and_layout() -> None:
     ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
     ({"init": "xavier"}, "init must be one of 'kaiming', 'gaussian', 'orthogonal', 'random', "
                          "'pissa', 'pissa_niter_<K>', 'olora', got 'xavier'"),
-    ({"name": "my-adapter"}, "name must be a Python identifier"),
+    ({"name": "my.adapter"}, r"name 'my\.adapter' contains '\.'"),
+    ({"name": 3}, "name must be a str"),
     ({"pattern": ""}, "a pattern must be a non-empty string"),
 ])
 def test_invalid_configuration(kwargs: dict, message: str) -> None:

@@ -234,8 +234,8 @@ def test_targets_llama_table(capsys: pytest.CaptureFixture) -> None:
                  ["ConfigError", "length must be an int >= 0"], id="bad-prefix"),
     pytest.param(["apply", "builtin", "--adapter", "pfeiffer", "--bottleneck", "0"],
                  ["ConfigError", "SerialAdapterPass"], id="bad-bottleneck"),
-    pytest.param(["apply", "builtin", "--ia3", "--name", "my-task"],
-                 ["ConfigError", "name must be a Python identifier"], id="bad-name"),
+    pytest.param(["apply", "builtin", "--ia3", "--name", "my.task"],
+                 ["ConfigError", "name 'my.task' contains '.'"], id="bad-name"),
     pytest.param(["apply", "builtin", "--lora", "q_proj", "--rank", "0"],
                  ["ConfigError", "rank must be a positive int"], id="bad-rank"),
 ])

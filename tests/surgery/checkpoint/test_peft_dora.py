@@ -2,16 +2,19 @@
 ``peft_import.py`` with ``use_dora``): ``export_peft`` → ``PeftModel.from_pretrained`` and
 PEFT's ``save_pretrained`` → ``import_peft`` compute the same outputs to within
 ``1e-6 · (1 + max|y|)`` (float32). The magnitude travels as
-``base_model.model.<layer>.lora_magnitude_vector`` ``(out,)`` (PEFT's key: no ``.weight``).
+``base_model.model.<layer>.lora_magnitude_vector`` ``(out,)`` (PEFT's key: no ``.weight``),
+``(1, out, 1, ...)`` on a convolution.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from layer_cases import Convs, build, conv_inputs
 from peft_cases import (
     assert_close,
     assert_differs,
@@ -101,3 +104,50 @@ def test_export_refuses_dora_mixed_with_plain_lora(zoo, tmp_path: Path) -> None:
                                               r".*v_proj"):
         export_peft(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+CONV_SITES = ["c1", "c2", "p", "c3"]
+
+
+def _conv_output(model: nn.Module) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(*conv_inputs())
+
+
+@pytest.mark.filterwarnings("ignore:LoRA adapter added to ConvNd layer with groups")
+def test_convolution_dora_crosses_both_ways(tmp_path: Path) -> None:
+    """Conv1d/2d/3d DoRA: export → PEFT loads the same magnitudes ``(1, out, 1, ...)`` and
+    computes our outputs (the grouped ``c2`` left out of the comparison: PEFT's grouped
+    norm differs, see ``passes/dora_conv.py``); PEFT's file → import gives back every tensor
+    bit for bit."""
+    base = build(Convs)
+    model = apply_passes(base, [LoRAPass(pattern=CONV_SITES, rank=4, alpha=8,
+                                         use_dora=True)])
+    randomize(model)
+    export_peft(model, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["use_dora"]
+    tensors = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
+    mags = {k: v for k, v in tensors.items() if k.endswith(".lora_magnitude_vector")}
+    assert {k: tuple(v.shape) for k, v in mags.items()} == {
+        f"{PREFIX}c1.lora_magnitude_vector": (1, 6, 1),
+        f"{PREFIX}c2.lora_magnitude_vector": (1, 6, 1, 1),
+        f"{PREFIX}p.lora_magnitude_vector": (1, 8, 1, 1),
+        f"{PREFIX}c3.lora_magnitude_vector": (1, 4, 1, 1, 1)}
+    ref = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours"))
+    for name, p in ref.named_parameters():
+        if "lora_" in name:
+            mine = model.get_parameter(name.removeprefix(PREFIX))
+            assert torch.equal(p, mine.detach()), name
+    want, got = _conv_output(ref), _conv_output(model)
+    # c1 is [:, :42], c3 is [:, 242:]; c2 feeds p in [:, 42:242]
+    ungrouped = torch.cat([want[:, :42], want[:, 242:]], 1)
+    assert_differs(ungrouped, torch.cat([_conv_output(base)[:, :42],
+                                         _conv_output(base)[:, 242:]], 1))
+    assert_close(torch.cat([got[:, :42], got[:, 242:]], 1), ungrouped)
+
+    ref.save_pretrained(str(tmp_path / "theirs"))
+    back = import_peft(copy.deepcopy(base), tmp_path / "theirs")
+    for key, value in model.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+    assert torch.equal(_conv_output(back), got)

@@ -396,8 +396,8 @@ def test_refuses_a_taken_adapter_name(llama_lora_dir, zoo, snapshot) -> None:
     before.assert_unchanged(adapted)
     both = import_peft(adapted, llama_lora_dir, adapter_name="y")  # beside it, under another name
     assert {m.adapter_name for m in both.modules() if isinstance(m, LoRAProjection)} == {"x", "y"}
-    with pytest.raises(ConfigError, match="identifier"):
-        import_peft(adapted, llama_lora_dir, adapter_name="not-a-name")
+    with pytest.raises(ConfigError, match=r"import_peft: adapter_name 'not\.a\.name' contains"):
+        import_peft(adapted, llama_lora_dir, adapter_name="not.a.name")
 
 
 def test_missing_directory_and_files(tmp_path, zoo, snapshot) -> None:
