@@ -51,9 +51,11 @@ from passes.prefix_sites import (
     first_outputs,
     set_call_arg,
 )
+from surgery.adapters.names import identifier_part
 from surgery.errors import UnsupportedSiteError
 from surgery.pass_base import Change
 from surgery.sites.rewrite import mark, register_adapter, replace_uses_after
+from surgery.sites.woven import record_restore, stands_for
 
 __all__ = ["GraphPrefix", "Layout"]
 
@@ -80,7 +82,7 @@ class _Edit:
 
     def module(self, target: str, args: tuple, part: str, like: fx.Node | None = None) -> fx.Node:
         suffix = "" if part in ("gate", "prefix") else "_" + part.removeprefix("prefix_")
-        name = target.replace(".", "_") + suffix  # prefix_default_key
+        name = identifier_part(target) + suffix  # prefix_default_key, prefix_test_adapter_key
         node = self.graph.create_node("call_module", target, args, {}, name=name)
         self.added.append(mark(node, part=part, like=like, **self.tag))
         return node
@@ -163,8 +165,8 @@ class GraphPrefix:
     def _gate_after(self, edit: _Edit, site: SiteOp, out: fx.Node, args: tuple[Any, ...]) -> None:
         """``out + g · attn(prefix)`` right after ``out``, read by every user of ``out``."""
         with edit.graph.inserting_after(out):
-            gated = edit.module(site.target("prefix_gate", self.adapter), (out, *args), "gate",
-                                like=out)
+            gated = stands_for(edit.module(site.target("prefix_gate", self.adapter),
+                                           (out, *args), "gate", like=out), 0)
         replace_uses_after(out, gated)
 
     # -- scaled_dot_product_attention -------------------------------------------------------
@@ -188,12 +190,15 @@ class GraphPrefix:
             pk = edit.module(target, (k, "key"), "prefix_key")
             pv = edit.module(target, (v, "value"), "prefix_value")
             if self.gate is None:
-                kc = edit.function(concat_prefix, (pk, k, -2), "cat_key")
-                vc = edit.function(concat_prefix, (pv, v, -2), "cat_value")
+                kc = stands_for(edit.function(concat_prefix, (pk, k, -2), "cat_key"), 1)
+                vc = stands_for(edit.function(concat_prefix, (pv, v, -2), "cat_value"), 1)
                 if mask is not None or is_causal is not False:
-                    m2 = edit.function(extend_sdpa_mask, (mask, pk, k, q, is_causal), "mask")
+                    m2 = stands_for(edit.function(extend_sdpa_mask, (mask, pk, k, q, is_causal),
+                                                  "mask"), 0)
                     set_call_arg(node, SDPA_ARGS, "attn_mask", m2)
-                    set_call_arg(node, SDPA_ARGS, "is_causal", False)
+                    if is_causal is not False:
+                        _record_causal(kc, node, SDPA_ARGS, is_causal)
+                        set_call_arg(node, SDPA_ARGS, "is_causal", False)
                 set_call_arg(node, SDPA_ARGS, "key", kc)
                 set_call_arg(node, SDPA_ARGS, "value", vc)
         if self.gate is not None:
@@ -229,16 +234,16 @@ class GraphPrefix:
             return
         with edit.graph.inserting_before(qk):
             pkt = edit.module(target, (kt, "key", True), "prefix_key")
-            kc = edit.function(concat_prefix, (pkt, kt, -1), "cat_key")
+            kc = stands_for(edit.function(concat_prefix, (pkt, kt, -1), "cat_key"), 1)
         qk.args = (q, kc)
         for user, index, convention in masks:
             with edit.graph.inserting_before(user):
-                m2 = edit.function(extend_mask, (user.args[index], pkt, -1, kt, -1, convention),
-                                   "mask")
+                m2 = stands_for(edit.function(
+                    extend_mask, (user.args[index], pkt, -1, kt, -1, convention), "mask"), 0)
             user.args = tuple(m2 if i == index else a for i, a in enumerate(user.args))
         with edit.graph.inserting_before(pv_mm):
             pv = edit.module(target, (v, "value"), "prefix_value")
-            vc = edit.function(concat_prefix, (pv, v, -2), "cat_value")
+            vc = stands_for(edit.function(concat_prefix, (pv, v, -2), "cat_value"), 1)
         pv_mm.args = (pv_mm.args[0], vc)
         self._done(site, edit)
 
@@ -264,15 +269,18 @@ class GraphPrefix:
             pk = edit.module(target, (key, "key"), "prefix_key")
             pv = edit.module(target, (value, "value"), "prefix_value")
             if self.gate is None:
-                kc = edit.function(concat_sequence, (pk, key, bf), "cat_key")
-                vc = edit.function(concat_sequence, (pv, value, bf), "cat_value")
+                kc = stands_for(edit.function(concat_sequence, (pk, key, bf), "cat_key"), 1)
+                vc = stands_for(edit.function(concat_sequence, (pv, value, bf), "cat_value"), 1)
                 for mname in ("key_padding_mask", "attn_mask"):
                     m = call_arg(node, MHA_ARGS, mname)
                     if m is not None:
-                        m2 = edit.function(extend_sequence_mask, (m, pk, key, bf, "drop"), "mask")
+                        m2 = stands_for(edit.function(extend_sequence_mask,
+                                                      (m, pk, key, bf, "drop"), "mask"), 0)
                         set_call_arg(node, MHA_ARGS, mname, m2)
-                if call_arg(node, MHA_ARGS, "is_causal", False) is not False:
+                causal = call_arg(node, MHA_ARGS, "is_causal", False)
+                if causal is not False:
                     # is_causal only hints that attn_mask is causal; the extended mask rules
+                    _record_causal(kc, node, MHA_ARGS, causal)
                     set_call_arg(node, MHA_ARGS, "is_causal", False)
                 set_call_arg(node, MHA_ARGS, "key", kc)
                 set_call_arg(node, MHA_ARGS, "value", vc)
@@ -293,6 +301,12 @@ class GraphPrefix:
                         edit.added.append(mark(p, part="gate_param", **edit.tag))
                 self._gate_after(edit, site, first, (query, pk, pv, params))
         self._done(site, edit)
+
+
+def _record_causal(node: fx.Node, op: fx.Node, names: tuple[str, ...], old: Any) -> None:
+    """Record on ``node`` the ``is_causal`` that the prefix switches off on ``op``."""
+    passed = names.index("is_causal") < len(op.args) or "is_causal" in op.kwargs
+    record_restore(node, op, names, "is_causal", old, passed)
 
 
 def _shapes(module: nn.Module) -> tuple:

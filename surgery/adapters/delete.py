@@ -23,6 +23,7 @@ The deletion is a step of the model's history (a pass named ``"delete_adapter"``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -32,10 +33,12 @@ from surgery.adapters.active import merged_names, resolve_names
 from surgery.adapters.fold_layout import Key, adapter_nodes, key_of
 from surgery.adapters.fold_nodes import check_removable
 from surgery.adapters.merge_state import label, merged_refusal
+from surgery.adapters.names import check_adapter_name
 from surgery.errors import ConfigError, MergeError, UnsupportedSiteError
 from surgery.pass_base import Change, Pass, PassResult
 from surgery.sites.marker import AdapterModule
 from surgery.sites.site_graph import SiteGraph, site_graphs
+from surgery.sites.woven import woven_removal
 
 __all__ = ["delete_adapter"]
 
@@ -63,18 +66,16 @@ class _DeleteAdapterPass(Pass):
         _refuse_merged(model, self.names)
         wanted = set(self.names)
         # every check before any edit: the model is left alone if one fails
-        edits = [(qname, sg, key, *_removable(sg, key))
+        edits = [(qname, key, *_removable(sg, key))
                  for qname, sg in site_graphs(model) for key in _keys(sg, wanted)]
         modules = _modules_of(model, wanted)
         changes: list[Change] = []
-        for qname, sg, key, nodes, main in edits:
+        for qname, key, nodes, remove in edits:
             for node in nodes:
                 changes.append(Change("node_removed", self.name, qname, f"{qname}/{node.name}",
                                       adapter=key[1], role=node.meta["surgery"].get("role"),
                                       detail=f"{label(*key)} deleted"))
-            main.replace_all_uses_with(main.args[0])
-            for node in reversed(nodes):
-                sg.graph.erase_node(node)
+            remove()
         for qname, parent, slot, mod in modules:
             changes.append(Change("module_removed", self.name, mod.site, qname,
                                   adapter=mod.adapter_name, role=mod.role,
@@ -109,18 +110,29 @@ def _keys(sg: SiteGraph, wanted: set[str]) -> list[Key]:
     return list(keys)
 
 
-def _removable(sg: SiteGraph, key: Key) -> tuple[list[fx.Node], fx.Node]:
-    """The adapter's nodes and its one node on the layer's path.
+def _removable(sg: SiteGraph, key: Key) -> tuple[list[fx.Node], Callable[[], None]]:
+    """The adapter's nodes, and the edit that takes them out: a side branch joined to the
+    layer's path by one node is cut there; nodes woven into the layer's own arguments (a
+    prefix in an attention op) give those arguments back (:mod:`surgery.sites.woven`).
 
     Raises:
-        UnsupportedSiteError: the adapter's nodes are not one side branch joined to the
-            layer's path by one node (a prefix rewritten into an attention op's arguments).
+        UnsupportedSiteError: neither applies (a second prefix was stacked on values this
+            one changed, or the graph was edited by hand).
     """
     try:
-        return check_removable(sg, key)
+        nodes, main = check_removable(sg, key)
     except MergeError:
-        pass
-    nodes = adapter_nodes(sg, key)
+        nodes = adapter_nodes(sg, key)
+    else:
+        def cut() -> None:
+            main.replace_all_uses_with(main.args[0])
+            for node in reversed(nodes):
+                sg.graph.erase_node(node)
+
+        return nodes, cut
+    unweave = woven_removal(sg.graph, nodes)
+    if unweave is not None:
+        return nodes, unweave
     site = sg.site or "the model"
     raise UnsupportedSiteError(
         f"delete_adapter: {label(*key)} at {site} is woven into the computation there "
@@ -196,15 +208,15 @@ def delete_adapter(model: nn.Module, name: str, *, inplace: bool = False) -> nn.
         MergeError: the adapter is merged into the weights; the way out is to unmerge it
             first (``UnmergeLoRAPass(names=[name])`` / ``UnmergeIA3Pass``).
         UnsupportedSiteError: the adapter rewrote arguments of nodes that are not its own
-            (a prefix inside a hand-written attention module's site graph), so its nodes
-            cannot simply go.
+            in a way that cannot be given back (a prefix under a second prefix stacked on
+            the same causal attention op: delete the top one first). A prefix woven into a
+            hand-written attention op (keys, values, mask, ``is_causal``) is taken out and
+            the op reads its original arguments again.
 
         Nothing is changed when it raises.
     """
     # runs the delete step on a copy, atomically
     from surgery.apply import apply_passes
 
-    if not isinstance(name, str):
-        raise ConfigError(f"delete_adapter: name must be an adapter name (a string), got "
-                          f"{name!r}")
+    check_adapter_name("delete_adapter", name)
     return apply_passes(model, [_DeleteAdapterPass(names=(name,))], inplace=inplace)

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from attention_cases import hand_models
 from torch import nn
 
 from surgery import (
@@ -103,7 +104,7 @@ def _check_deleted(full: nn.Module, ref: nn.Module, spec: Any, snapshot: Any) ->
     return out
 
 
-@pytest.mark.parametrize("kind", ["lora", "ia3", "serial", "parallel"])
+@pytest.mark.parametrize("kind", list(KINDS))
 def test_delete_on_the_builtin_model_equals_adapting_without_it(zoo, snapshot, kind: str) -> None:
     spec = zoo.spec("builtin:tiny")
     full, ref = _with_and_without(spec, kind)
@@ -162,14 +163,64 @@ def test_an_unknown_name_lists_the_nearest(zoo, snapshot) -> None:
     before.assert_unchanged(adapted)
 
 
-def test_a_prefix_woven_into_a_hand_written_attention_is_refused(zoo, snapshot) -> None:
-    spec = zoo.spec("builtin:tiny")
-    adapted = apply_passes(spec.model, [LoRAPass(rank=2, name="a"), PrefixPass(length=2,
-                                                                               name="p")])
+HAND = ("causal", "eager", "masked_bool", "mha")
+
+
+class _Outer1(nn.Module):
+    """A model holding one hand-written attention block (one input)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
+class _Outer2(_Outer1):
+    """The same for a block taking an input and a mask."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.block(x, mask)
+
+
+@pytest.mark.parametrize("which", HAND)
+def test_a_prefix_woven_into_a_hand_written_attention_is_taken_out(snapshot, which: str) -> None:
+    """The prefix rewrote the attention op's own arguments (keys, values, mask, is_causal):
+    deleting it gives every argument back, so the result is the model adapted without it."""
+    block, inputs = hand_models()[which]
+    model = (_Outer1 if len(inputs) == 1 else _Outer2)(block).eval()
+    spec = type("Spec", (), {"model": model, "example_inputs": inputs, "example_kwargs": None})
+    lora = "block.o" if which != "mha" else "block.out"
+    full = _apply(spec, [LoRAPass(pattern=lora, rank=2, name="keep"), PrefixPass(length=3,
+                                                                                 name="x")])
+    _perturb(full, 0)
+    ref = _apply(spec, [LoRAPass(pattern=lora, rank=2, name="keep")])
+    ref.load_state_dict({k: v for k, v in full.state_dict().items() if "x" not in k.split(".")})
+    out = _check_deleted(full, ref, spec, snapshot)
+    if which == "causal":  # the attention op is causal again, as before the prefix
+        (sg,) = [m for m in out.modules() if isinstance(m, SiteGraph) and "scaled_dot" in m.code]
+        assert "is_causal = True" in sg.code
+
+
+def test_a_prefix_under_a_second_one_on_the_same_causal_op_is_refused(snapshot) -> None:
+    block, (x,) = hand_models()["causal"]
+    model = _Outer1(block).eval()
+    adapted = apply_passes(model, [PrefixPass(length=2, name="low"), PrefixPass(length=2,
+                                                                              name="top")],
+                           example_inputs=(x,))
     before = snapshot(adapted)
-    with pytest.raises(UnsupportedSiteError, match=r"delete_adapter: prefix 'p' at .*set_active"):
-        delete_adapter(adapted, "p")
+    with pytest.raises(UnsupportedSiteError, match=r"delete_adapter: prefix 'low' at .*set_active"):
+        delete_adapter(adapted, "low")
     before.assert_unchanged(adapted)
+    # the prefix on top can go: the result is the model with "low" alone
+    _perturb(adapted, 1)
+    only_low = delete_adapter(adapted, "top")
+    ref = apply_passes(model, [PrefixPass(length=2, name="low")], example_inputs=(x,))
+    ref.load_state_dict({k: v for k, v in adapted.state_dict().items()
+                         if "top" not in k.split(".")})
+    assert torch.equal(only_low(x), ref(x))
+    assert not torch.equal(adapted(x), ref(x))
 
 
 @pytest.mark.parametrize("which", ["builtin:tiny", "hf:llama"])
