@@ -188,6 +188,18 @@ def _check_trained_modules(model: nn.Module, state: SurgeryState, step: Pass) ->
                 f"train {qname} fully.")
 
 
+def _keep_originals(model: nn.Module, state: SurgeryState, inplace: bool) -> None:
+    """Keep the values of every parameter of a module newly trained fully, as they are before
+    any training (``state.originals``), for :func:`surgery.disable_adapters`. They share the
+    storage of the model adapted (the adapted model's parameters get their own storage next);
+    a model adapted in place trains that storage itself, so it keeps a copy."""
+    for qname in state.trained_modules:
+        for pname, param in model.get_submodule(qname).named_parameters(prefix=qname):
+            if pname not in state.originals:
+                value = param.detach()
+                state.originals[pname] = value.clone() if inplace else value
+
+
 def _keep_trained_parameters(model: nn.Module, state: SurgeryState) -> None:
     """A parameter a pass chose to train alone (``state.trained_parameters``: a bias of
     ``LoRAPass(bias=...)``) stays trainable when a later pass adapts its layer again (that
@@ -292,6 +304,7 @@ def apply_passes(
                 root = result.module
             recompile_sites(root, result.sites)
             _check_trained_modules(root, state, p)
+            _keep_originals(root, state, inplace)
             _keep_trained_parameters(root, state)
             _record(state, result, p)
         if freeze:

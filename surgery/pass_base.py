@@ -14,6 +14,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from surgery.errors import ConfigError
@@ -216,6 +217,10 @@ class SurgeryState:
             trainable (``q_proj.bias`` for ``LoRAPass(bias="lora_only")``) -> the stable name
             of that pass (``"lora"``). :func:`surgery.apply_passes` never freezes them and
             gives them their own storage; the audit shows them and a checkpoint saves them.
+        originals: for each parameter of a module trained fully, by qualified name, the
+            values it had when the module was chosen (a tensor sharing the storage of the
+            model that was adapted, never written; PEFT's ``original_module``).
+            :func:`surgery.disable_adapters` runs the module with them.
         cached_map: the map (:func:`surgery.targets.model_map`), once built.
         cached_roles: the structural roles (:func:`surgery.targets.model_roles`), once found.
     """
@@ -229,6 +234,7 @@ class SurgeryState:
     notes: list[str] = field(default_factory=list)
     trained_modules: dict[str, str] = field(default_factory=dict)
     trained_parameters: dict[str, str] = field(default_factory=dict)
+    originals: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     cached_map: nn.Module | None = field(default=None, repr=False, compare=False)
     cached_roles: Any = field(default=None, repr=False, compare=False)
 

@@ -33,9 +33,11 @@ import weakref
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 
+import torch
 from torch import fx, nn
 
 from surgery.adapters.merge_state import merged_adapters, merged_refusal
+from surgery.adapters.names import check_adapter_name
 from surgery.errors import AdapterNotFoundError, ConfigError, near_matches
 from surgery.sites.marker import AdapterModule
 from surgery.sites.site_graph import site_graphs
@@ -66,6 +68,8 @@ _HELD_OFF: weakref.WeakKeyDictionary[AdapterModule, int] = weakref.WeakKeyDictio
 # Adapter module -> how many open ``disable_adapters`` blocks hold it off. Kept beside the
 # modules rather than on them, so that a copy made inside a block is not held off forever.
 
+# ids of the parameters of modules trained fully that run with their original values now
+_ORIGINAL_IN: set[int] = set()
 
 
 def adapter_modules(model: nn.Module) -> Iterator[tuple[str, AdapterModule]]:
@@ -122,6 +126,7 @@ def resolve_names(who: str, model: nn.Module, names: str | Collection[str] | Non
                           f"got {names!r}")
     names = list(names)
     for name in names:
+        check_adapter_name(who, name, field="names")
         if name not in present:
             listed = ", ".join(repr(n) for n in near_matches(name, present, n=len(present)))
             raise AdapterNotFoundError(
@@ -252,7 +257,10 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
     Disabling wins: inside the block, per-sample routing
     (:func:`passes.stack.route_samples`, :class:`passes.stack.AdapterStack` with an
-    ``adapter_id``) leaves the adapters off. The previous ``active`` flags are put back
+    ``adapter_id``) leaves the adapters off. A module trained fully
+    (:class:`passes.train_module.TrainModulePass`, PEFT's ``modules_to_save``) runs with
+    the values it had before training (``model._surgery.originals``), as PEFT runs its
+    ``original_module``. The previous ``active`` flags and trained values are put back
     when the block ends, also when it raises. Blocks nest.
 
     Args:
@@ -269,13 +277,18 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     _refuse_merged("disable_adapters", merged_names(model), present)
     flags = active_flags(model)
     recorded = recorded_active(model)
+    swapped: list[tuple[nn.Parameter, torch.Tensor]] = []
     try:
         for mod in flags:
             _HELD_OFF[mod] = _HELD_OFF.get(mod, 0) + 1
             mod.active = False
         _sync_meta(model)
+        swapped = _originals_in(model)
         yield model
     finally:
+        for param, trained in reversed(swapped):
+            param.data = trained
+            _ORIGINAL_IN.discard(id(param))
         for mod in flags:
             depth = _HELD_OFF.get(mod, 1) - 1
             if depth > 0:
@@ -284,6 +297,26 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
                 _HELD_OFF.pop(mod, None)
         restore_active_flags(model, flags, recorded)
         _sync_meta(model)
+
+
+def _originals_in(model: nn.Module) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """Point every parameter of the modules trained fully at its original values (moved to
+    the parameter's device and dtype); ``(parameter, trained values)`` of each one swapped.
+    A parameter already swapped by an enclosing block is left to that block."""
+    state = getattr(model, "_surgery", None)
+    swapped = []
+    for pname, original in getattr(state, "originals", {}).items():
+        try:
+            param = model.get_parameter(pname)
+        except AttributeError:  # unloaded or deleted since
+            continue
+        if id(param) in _ORIGINAL_IN:
+            continue
+        trained = param.data
+        param.data = original.to(device=trained.device, dtype=trained.dtype)
+        _ORIGINAL_IN.add(id(param))
+        swapped.append((param, trained))
+    return swapped
 
 
 def set_trainable(model: nn.Module, names: str | Collection[str] | None) -> nn.Module:

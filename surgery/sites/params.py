@@ -37,6 +37,8 @@ def share_weights_copy(model: nn.Module) -> nn.Module:
     state = getattr(model, "_surgery", None)
     if state is not None and state.cached_map is not None:  # the map is read-only: share it
         memo[id(state.cached_map)] = state.cached_map
+    for value in getattr(state, "originals", {}).values():  # never written: shared too
+        memo[id(value)] = value
     adapter_ids = {id(p) for _, p in adapter_parameters(model)}
     for param in model.parameters():
         if id(param) not in memo:

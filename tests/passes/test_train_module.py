@@ -214,3 +214,36 @@ def test_plan_leaves_the_model_s_record_alone(zoo) -> None:
     assert [c.name for c in results[0].changes] == ["ln_f.weight", "ln_f.bias"]
     assert adapted._surgery.trained_modules == {}
     assert not adapted.ln_f.weight.requires_grad
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_disable_adapters_runs_the_trained_modules_as_they_were(zoo, inplace: bool) -> None:
+    """PEFT's ``disable_adapter()`` runs ``modules_to_save``'s original module: so does
+    ``surgery.disable_adapters``, with the values from before training, also in a copy, a
+    nested block and another dtype; the trained values are back after the block."""
+    from surgery import disable_adapters
+
+    spec = zoo.fresh("builtin:tiny")
+    model, ids = spec.model, spec.example_inputs
+    base = model(*ids)
+    work = copy.deepcopy(model) if inplace else model
+    adapted = apply_passes(work, [LoRAPass(pattern="q_proj", init="random"),
+                                  TrainModulePass(pattern="lm_head")], inplace=inplace)
+    for _ in range(2):
+        _step(adapted, spec)
+    trained = adapted.lm_head.weight.detach().clone()
+    y = adapted(*ids)
+    assert not torch.equal(y, base)
+    with disable_adapters(adapted):
+        assert torch.equal(adapted(*ids), base)
+        with disable_adapters(adapted):
+            assert torch.equal(adapted(*ids), base)
+        assert torch.equal(adapted(*ids), base)  # the inner block left the originals in
+    assert torch.equal(adapted.lm_head.weight, trained) and torch.equal(adapted(*ids), y)
+    twin = copy.deepcopy(adapted)
+    with disable_adapters(twin):
+        assert torch.equal(twin(*ids), base)
+    wide = copy.deepcopy(adapted).double()
+    with disable_adapters(wide):
+        assert wide.lm_head.weight.dtype == torch.float64
+        assert torch.equal(wide.lm_head.weight, model.lm_head.weight.double())
