@@ -48,14 +48,16 @@ def checkpoint_dir(directory: str | os.PathLike[str], who: str, *, must_exist: b
 
 
 def read_tensors(path: Path, who: str) -> dict[str, torch.Tensor]:
-    """Every tensor of the safetensors file ``path``, on the CPU, in its stored dtype.
+    """Every tensor of the safetensors file ``path``, on the CPU, in its stored dtype, each
+    in storage of its own: the file's buffer places tensors at any byte offset, and kernels
+    (oneDNN convolutions) round differently on storage that is not aligned.
 
     Raises:
         CheckpointError: the file is missing, truncated or not a safetensors file.
     """
     _exists(path, who)
     try:
-        return load_file(str(path), device="cpu")
+        return {key: value.clone() for key, value in load_file(str(path), device="cpu").items()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{who}: {str(path)!r} is not a readable safetensors file "
                               f"({exc}); it may be truncated or corrupt. Nothing was loaded. "
