@@ -6,7 +6,8 @@ scaling, the layer's input for an input scaling), and the branch goes. What was 
 kept as :class:`~surgery.adapters.merge_state.NodeSpec` (names, targets, arguments by node
 name, ``surgery*`` metadata, position), picklable with the model. :func:`restore_adapter`
 recreates the nodes under their old names and makes what reads the main node's first
-argument on the layer's path read the main node again.
+argument on the layer's path, and the side branches that read the main node before the
+merge, read the main node again.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from surgery.sites.rewrite import BRANCH_PARTS
 from surgery.sites.site_graph import SiteGraph
 
 __all__ = ["check_removable", "remove_adapter", "missing_refs", "restore_adapter"]
+
+USERS_KEY = "surgery_merge_users"
+"""Key, in the main node's :class:`NodeSpec` meta, of the names of the nodes that read it
+when it was removed."""
 
 
 def check_removable(sg: SiteGraph, key: Key) -> tuple[list[fx.Node], fx.Node]:
@@ -45,13 +50,13 @@ def check_removable(sg: SiteGraph, key: Key) -> tuple[list[fx.Node], fx.Node]:
     return nodes, main
 
 
-def _spec(node: fx.Node) -> NodeSpec:
+def _spec(node: fx.Node, extra: dict[str, Any]) -> NodeSpec:
     def ref(a: Any) -> Any:
         return NodeRef(a.name) if isinstance(a, fx.Node) else a
 
     return NodeSpec(node.name, node.op, node.target, map_aggregate(node.args, ref),
                     dict(map_aggregate(node.kwargs, ref)),
-                    {k: v for k, v in node.meta.items() if k.startswith("surgery")},
+                    {k: v for k, v in node.meta.items() if k.startswith("surgery")} | extra,
                     node.prev.name)
 
 
@@ -65,7 +70,8 @@ def remove_adapter(sg: SiteGraph, key: Key) -> tuple[tuple[NodeSpec, ...], str]:
         MergeError: see :func:`check_removable`; nothing is changed then.
     """
     nodes, main = check_removable(sg, key)
-    specs = tuple(_spec(n) for n in nodes)
+    users = {USERS_KEY: tuple(u.name for u in main.users if u not in nodes)}
+    specs = tuple(_spec(n, users if n is main else {}) for n in nodes)
     main.replace_all_uses_with(main.args[0])
     for node in reversed(nodes):
         sg.graph.erase_node(node)
@@ -99,7 +105,9 @@ def restore_adapter(sg: SiteGraph, record: MergeRecord) -> list[fx.Node]:
     metadata, right after the node it followed when removed (or after its last input, if
     that node is gone or comes too early). Then every user of the main node's first
     argument, except the adapter's own nodes and other adapters' side branches, reads
-    the main node again: exactly the nodes that saw the merged weight's result.
+    the main node again: exactly the nodes that saw the merged weight's result; and so do
+    the side branches that read the main node when it was removed (a serial adapter's
+    ``down`` reading the layer's output; their names are kept in the main node's spec).
 
     Returns:
         The recreated nodes, in graph order.
@@ -135,6 +143,9 @@ def restore_adapter(sg: SiteGraph, record: MergeRecord) -> list[fx.Node]:
     through = main.args[0]
     own = set(created.values())
     through.replace_all_uses_with(main, delete_user_cb=lambda u: u not in own and not _is_branch(u))
+    for name in main.meta.pop(USERS_KEY, ()):
+        if name in by_name:  # a side branch that read the main node (a serial adapter's down)
+            by_name[name].replace_input_with(through, main)
     return list(created.values())
 
 

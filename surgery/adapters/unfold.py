@@ -133,7 +133,12 @@ def _partner(model: nn.Module, saved: Tensor) -> nn.Parameter | None:
 
 
 def _put_back(model: nn.Module, sg: SiteGraph, record: MergeRecord, *, write: bool) -> None:
-    """Restore the weight (and bias) a merge replaced, bit for bit."""
+    """Restore the weight (and bias) a merge replaced, bit for bit.
+
+    A model moved since the merge (``.to(torch.float64)``, ``.half()``, ``.to("meta")``)
+    gets the kept tensor moved the same way (the record is not a parameter or buffer, so
+    the move left it where it was), as moving the unmerged model would have done.
+    """
     pairs = [("weight", record.weight, record.weight_grad)]
     if record.bias is not None:
         pairs.append(("bias", record.bias, record.bias_grad))
@@ -143,7 +148,11 @@ def _put_back(model: nn.Module, sg: SiteGraph, record: MergeRecord, *, write: bo
                 sg._parameters[pname].copy_(saved)
             sg._parameters[pname].requires_grad_(grad)
             continue
-        partner = None if record.inplace else _partner(model, saved)
+        now = sg._parameters[pname]
+        moved = (saved.dtype, saved.device) != (now.dtype, now.device)
+        if moved:
+            saved = saved.detach().to(dtype=now.dtype, device=now.device)
+        partner = None if record.inplace or moved else _partner(model, saved)
         sg._parameters[pname] = partner if partner is not None else \
             nn.Parameter(saved.detach(), requires_grad=grad)
 
