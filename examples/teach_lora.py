@@ -32,7 +32,6 @@ from pathlib import Path
 import networkx as nx
 import torch
 import torch.nn.functional as F
-
 from teach_common import close_up, inserted_nodes, max_abs_diff, output_folder
 
 import surgery

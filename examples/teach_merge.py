@@ -30,7 +30,6 @@ import sys
 from pathlib import Path
 
 import torch
-
 from teach_common import inserted_nodes, max_abs_diff, output_folder
 
 import surgery

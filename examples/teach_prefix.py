@@ -31,7 +31,6 @@ from pathlib import Path
 
 import networkx as nx
 import torch
-
 from teach_common import close_up, inserted_nodes, max_abs_diff, output_folder
 
 import surgery

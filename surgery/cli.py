@@ -31,11 +31,10 @@ from surgery.errors import ConfigError, NoMatchError, RenderError, SurgeryError
 if TYPE_CHECKING:
     from torch import nn
 
-    from visualize.diff_report import DiffReport
-
     from surgery.audit.count import Audit
     from surgery.pass_base import Pass
     from surgery.zoo import ModelSpec
+    from visualize.diff_report import DiffReport
 
 __all__ = ["main", "build_parser"]
 

@@ -23,9 +23,9 @@ from visualize import (
     to_networkx,
 )
 from visualize.diff import param_diff
+from visualize.diff_report import NodeChange
 from visualize.dot import format_count
 from visualize.html import inline_svg, report_html
-from visualize.diff_report import NodeChange
 
 LORA_NODES = tuple(f"{SITE}:{name}" for name in (
     "lora_dropout_default", "lora_a_default", "lora_b_default", "mul", "add"))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from viz_models import SITE, TinyNet, example_ids, renderer_works
+from viz_models import TinyNet, example_ids, renderer_works
 
 from surgery import IA3Pass, LoRAPass, apply_passes, audit
 from surgery.audit.count import AdapterSummary, Audit, AuditRow, Totals
@@ -21,8 +21,8 @@ from surgery.cli import main
 from surgery.errors import ConfigError
 from visualize import MissingRendererWarning, report
 from visualize.anatomy import SitePicture, draw_sites, pick_sites
-from visualize.html import report_html
 from visualize.diff_report import DiffReport, NodeChange, ParamChange
+from visualize.html import report_html
 
 needs_renderer = pytest.mark.skipif(not renderer_works(), reason="no Graphviz renderer here")
 
