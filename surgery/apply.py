@@ -13,9 +13,10 @@ from typing import Any
 
 from torch import nn
 
-from surgery.errors import ConfigError
+from surgery.errors import ConfigError, TraceError
 from surgery.map.graphs import recompile
 from surgery.map.trace import is_map
+from surgery.map.wrappers import unwrap
 from surgery.pass_base import Change, Pass, PassResult, SurgeryState
 from surgery.sites.marker import AdapterModule
 from surgery.sites.params import (
@@ -35,29 +36,6 @@ __all__ = [
     "history",
     "unwrap",
 ]
-
-
-def unwrap(model: nn.Module) -> tuple[nn.Module, list[str]]:
-    """The bare model inside a ``torch.compile`` wrapper (``_orig_mod``) or a
-    ``DistributedDataParallel`` / ``DataParallel`` wrapper (``module``), and a note for each
-    wrapper taken off. Adapters are applied to the bare model, so their names and
-    state-dict keys are the bare model's."""
-    notes = []
-    while True:
-        inner = model.__dict__.get("_modules", {}).get("_orig_mod")
-        if inner is not None and type(model).__name__ == "OptimizedModule":
-            notes.append(f"the torch.compile wrapper ({type(model).__name__}) was taken off: "
-                         f"the adapted model is the bare {type(inner).__name__}; compile it again "
-                         f"if you want it compiled.")
-            model = inner
-            continue
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            notes.append(f"the {type(model).__name__} wrapper was taken off: the adapted model is "
-                         f"the bare {type(model.module).__name__}; wrap it again to train it "
-                         f"distributed.")
-            model = model.module
-            continue
-        return model, notes
 
 
 def _prepare(model: nn.Module, example_inputs: tuple | None,
@@ -90,13 +68,29 @@ def _prepare(model: nn.Module, example_inputs: tuple | None,
 
 
 def _check_passes(passes: Sequence[Pass] | Pass) -> list[Pass]:
+    """``passes`` as a list of :class:`Pass` objects.
+
+    Raises:
+        ConfigError: ``passes`` is neither a pass nor a list of them, or an item is not a
+            pass object (a pass class such as ``LoRAPass`` instead of ``LoRAPass(...)``).
+    """
     if isinstance(passes, Pass):
         passes = [passes]
+    if isinstance(passes, type) and issubclass(passes, Pass):
+        passes = [passes]  # the item check below names the class and the way out
+    if not isinstance(passes, (list, tuple)):
+        raise ConfigError(f"apply_passes: passes must be a pass or a list of passes, got "
+                          f"{repr(passes)[:60]} ({type(passes).__name__}). Way out: "
+                          f"apply_passes(model, [LoRAPass(...), IA3Pass(...)]).")
     out = list(passes)
     for i, p in enumerate(out):
+        if isinstance(p, type) and issubclass(p, Pass):
+            raise ConfigError(f"apply_passes: item {i} is the class {p.__name__}, not a pass "
+                              f"object. Way out: {p.__name__}(...) (with its settings).")
         if not isinstance(p, Pass):
-            raise ConfigError(f"apply_passes: item {i} is a {type(p).__name__}, not a Pass "
-                              f"(LoRAPass(...), IA3Pass(...), ...).")
+            raise ConfigError(f"apply_passes: item {i} is a {type(p).__name__}, not a Pass: "
+                              f"{repr(p)[:60]}. Way out: pass objects such as LoRAPass(...), "
+                              f"IA3Pass(...).")
     return out
 
 
@@ -120,6 +114,23 @@ def _check_in_place_writes(passes: list[Pass], inplace: bool) -> None:
                 f"apply_passes: {what} writes into existing weights, so it must be the last "
                 f"pass: its writes cannot be rolled back if a later pass ({later}) fails. "
                 f"Way out: run it last, or in a separate apply_passes call.")
+
+
+def _run(step: Pass, model: nn.Module) -> PassResult:
+    """``step.run(model)``, with a :class:`TraceError` from building the map (which any pass
+    may need) made to name the pass.
+
+    Raises:
+        TraceError: the map could not be traced; the message starts with the pass's class.
+    """
+    try:
+        return step.run(model)
+    except TraceError as exc:
+        who = type(step).__name__
+        if str(exc).startswith(who):
+            raise
+        raise TraceError(f"{who}: needs the model's map (the whole-model graph), and it could "
+                         f"not be traced.\n{exc}") from exc
 
 
 def _trained_parameters(model: nn.Module) -> set[int]:
@@ -298,7 +309,7 @@ def apply_passes(
     root = work
     try:
         for p in todo:
-            result = p.run(root)
+            result = _run(p, root)
             if result.module is not None and result.module is not root:  # the root became a site
                 result.module.__dict__["_surgery"] = state
                 root = result.module
@@ -351,7 +362,7 @@ def plan(model: nn.Module, passes: Sequence[Pass] | Pass, example_inputs: tuple 
             changes = tuple(p.plan(work))
             results.append(PassResult(work, bool(changes), changes, p.name))
             break
-        result = p.run(work)
+        result = _run(p, work)
         if result.module is not None and result.module is not work:
             result.module.__dict__["_surgery"] = state
             work = result.module

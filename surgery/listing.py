@@ -12,6 +12,7 @@ from surgery.errors import TraceError
 from surgery.map.graphs import call_sites
 from surgery.map.leaves import is_leaf_type
 from surgery.map.roles import ModelRoles
+from surgery.map.wrappers import unwrap
 from surgery.sites.features import layer_features
 from surgery.sites.marker import AdapterModule
 from surgery.targets import _role_of, candidate_sites, model_map, model_roles
@@ -118,8 +119,10 @@ def list_targets(model: nn.Module, example_inputs: tuple | None = None,
     Candidates are the linear-like layers and attention modules, in module order. Roles and
     call counts come from the map; when it cannot be traced (a transformers model without
     ``example_inputs``), the list has no roles and says so in ``.note``. ``model`` is not
-    changed.
+    changed. A ``torch.compile`` or DDP wrapper is looked through: names are the bare
+    model's, as :func:`surgery.apply_passes` uses them.
     """
+    model = unwrap(model)[0]
     out = TargetList()
     roles: ModelRoles | None = None
     calls: dict[str, list] = {}

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from surgery.errors import RenderError
+from surgery.errors import InputTypeError, RenderError
+from surgery.map.wrappers import unwrap
 from surgery.sites.marker import AdapterModule
 from visualize.anatomy import (
     DEFAULT_MAX_SITES,
@@ -109,6 +110,21 @@ def param_diff(before: nn.Module, after: nn.Module) -> tuple[ParamChange, ...]:
     return tuple(r for k in PARAM_KINDS for r in rows[k])
 
 
+def check_models(who: str, before: object, after: object) -> None:
+    """Refuse a ``before`` or ``after`` that is not an ``nn.Module``, before anything is
+    traced or written.
+
+    Raises:
+        surgery.errors.InputTypeError: naming ``who``, the argument and its type.
+    """
+    for arg, value in (("before", before), ("after", after)):
+        if not isinstance(value, nn.Module):
+            raise InputTypeError(
+                f"{who}: {arg} must be an nn.Module (the plain model, or the model "
+                f"apply_passes returned), got {type(value).__name__}. Way out: "
+                f"{who}(model, adapted, ...).")
+
+
 def _source_name(model: nn.Module) -> str:
     """The class the model had before surgery (an adapted model's, a map's source class)."""
     for info in (getattr(model, "_surgery", None), getattr(model, "_surgery_map", None)):
@@ -122,17 +138,19 @@ def _draw(before: nn.Module, after: nn.Module, out: Path, stems: tuple[str, str]
           example_inputs: tuple | None, example_kwargs: Mapping[str, Any] | None,
           options: RenderOptions) -> tuple[DiffReport, list[str | None], str | None]:
     """Trace, diff and draw the pair into ``out``: the report (its files: the ``.dot``
-    files and images), the two SVG texts, and the SVG of the changed part (in memory)."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise RenderError(f"could not create the output folder {out}: {e}") from e
+    files and images), the two SVG texts, and the SVG of the changed part (in memory).
+    ``out`` is created only once both models are traced, so a model that cannot be traced
+    leaves no folder behind."""
     state = getattr(after, "_surgery", None)
     if example_inputs is None and state is not None:
         example_inputs = state.example_inputs
     if example_kwargs is None and state is not None:
         example_kwargs = state.example_kwargs
     (g_before, g_after), nodes = pictures([before, after], example_inputs, example_kwargs, options)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RenderError(f"could not create the output folder {out}: {e}") from e
     added = frozenset(n.id for n in nodes if n.kind == "added")
     highlight = frozenset(nid for nid, attrs in g_after.nodes(data=True)
                           if nid in added or any(c in added for c in attrs.get("copies", ())))
@@ -258,8 +276,12 @@ def render_diff(
 
     Raises:
         RenderError: a renderer failed, or a file could not be written (named).
-        surgery.errors.TraceError: a plain model could not be traced.
+        surgery.errors.TraceError: a plain model could not be traced (``out_dir`` is then
+            not created).
+        surgery.errors.InputTypeError: ``before`` or ``after`` is not an ``nn.Module``.
     """
+    check_models("render_diff", before, after)
+    before, after = unwrap(before)[0], unwrap(after)[0]  # torch.compile / DDP wrappers
     options = options or RenderOptions()
     out = Path(out_dir)
     stems = ("before", "after")
@@ -319,8 +341,11 @@ def report(
         ConfigError: ``site`` is not an adapted site of ``after`` (raised before anything is
             drawn; the message gives the nearest names), or ``max_sites < 1``.
         RenderError: a renderer failed, or a file could not be written (named).
-        surgery.errors.TraceError: a model could not be traced.
+        surgery.errors.TraceError: a model could not be traced (no folder is created).
+        surgery.errors.InputTypeError: ``before`` or ``after`` is not an ``nn.Module``.
     """
+    check_models("report", before, after)
+    before, after = unwrap(before)[0], unwrap(after)[0]  # torch.compile / DDP wrappers
     options = options or RenderOptions()
     page = Path(path)
     choice = pick_sites(after, site, max_sites)

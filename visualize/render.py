@@ -22,7 +22,8 @@ from typing import Any
 import networkx as nx
 from torch import nn
 
-from surgery.errors import ConfigError, RenderError
+from surgery.errors import ConfigError, InputTypeError, RenderError
+from surgery.map.wrappers import unwrap
 from visualize.dot import to_dot
 from visualize.options import RenderOptions
 from visualize.pictures import finish_graphs, pictures
@@ -232,18 +233,21 @@ def render(
             message names the file, and the original error is chained.
         ConfigError: ``format`` is not one of the three.
         surgery.errors.TraceError: a plain model could not be traced.
-        TypeError: ``model`` is neither an ``nn.Module`` nor a ``networkx.DiGraph``.
+        surgery.errors.InputTypeError: ``model`` is neither an ``nn.Module`` nor a
+            ``networkx.DiGraph`` (a ``ConfigError`` and a ``TypeError``).
     """
     options = options or RenderOptions()
     if format is not None and format not in _FORMATS:
-        raise ConfigError(f"format must be one of {_FORMATS}, got {format!r}")
+        raise ConfigError(f"render: format must be one of {_FORMATS}, got {format!r}. Way out: "
+                          f"one of those, or leave format out (the suffix of path picks it).")
     if isinstance(model, nx.DiGraph):
         done = "repeats" in model.graph  # its repeated blocks are already drawn once
         graph = finish_graphs([model], replace(options, repeats=options.repeats and not done),
                               diff=False)[0][0]
     else:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"render() takes an nn.Module or a networkx.DiGraph, got "
-                            f"{type(model).__name__}")
-        graph = pictures([model], example_inputs, example_kwargs, options)[0][0]
+            raise InputTypeError(f"render() takes an nn.Module or a networkx.DiGraph, got "
+                                 f"{type(model).__name__}. Way out: render(model, path), or "
+                                 f"render(visualize.to_networkx(model), path).")
+        graph = pictures([unwrap(model)[0]], example_inputs, example_kwargs, options)[0][0]
     return write_diagram(graph, path, format=format, options=options)

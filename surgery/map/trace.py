@@ -26,6 +26,7 @@ from torch import fx, nn
 from surgery.map.export_frontend import trace_export
 from surgery.map.leaves import LINEAR_TYPES, is_hf_conv1d, is_leaf_type, is_linear_like
 from surgery.map.trace_errors import trace_error
+from surgery.map.wrappers import memo_compiled_as_bare, unwrap
 
 __all__ = [
     "LINEAR_TYPES",
@@ -105,7 +106,8 @@ def weight_free_copy(model: nn.Module) -> nn.Module:
         memo[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        copied = copy.deepcopy(model, memo)
+        memo_compiled_as_bare(model, memo, copy.deepcopy)  # a compiled block: its bare module
+        copied = copy.deepcopy(unwrap(model)[0], memo)
     for mod in copied.modules():  # the map is traced and run on meta tensors: no user hooks
         for hooks in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
                       "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called",
@@ -170,6 +172,7 @@ def trace(
     if example_inputs is not None and not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     kwargs = dict(example_kwargs or {})
+    model = unwrap(model)[0]  # torch.compile / DDP wrappers: the map is the bare model's
     work = weight_free_copy(model)
     notes = switch_off_cache(work)
     fx_error: BaseException | None = None

@@ -44,6 +44,7 @@ import torch
 from torch import fx, nn
 
 from surgery.errors import UnsupportedSiteError
+from surgery.map.wrappers import is_compiled
 from surgery.sites.forward_trace import by_mode, trace_forward
 
 __all__ = [
@@ -223,6 +224,8 @@ def _weight_free(module: nn.Module) -> nn.Module:
     """
     if isinstance(module, SiteGraph):
         return module.template
+    if is_compiled(module):  # its attribute writes land on the module it wraps: copy that
+        return _weight_free(module._modules["_orig_mod"])
     new = copy.copy(module)
     new._parameters = {k: None if p is None else nn.Parameter(torch.empty_like(p, device="meta"),
                                                                p.requires_grad)
