@@ -86,10 +86,12 @@ def check_adapter_settings(who: str, bottleneck: Any, reduction_factor: Any, act
         raise ConfigError(f"{who}: give bottleneck= or reduction_factor=, not both (got "
                           f"bottleneck={bottleneck!r}, reduction_factor={reduction_factor!r}).")
     if bottleneck is not None and not _positive_int(bottleneck):
-        raise ConfigError(f"{who}: bottleneck must be a positive int, got {bottleneck!r}")
+        raise ConfigError(f"{who}: bottleneck must be a positive int, got {bottleneck!r}. "
+                          f"Way out: bottleneck=64 (the hidden width m of the adapter), or "
+                          f"reduction_factor=16.")
     if reduction_factor is not None and not _positive_int(reduction_factor):
         raise ConfigError(f"{who}: reduction_factor must be a positive int, got "
-                          f"{reduction_factor!r}")
+                          f"{reduction_factor!r}. Way out: reduction_factor=16 (m = d / 16).")
     make_activation(activation, who=who)
     check_adapter_name(who, adapter_name)
 

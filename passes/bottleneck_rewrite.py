@@ -26,7 +26,7 @@ from passes.bottleneck import (
     check_adapter_settings,
 )
 from passes.sublayers import is_linear_layer, is_sublayer_module
-from surgery.errors import NoMatchError
+from surgery.errors import NoMatchError, UnsupportedSiteError
 from surgery.pass_base import Change
 from surgery.select import Selector, as_patterns, matches
 from surgery.sites.rewrite import (
@@ -110,9 +110,16 @@ def attach_bottleneck(adapter_pass: BottleneckSettings, sg: SiteGraph, site: str
 
     Raises:
         ConfigError: the reduction factor leaves no bottleneck.
+        UnsupportedSiteError: ``weight`` has an integer dtype (an ``int8`` layer).
         AlreadyAdaptedError: ``sg`` already has an adapter of this name in this slot.
     """
     who = type(adapter_pass).__name__
+    if not (weight.is_floating_point() or weight.is_complex()):
+        raise UnsupportedSiteError(
+            f"{who}: {site} holds its weight as {weight.dtype}; the adapter's parameters take "
+            f"that dtype and must be floating point to train. Way out: adapt the "
+            f"floating-point model (before quantizing it; float16 and bfloat16 work), or "
+            f"exclude=[{site!r}].")
     width = bottleneck_width(who, adapter_pass.bottleneck, adapter_pass.reduction_factor, d_in,
                              site)
     name, slot = adapter_pass.adapter_name, adapter_pass.slot

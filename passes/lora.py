@@ -230,11 +230,15 @@ class LoRAPass(Pass):
         except ConfigError as exc:
             raise ConfigError(f"LoRAPass: {exc}") from exc
         if check_rank(self.rank):
-            raise ConfigError(f"LoRAPass: rank must be a positive int, got {self.rank!r}")
+            raise ConfigError(f"LoRAPass: rank must be a positive int, got {self.rank!r}. "
+                              f"Way out: rank=8 (or 4, 16, ...: an int >= 1).")
         if check_alpha(self.alpha):
-            raise ConfigError(f"LoRAPass: alpha must be a positive number, got {self.alpha!r}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ConfigError(f"LoRAPass: dropout must be in [0, 1), got {self.dropout!r}")
+            raise ConfigError(f"LoRAPass: alpha must be a positive number (finite), got "
+                              f"{self.alpha!r}. Way out: alpha=rank (scaling 1) or 2 * rank.")
+        if (not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool)
+                or not 0.0 <= self.dropout < 1.0):
+            raise ConfigError(f"LoRAPass: dropout must be in [0, 1) (a number), got "
+                              f"{self.dropout!r}. Way out: dropout=0.0 (none) to 0.1 (usual).")
         for flag in ("use_rslora", "use_dora"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"LoRAPass: {flag} must be True or False, got "

@@ -75,6 +75,7 @@ def per_site(value: object, what: str, check: Callable[[object], str],
                               f"could ever apply. Way out: keep one.")
         why = check(val)
         if why:
-            raise ConfigError(f"LoRAPass: {what}[{key!r}]: {why}, got {val!r}")
+            raise ConfigError(f"LoRAPass: {what}[{key!r}]: {why}, got {val!r}. Way out: "
+                              f"{what}={{{key!r}: 16}}, or leave {key!r} out for the default.")
         out.append((key, convert(val)))
     return tuple(out)

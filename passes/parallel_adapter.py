@@ -132,7 +132,8 @@ class ParallelAdapterPass(Pass):
         if (not isinstance(self.scaling, (int, float)) or isinstance(self.scaling, bool)
                 or self.scaling != self.scaling or abs(self.scaling) == float("inf")):
             raise ConfigError(f"ParallelAdapterPass: scaling must be a finite number, got "
-                              f"{self.scaling!r}")
+                              f"{self.scaling!r}. Way out: a number such as 1.0 (the default) "
+                              f"or 4.0 (He et al.'s choice for the feed-forward adapter).")
         self._kinds()
 
     def _kinds(self) -> tuple[str, ...]:

@@ -157,7 +157,9 @@ class PrefixPass(Pass):
         except ConfigError as exc:
             raise ConfigError(f"PrefixPass: {exc}") from exc
         if not isinstance(self.length, int) or isinstance(self.length, bool) or self.length < 0:
-            raise ConfigError(f"PrefixPass: length must be an int >= 0, got {self.length!r}")
+            raise ConfigError(f"PrefixPass: length must be an int >= 0, got {self.length!r}. "
+                              f"Way out: length=10 (prefix positions per attention layer; 0 "
+                              f"adds nothing).")
         if not isinstance(self.reparam_hidden, int) or self.reparam_hidden < 1:
             raise ConfigError(f"PrefixPass: reparam_hidden must be a positive int, got "
                               f"{self.reparam_hidden!r}")

@@ -16,6 +16,7 @@ __all__ = [
     "TraceError",
     "NoMatchError",
     "ConfigError",
+    "InputTypeError",
     "AlreadyAdaptedError",
     "UnsupportedSiteError",
     "MergeError",
@@ -41,6 +42,11 @@ class NoMatchError(SurgeryError, ValueError):
 
 class ConfigError(SurgeryError, ValueError):
     """A pass or function was configured with an invalid value."""
+
+
+class InputTypeError(ConfigError, TypeError):
+    """An argument of the wrong type where a model (or another object) was expected; both
+    ``except ValueError`` (as a :class:`ConfigError`) and ``except TypeError`` catch it."""
 
 
 class AlreadyAdaptedError(SurgeryError, ValueError):

@@ -30,8 +30,8 @@ def as_patterns(selector: Selector) -> tuple[str, ...]:
 
     Raises:
         ConfigError: ``selector`` is neither ``None``, a string nor a list (or tuple, set) of
-            strings (``3``, ``True``); it is an empty list; or an element is not a non-empty
-            string.
+            strings (``3``, ``True``); it is an empty list; an element is not a non-empty
+            string; or a ``re:`` element is not a valid regular expression.
     """
     if selector is None:
         return ()
@@ -52,7 +52,9 @@ def as_patterns(selector: Selector) -> tuple[str, ...]:
             f"names.")
     for item in items:
         if not isinstance(item, str) or not item:
-            raise ConfigError(f"a pattern must be a non-empty string, got {item!r}")
+            raise ConfigError(f"a pattern must be a non-empty string, got {item!r}. Way out: "
+                              f"a glob such as 'attn.*', or None for the default selection.")
+        compile_pattern(item)  # an invalid 're:' regex is refused here, where the pass is built
     return items
 
 
@@ -111,7 +113,10 @@ def compile_pattern(pattern: str) -> Callable[[str], bool]:
         try:
             rx = re.compile(pattern[3:])
         except re.error as exc:
-            raise ConfigError(f"invalid regular expression in pattern {pattern!r}: {exc}") from exc
+            raise ConfigError(
+                f"invalid regular expression in pattern {pattern!r}: {exc}. Way out: fix the "
+                f"regex after 're:' (re.escape(...) quotes a literal name), or use a glob "
+                f"such as 'attn.*' without 're:'.") from exc
         return lambda name: rx.fullmatch(name) is not None
     body = _glob_to_regex(pattern)
     if pattern.startswith("**"):

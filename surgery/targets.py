@@ -365,6 +365,13 @@ def _explain_unsupported(model: nn.Module, pat: str, all_names: list[str], pass_
                 f"the model calls. {_MHA_WHY} Way out: {_MHA_WAY_OUT}")
     for hit in hits:
         mod = base_module(model.get_submodule(hit))
+        if ".quantized." in type(mod).__module__:  # torch.ao.nn.quantized(.dynamic), ...
+            raise UnsupportedSiteError(
+                f"{pass_name}: pattern {pat!r} selects {hit}, a quantized "
+                f"{type(mod).__module__}.{type(mod).__name__}; its weight is packed integers, "
+                f"not a parameter, so no adapter can be placed beside it or merged into it. "
+                f"Way out: adapt the floating-point model before quantizing it, or "
+                f"exclude=[{hit!r}].")
         inside = any(n.startswith(hit + ".") for n in all_names)
         way_out = (f"select the layers inside it, e.g. pattern='{hit}.*', or see "
                    f"surgery.list_targets(model)" if inside else

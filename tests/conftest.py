@@ -19,6 +19,16 @@ from torch import nn
 
 import surgery  # noqa: F401  (the facade imports the passes; importing passes.* first is circular)
 
+try:  # hypothesis profiles: "ci" by default, "deep" with --hypothesis-profile=deep
+    from hypothesis import settings as _hyp_settings
+
+    _hyp_settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True,
+                                   print_blob=True)
+    _hyp_settings.register_profile("deep", max_examples=400, deadline=None)
+    _hyp_settings.load_profile("ci")  # the plugin loads --hypothesis-profile=NAME after this
+except ImportError:  # hypothesis is a test extra; tests that use it import it themselves
+    pass
+
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 
 

@@ -112,7 +112,9 @@ def pick_sites(model: nn.Module, site: str | None = None,
             way to list them are given), or ``max_sites < 1``.
     """
     if isinstance(max_sites, bool) or not isinstance(max_sites, int) or max_sites < 1:
-        raise ConfigError(f"max_sites must be a positive int, got {max_sites!r}")
+        raise ConfigError(f"max_sites must be a positive int, got {max_sites!r}. Way out: "
+                          f"leave it out (the default draws up to {DEFAULT_MAX_SITES} site "
+                          f"graphs).")
     graphs = dict(site_graphs(model))
     if site is not None and site not in graphs:
         if not graphs:

@@ -123,7 +123,7 @@ def resolve_names(who: str, model: nn.Module, names: str | Collection[str] | Non
         names = [names]
     if not isinstance(names, Collection) or not all(isinstance(n, str) for n in names):
         raise ConfigError(f"{who}: names must be an adapter name, a list of them or None (all), "
-                          f"got {names!r}")
+                          f"got {names!r}. Way out: names='default' or names=['a', 'b'].")
     names = list(names)
     for name in names:
         check_adapter_name(who, name, field="names")
@@ -132,7 +132,8 @@ def resolve_names(who: str, model: nn.Module, names: str | Collection[str] | Non
             raise AdapterNotFoundError(
                 f"{who}: the model has no adapter named {name!r}; "
                 + (f"adapters present (nearest first): {listed}." if present
-                   else "it carries no adapter (apply a pass with name=... first)."))
+                   else "it carries no adapter. Way out: apply a pass with name=... first, "
+                        "and call this on the model apply_passes returns."))
     return list(dict.fromkeys(names))
 
 

@@ -142,7 +142,9 @@ class _CombineLoRAPass(Pass):
                     f"present: {', '.join(map(repr, lora_names)) or 'none'}.")
             if "lora" not in inv[source]:
                 raise ConfigError(f"combine_adapters: {source!r} is a {'/'.join(inv[source])} "
-                                  f"adapter; only LoRA adapters combine.")
+                                  f"adapter; only LoRA adapters combine. Way out: weights over "
+                                  f"LoRA adapters only (LoRA adapters present: "
+                                  f"{', '.join(map(repr, lora_names)) or 'none'}).")
         merged = merged_names(model)
         for source in names:
             if source in merged:
@@ -243,12 +245,14 @@ def combine_adapters(model: nn.Module, weights: Mapping[str, float], method: str
         raise ConfigError(f"combine_adapters: method must be one of {_METHODS}, got {method!r}")
     if not isinstance(weights, Mapping) or not weights:
         raise ConfigError(f"combine_adapters: weights must map adapter names to numbers, e.g. "
-                          f"{{'a': 0.7, 'b': 0.3}}; got {weights!r}")
+                          f"{{'a': 0.7, 'b': 0.3}}; got {weights!r}. Way out: "
+                          f"combine_adapters(model, {{'a': 0.7, 'b': 0.3}}, name='ab').")
     pairs = []
     for key, val in weights.items():
         if not isinstance(val, (int, float)) or isinstance(val, bool) or not math.isfinite(val):
             raise ConfigError(f"combine_adapters: the weight of {key!r} must be a finite number, "
-                              f"got {val!r}")
+                              f"got {val!r}. Way out: a float such as 0.5, for each adapter "
+                              f"combined.")
         pairs.append((str(key), float(val)))
     check_adapter_name("combine_adapters", name)
     step = _CombineLoRAPass(weights=tuple(pairs), method=method, adapter_name=name)

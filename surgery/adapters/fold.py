@@ -151,7 +151,8 @@ def _work(model: nn.Module, kind: str, names: tuple[str, ...] | None,
     chosen = resolve_names(who, kind, names, inv)
     if not chosen:
         raise MergeError(f"{who}: nothing to merge: the model has no {KIND_LABEL[kind]} adapter "
-                         f"({describe_present(inv)}).")
+                         f"({describe_present(inv)}). Way out: merge the model apply_passes "
+                         f"returned after adding the adapter, or leave this pass out.")
     chosen = _active_only(who, kind, names, chosen, inactive_adapters(model, kind))
     work: list[tuple[str, SiteGraph, set[Key]]] = []
     merged_already: dict[str, list[str]] = {}

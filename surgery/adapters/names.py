@@ -65,7 +65,8 @@ def check_adapter_name(who: str, name: Any, *, field: str = "name") -> str:
     if "." in name:
         fixed = name.replace(".", "_").strip("_") or "default"
         raise ConfigError(f"{who}: {field} {name!r} contains '.', which would split the "
-                          f"adapter's parameter names (<site>.lora_A.<name>.weight) into extra "
+                          f"adapter's parameter names (<site>.<slot>.<name>, as "
+                          f"q_proj.lora_A.<name>.weight) into extra "
                           f"levels. Way out: {field}={fixed!r} (name.replace('.', '_')).")
     bad = next((c for c in name if c in '"\\' or not c.isprintable()), None)
     if bad is not None:

@@ -40,7 +40,8 @@ def checkpoint_dir(directory: str | os.PathLike[str], who: str, *, must_exist: b
     path = Path(directory)
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{who}: {str(path)!r} is a file, not a directory; a checkpoint is "
-                              f"a directory holding the tensors and the settings.")
+                              f"a directory holding the tensors and the settings. Way out: "
+                              f"give a directory ({str(path.parent)!r}, or a new folder).")
     if must_exist and not path.is_dir():
         raise CheckpointError(f"{who}: there is no directory {str(path)!r}. Way out: the "
                               f"directory given to save_adapters / export_peft.")

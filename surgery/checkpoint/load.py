@@ -61,7 +61,7 @@ def _kept(recipe: dict[str, Any], names: str | Collection[str] | None, who: str)
     wanted = [names] if isinstance(names, str) else names
     if not isinstance(wanted, Collection) or not all(isinstance(n, str) for n in wanted):
         raise ConfigError(f"{who}: names must be an adapter name, a list of them or None (all), "
-                          f"got {names!r}")
+                          f"got {names!r}. Way out: names='default' or names=['a', 'b'].")
     wanted = list(wanted)
     if not wanted:
         raise ConfigError(f"{who}: names is an empty list; give adapter names, or None to load "
@@ -142,7 +142,8 @@ def load_adapters(base_model: nn.Module, directory: str | os.PathLike[str],
     who = "load_adapters"
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ConfigError(f"{who}: dtype must be a floating-point torch.dtype (torch.float32, "
-                          f"torch.bfloat16, ...) or None, got {dtype!r}")
+                          f"torch.bfloat16, ...) or None, got {dtype!r}. Way out: dtype=None "
+                          f"keeps the saved dtype.")
     recipe, tensors = read_checkpoint(directory, who)
     keep = _kept(recipe, names, who)
     base = unwrap(base_model)[0]

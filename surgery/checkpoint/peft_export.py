@@ -194,8 +194,8 @@ def export_peft(model: nn.Module, directory: str | os.PathLike[str],
 def _choose(inventory: dict[str, dict[str, list[str]]],
             names: list[str] | tuple[str, ...] | None) -> list[str]:
     if not inventory:
-        raise CheckpointError(f"{_WHO}: the model carries no adapter; apply_passes(model, "
-                              f"[LoRAPass(...)]) first.")
+        raise CheckpointError(f"{_WHO}: the model carries no adapter. Way out: "
+                              f"export the model apply_passes(model, [LoRAPass(...)]) returns.")
     if names is None:
         chosen = sorted(inventory, key=lambda n: n != "default")
     else:

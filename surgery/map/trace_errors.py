@@ -44,7 +44,10 @@ def _failing_module(model: nn.Module, frame: traceback.FrameSummary | None) -> s
             continue
         if (os.path.abspath(code.co_filename) == os.path.abspath(frame.filename)
                 and frame.name == "forward"):
-            lines = inspect.getsourcelines(fwd)
+            try:
+                lines = inspect.getsourcelines(fwd)
+            except (OSError, TypeError):  # no source (defined in a REPL or exec'd)
+                continue
             if lines[1] <= (frame.lineno or 0) < lines[1] + len(lines[0]):
                 return f"{name or '<root>'} ({type(mod).__name__})"
     return type(model).__name__

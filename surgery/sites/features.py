@@ -88,19 +88,30 @@ def user_stacklevel() -> int:
 
 
 def require_plain_weight(site_name: str, module: nn.Module, *, who: str) -> None:
-    """Refuse a layer whose ``weight`` is computed rather than held.
+    """Refuse a layer whose ``weight`` is computed rather than held, or held as integers.
 
     ``torch.nn.utils.parametrize`` (weight norm, spectral norm, orthogonal) and
     ``torch.nn.utils.prune`` compute ``weight`` from other tensors at every call; an adapter
     on such a layer could not be merged and would read a weight that is not a parameter.
 
     Raises:
-        UnsupportedSiteError: naming the layer, its type and the way out.
+        UnsupportedSiteError: naming the layer, its type and the way out; also for a weight
+            held as an integer dtype (``int8``: a quantized checkpoint loaded as plain
+            tensors), on which no adapter can train or merge.
     """
     from surgery.errors import UnsupportedSiteError
 
     module = base_module(module)
-    if isinstance(module._parameters.get("weight"), nn.Parameter):
+    weight = module._parameters.get("weight")
+    if isinstance(weight, nn.Parameter) and not (weight.is_floating_point()
+                                                 or weight.is_complex()):
+        raise UnsupportedSiteError(
+            f"{who}: {site_name or 'the model'} ({type(module).__name__}) holds its weight as "
+            f"{weight.dtype}; adapter parameters take the weight's dtype and must be floating "
+            f"point to train, and an integer weight cannot take a merged update. Way out: "
+            f"adapt the floating-point model (before quantizing it; float16 and bfloat16 "
+            f"work), or exclude=[{site_name!r}].")
+    if isinstance(weight, nn.Parameter):
         return
     if hasattr(module, "parametrizations"):
         how = "parametrised (torch.nn.utils.parametrize)"
