@@ -325,6 +325,15 @@ def _refuse_geometry(settings: PeftSettings, qname: str, module: nn.Module, who:
         odd.append(f"dilation={tuple(module.dilation)}")
     if module.padding_mode != "zeros":
         odd.append(f"padding_mode={module.padding_mode!r}")
+    if settings.use_dora and module.groups > 1:
+        raise CheckpointError(
+            f"{who}: {settings.source} puts DoRA (use_dora) on {qname} "
+            f"({type(module).__name__}, groups={module.groups}); PEFT normalises a grouped "
+            f"convolution's DoRA weight by reshaping B·A into the grouped weight's shape, which "
+            f"is not that layer's update, while fx-surgery normalises the update itself, so the "
+            f"two compute different things once B is trained. {_NOTHING.get(who, '')} Way out: "
+            f"keep this adapter in fx-surgery's own files (surgery.save_adapters), or use plain "
+            f"LoRA (use_dora=False) on grouped convolutions.")
     if odd:
         raise CheckpointError(
             f"{who}: {settings.source} puts LoRA on {qname} ({type(module).__name__}, "

@@ -141,6 +141,10 @@ IA3_CASES: list[Case] = [
 
 _DORA_EMB = "needs DoRA on embeddings (use_dora on nn.Embedding)"
 _LORA_BIAS = "needs a bias on lora_B (lora_bias=True)"
+_DORA_GROUPED = ("needs PEFT's DoRA norm on a grouped convolution (B·A reshaped into the grouped "
+                 "weight's shape, not that layer's update): fx-surgery normalises the update "
+                 "itself, and its PEFT import and export refuse grouped DoRA")
+
 UNSUPPORTED: dict[str, str] = {
     "Vanilla MLP 1 LoRA with KaSA": "needs KaSA (kasa_config)",
     "Vanilla MLP 1 LoRA with MiCA": "needs MiCA (init_lora_weights='mica')",
@@ -162,6 +166,8 @@ UNSUPPORTED: dict[str, str] = {
     "BD-LoRA A only": "needs block-diagonal LoRA (use_bdlora)",
     "BD-LoRA B only": "needs block-diagonal LoRA (use_bdlora)",
     "BD-LoRA both A and B": "needs block-diagonal LoRA (use_bdlora)",
+    "Conv2d Groups LoRA with DoRA": _DORA_GROUPED,
+    "Conv2d Groups2 LoRA with DoRA": _DORA_GROUPED,
 }
 """Case id -> the feature the case needs and fx-surgery does not have."""
 

@@ -13,9 +13,8 @@ contraction). Those agree within ``1e-6 · (1 + s)``, ``s`` the largest activati
 model (:func:`parity.peft_pairs.activation_scale`; the models end in a log-softmax, which
 hides the scale at which rounding happens).
 
-Known differences stay as checks expected to fail (``xfail(strict=True)``, so a change
-that removes them shows): DoRA on grouped convolutions (PEFT's norm reinterprets the
-factors).
+DoRA on grouped convolutions is listed as unsupported: PEFT's norm there reshapes B·A into
+the grouped weight's shape, which is not the layer's update, and the import refuses it.
 """
 
 from __future__ import annotations
@@ -67,22 +66,6 @@ MERGE_REFUSED = {cid for cid, model_id, _ in RUN if model_id.startswith("Conv2dG
 """LoRA on a grouped convolution: the update ``B A`` reads every input channel, which a
 grouped weight cannot hold; we refuse the merge (PEFT warns that merging is not supported)."""
 
-GROUPED_DORA = {cid for cid, model_id, cfg in RUN
-                if cfg.get("use_dora") and model_id.startswith("Conv2dGroups")}
-GROUPED_DORA_DIFFERS = (
-    "DoRA on a grouped convolution: PEFT takes the norm of W + s·reshape(B.view(-1, r) @ "
-    "A.view(r, -1), W.shape), a reinterpretation of the factors that mixes output channels "
-    "when groups > 1; ours takes the norm of the dense equivalent of W + s·B∘A per output "
-    "channel, so the outputs differ (max difference 10 on Conv2dGroups, 8.3e3 on "
-    "Conv2dGroups2)")
-
-
-def _mark(ids: set[str], reason: str) -> list:
-    """``IDS`` with the cases in ``ids`` expected to fail (strictly) for ``reason``."""
-    return [pytest.param(cid, marks=pytest.mark.xfail(strict=True, reason=reason))
-            if cid in ids else cid for cid in IDS]
-
-
 @cache
 def _pair(case_id: str) -> Pair:
     """The shared pair of a case (tests must leave it as they found it)."""
@@ -99,7 +82,7 @@ def test_case_listing_is_complete() -> None:
     assert set(UNSUPPORTED) <= set(ids), sorted(set(UNSUPPORTED) - set(ids))
     assert all(reason.startswith("needs ") for reason in UNSUPPORTED.values())
     assert sorted(IDS + list(UNSUPPORTED)) == sorted(ids)
-    assert len(IDS) == 49 and len(UNSUPPORTED) == 19
+    assert len(IDS) == 47 and len(UNSUPPORTED) == 21
 
 
 @pytest.mark.parametrize("case_id", IDS)
@@ -110,7 +93,7 @@ def test_trainable_names_and_counts(case_id: str) -> None:
     assert sum(theirs.values()) == sum(ours.values()) > 0
 
 
-@pytest.mark.parametrize("case_id", _mark(GROUPED_DORA, GROUPED_DORA_DIFFERS))
+@pytest.mark.parametrize("case_id", IDS)
 def test_outputs_in_eval_and_train_mode(case_id: str) -> None:
     p = _pair(case_id)
     exact = case_id not in NOT_BITWISE
@@ -189,4 +172,4 @@ def test_unsupported_cases_are_refused(case_id: str) -> None:
 
 
 def test_refusal_check_covers_the_buildable_cases() -> None:
-    assert len(REFUSAL_CHECKED) == 8
+    assert len(REFUSAL_CHECKED) == 10
