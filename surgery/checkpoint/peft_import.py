@@ -28,6 +28,7 @@ from surgery.apply import apply_passes, unwrap
 from surgery.checkpoint.files import checkpoint_dir, read_tensors
 from surgery.checkpoint.peft_config import PeftSettings, read_peft_config
 from surgery.checkpoint.peft_keys import (
+    PREFIX,
     WEIGHTS_NAME,
     PeftKey,
     check_keys,
@@ -116,6 +117,7 @@ def import_peft(base_model: nn.Module, directory: str | os.PathLike[str],
     targets = resolve_peft_targets(bare, settings, adapter_name, _WHO)
     _refuse_tied(bare, targets, settings)
     expected = expected_keys(bare, targets, kind)
+    tensors = _without_unchanged_base(tensors, expected, bare)
     check_keys(tensors, expected, _WHO, str(weights), base_keys=bare.state_dict().keys())
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
@@ -193,6 +195,24 @@ def _check_dtypes(tensors: dict[str, torch.Tensor], expected: dict[str, PeftKey]
         f"{_WHO}: tensors {how} in another dtype than the layers they go into: {shown}{more}. "
         f"Nothing was loaded. Way out: import_peft(..., dtype={expected[first].dtype}), or "
         f"convert the base model to {tensors[first].dtype} first.")
+
+
+def _without_unchanged_base(tensors: dict[str, torch.Tensor], expected: dict[str, PeftKey],
+                            model: nn.Module) -> dict[str, torch.Tensor]:
+    """``tensors`` without the base-model weights PEFT saved beside the adapter that equal
+    the model's own, bit for bit: with ``save_embedding_layers="auto"`` (its default) PEFT
+    stores a targeted embedding's whole weight (``<layer>.base_layer.weight``) in case the
+    vocabulary was resized. A weight that differs stays, and is refused as unexpected."""
+    own = model.state_dict()
+    out = {}
+    for key, value in tensors.items():
+        name = key.removeprefix(PREFIX).replace(".base_layer.", ".")
+        if (key not in expected and key.startswith(PREFIX) and name in own
+                and own[name].shape == value.shape and own[name].dtype == value.dtype
+                and torch.equal(own[name], value)):
+            continue
+        out[key] = value
+    return out
 
 
 def _load(model: nn.Module, tensors: dict[str, torch.Tensor], expected: dict[str, PeftKey],

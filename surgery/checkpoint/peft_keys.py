@@ -256,7 +256,8 @@ def _hint(key: str, base_keys: Collection[str]) -> str:
     """What an unexpected key looks like."""
     if not key.startswith(PREFIX):
         return f"not starting with {PREFIX!r}"
-    if key[len(PREFIX):] in base_keys:
-        return ("tensors of the base model (PEFT saves embedding layers after a vocabulary "
-                "resize; fx-surgery loads adapters only: resize and load the base model first)")
+    if key[len(PREFIX):].replace(".base_layer.", ".") in base_keys:
+        return ("weights of the base model that differ from this model's (PEFT saves "
+                "embedding layers after a vocabulary resize; fx-surgery loads adapters only: "
+                "resize and load the base model first)")
     return next((what for suffix, what in _HINTS if key.endswith(suffix)), "not a PEFT key")

@@ -443,8 +443,9 @@ def test_unexpected_keys(llama_lora_dir, zoo, snapshot) -> None:
     assert re.search(rf"a LoRA layer the settings do not target: {x0}, .*\(7 in all\)", message)
     assert re.search(rf"DoRA's magnitude vector: {re.escape(Q0)}\.lora_magnitude_vector", message)
     assert "not starting with 'base_model.model.': model.layers.0.self_attn.k_proj" in message
-    assert re.search(r"tensors of the base model \(PEFT saves embedding layers after a vocabulary "
-                     r"resize.*\): base_model.model.model.embed_tokens.weight", message)
+    assert re.search(r"weights of the base model that differ from this model's \(PEFT saves "
+                     r"embedding layers after a vocabulary resize.*\): "
+                     r"base_model.model.model.embed_tokens.weight", message)
     assert "nearest expected: " in message
 
 
@@ -470,3 +471,30 @@ def test_corrupt_config(llama_lora_dir, zoo, snapshot) -> None:
     refused(zoo, snapshot, llama_lora_dir, r"not valid JSON")
     (llama_lora_dir / "adapter_config.json").write_text(json.dumps(["LORA"]))
     refused(zoo, snapshot, llama_lora_dir, r"holds a JSON list")
+
+
+@pytest.mark.parametrize("save_embedding_layers", ["auto", True])
+def test_embedding_weights_peft_saves_beside_the_adapter(zoo, tmp_path: Path,
+                                                         save_embedding_layers) -> None:
+    """LoRA on an embedding saved with PEFT's default ``save_embedding_layers="auto"`` also
+    stores the embedding's whole weight (``embed_tokens.base_layer.weight``): equal to the
+    base model's, it is skipped, and the outputs are PEFT's; a changed one is refused."""
+    from safetensors.torch import load_file, save_file
+
+    spec = zoo.spec("hf:llama")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"],
+                             init_lora_weights=False)
+    theirs = peft.get_peft_model(zoo.fresh("hf:llama").model, config)
+    theirs.save_pretrained(str(tmp_path / "a"), save_embedding_layers=save_embedding_layers)
+    ours = import_peft(spec.model, tmp_path / "a")
+    ids = spec.example_inputs[0]
+    theirs.eval(), ours.eval()
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, theirs(ids).logits)
+    stored = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    key = next(k for k in stored if k.endswith("embed_tokens.base_layer.weight")
+               or k.endswith("embed_tokens.weight"))
+    stored[key] = stored[key] + 1.0
+    save_file(stored, str(tmp_path / "a" / "adapter_model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"weights of the base model that differ"):
+        import_peft(spec.model, tmp_path / "a")
