@@ -97,5 +97,5 @@ def passes_from_args(args: argparse.Namespace, command: str) -> list[Pass]:
     if not passes:
         raise ConfigError(f"{command}: nothing to apply; give --lora PATTERN, --lora-role ROLE, "
                           "--ia3, --adapter houlsby|pfeiffer, --parallel and/or --prefix P "
-                          "(see surgery {command} --help)")
+                          f"(see surgery {command} --help)")
     return passes

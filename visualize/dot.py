@@ -126,7 +126,8 @@ def _tooltip(nid: str, attrs: dict[str, Any]) -> str:
         lines.append(f"... {len(attrs['params']) - 16} more parameters")
     prov = attrs.get("provenance")
     if prov:
-        lines.append("inserted: " + ", ".join(f"{k}={prov[k]}" for k in sorted(prov)))
+        lines.append("inserted: " + ", ".join(f"{k}={prov[k]}" for k in sorted(prov)
+                                              if prov[k] is not None))  # no role: by name
     return "\n".join(lines)
 
 
