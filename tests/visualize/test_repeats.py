@@ -354,3 +354,28 @@ def test_new_options_are_validated() -> None:
 def test_collapsed_diagram_renders(tmp_path: Path) -> None:
     out = render(_stack(6), tmp_path / "m.svg", (_x(),))
     assert out.suffix == ".svg" and "blocks.0–5 ×6" in out.read_text(encoding="utf-8")
+
+
+def test_a_transformers_prefix_collapses_and_changes_no_other_node(tmp_path: Path) -> None:
+    """A prefix read through transformers' attention interface has no site graph, so the
+    adapted model is traced again: its node names carry graph-wide counters that the
+    inserted nodes shift. Matched by local names, nothing of the base shows as removed, the
+    same nodes are added in every layer, and both pictures draw the layers once."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from surgery import PrefixPass
+
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=64)).eval()
+    ids = torch.randint(0, 64, (1, 6))
+    adapted = apply_passes(llama, [PrefixPass(length=2, gate="zero")])
+    drawn = render_diff(llama, adapted, tmp_path, example_inputs=(ids,),
+                        options=RenderOptions(max_layout_nodes=None))
+    assert drawn.nodes_removed == ()
+    per_layer = [sum(n.id.startswith(f"model.layers.{i}.") for n in drawn.nodes_added)
+                 for i in range(4)]
+    assert per_layer[0] > 0 and len(set(per_layer)) == 1
+    for name in ("before.dot", "after.dot"):
+        assert "model.layers.0–3 ×4" in (tmp_path / name).read_text(encoding="utf-8")
