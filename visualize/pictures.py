@@ -161,7 +161,12 @@ def finish_graphs(graphs: list[nx.DiGraph], options: RenderOptions, *, diff: boo
         if given and _merged_items(graphs, given):
             raise RepeatMismatch("a collapsed module holds the items of a run traced by its ends")
     if options.repeats:
-        graphs, _ = collapse_repeats(graphs, given)
+        collapsed, runs = collapse_repeats(graphs, given)
+        if not runs and len(graphs) > 1 and not given:
+            # no run is alike in both (a pass on every other layer): each picture draws
+            # its own repeats, so that at least the unchanged model stays small
+            collapsed = [collapse_repeats([g])[0][0] for g in graphs]
+        graphs = collapsed
     return graphs, nodes
 
 
