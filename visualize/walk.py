@@ -374,9 +374,12 @@ class GraphBuilder:
         params: list[dict] = []
         if module is not None:
             params = module_params(module, module_path or "", self.rewritten)
-        elif isinstance(tensor, nn.Parameter) and tensor_name is not None:
+        elif isinstance(tensor, nn.Parameter) and tensor_name is not None and not (
+                prov and node.op == "get_attr"):  # an inserted read (DoRA's norm): not new
             params = [tensor_info(tensor_name, tensor, self.rewritten)]
         label = short_label(node, module_path)
+        if prov and node.op == "get_attr":
+            label = f"reads {node.target}"
         site = str(prov.get("site") or "") if prov else None
         if module_path and site is not None and (not site or module_path.startswith(site + ".")):
             label = module_path[len(site) + 1:] if site else module_path  # "lora_A.default"

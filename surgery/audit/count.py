@@ -176,6 +176,7 @@ class AdapterSummary:
             :func:`surgery.adapters.active.set_active`), or ``"partial"`` (some of its modules off).
         ranks: for a low-rank adapter (LoRA), its rank at each site in :attr:`sites` order
             (ranks may differ per site); ``()`` for other adapters.
+        variant: ``"DoRA"`` for a LoRA adapter with a learned magnitude, else ``""``.
     """
 
     name: str
@@ -186,14 +187,17 @@ class AdapterSummary:
     trainable: str
     active: str = "yes"
     ranks: tuple[int, ...] = ()
+    variant: str = ""
 
     @property
     def rank_text(self) -> str:
-        """``"rank 8"``, ``"ranks 4-16"`` (smallest to largest), or ``""`` without ranks."""
+        """``"rank 8"``, ``"ranks 4-16"`` (smallest to largest), ``"rank 8, DoRA"``, or ``""``
+        without ranks."""
         if not self.ranks:
             return ""
         low, high = min(self.ranks), max(self.ranks)
-        return f"rank {low}" if low == high else f"ranks {low}-{high}"
+        text = f"rank {low}" if low == high else f"ranks {low}-{high}"
+        return f"{text}, {self.variant}" if self.variant else text
 
     @property
     def key(self) -> str:
@@ -411,7 +415,8 @@ def audit(model: nn.Module, only_trainable: bool = False, depth: int | None = No
         if isinstance(module, AdapterModule):
             entry = adapters.setdefault((module.pass_name, module.adapter_name),
                                         {"sites": [], "params": 0, "trainable": 0, "on": 0,
-                                         "off": 0, "ranks": {}})
+                                         "off": 0, "ranks": {}, "dora": False})
+            entry["dora"] = entry["dora"] or module.fold_mode == "dora"
             entry["sites"].append(module.site)
             if id(module) in ranks:
                 entry["ranks"].setdefault(module.site, ranks[id(module)])
@@ -445,7 +450,8 @@ def audit(model: nn.Module, only_trainable: bool = False, depth: int | None = No
                                   or "no parameters"),
                        active=_trainable_word(e["on"], e["off"]),
                        ranks=tuple(e["ranks"][s] for s in dict.fromkeys(e["sites"])
-                                   if s in e["ranks"]))
+                                   if s in e["ranks"]),
+                       variant="DoRA" if e["dora"] else "")
         for (pass_name, name), e in adapters.items())
     return Audit(
         model=_type_name(model),

@@ -350,3 +350,22 @@ def test_tooltip_names_the_pass_that_made_each_node(svgs, graphs, pass_name: str
             assert f"site={attrs['provenance']['site']}" in inserted_line
         else:
             assert "inserted: " not in tooltip, (nid, tooltip)
+
+
+def test_dora_reads_of_existing_weights_add_no_parameters() -> None:
+    """DoRA's norm reads the layer's weight and its own factors through inserted ``get_attr``
+    nodes: they are drawn as reads (``reads weight``), with no parameter count, so the
+    picture does not show the frozen weight as something LoRA added."""
+    spec = surgery.load_model("builtin")
+    adapted = surgery.apply_passes(spec.model, [LoRAPass(pattern="layers.0.attn.q_proj",
+                                                         use_dora=True)])
+    graph = to_networkx(adapted)
+    reads = {attrs["label"]: attrs for _, attrs in graph.nodes(data=True)
+             if attrs.get("pass_name") and attrs["op"] == "get_attr"}
+    assert set(reads) == {"reads weight", "reads bias", "reads lora_A.default.weight",
+                          "reads lora_B.default.weight"}
+    assert all(not attrs.get("params") for attrs in reads.values())
+    added = sum(p["numel"] for _, a in graph.nodes(data=True) if a.get("pass_name")
+                for p in a.get("params", ()))
+    lora = {n: p.numel() for n, p in adapted.named_parameters() if ".lora_" in n}
+    assert added == sum(lora.values())  # A, B and the magnitude, each once

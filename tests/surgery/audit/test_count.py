@@ -253,7 +253,7 @@ def test_json_round_trip_and_stable_keys(builtin_audit: Audit) -> None:
                                        "tied", "trainable", "trainable_params", "trained_by",
                                        "trained_params", "type"]
     assert sorted(data["adapters"][0]) == ["active", "name", "params", "pass_name", "ranks",
-                                           "sites", "trainable", "trainable_params"]
+                                           "sites", "trainable", "trainable_params", "variant"]
     assert data["adapters"][0]["ranks"] == [8] * 8 and data["notes"] == []
 
 
@@ -449,3 +449,15 @@ def test_a_model_that_is_one_layer() -> None:
         "lora:default", "ia3:default")
     assert result.totals == (2 * 16 + 8 * 2 + 8, 16 * 8 + 8 + 2 * 16 + 8 * 2 + 8,
                              100 * 56 / 192)
+
+
+def test_a_dora_adapter_says_so() -> None:
+    from surgery import LoRAPass, apply_passes, audit, load_model
+
+    spec = load_model("builtin")
+    adapted = apply_passes(spec.model, [LoRAPass(pattern="q_proj", use_dora=True, name="d"),
+                                        LoRAPass(pattern="v_proj", name="p")])
+    summaries = {s.name: s for s in audit(adapted).adapters}
+    assert (summaries["d"].variant, summaries["p"].variant) == ("DoRA", "")
+    assert summaries["d"].rank_text == "rank 8, DoRA" and summaries["p"].rank_text == "rank 8"
+    assert "adapter lora:d: 2 site(s), 2,176 params" in str(audit(adapted))
