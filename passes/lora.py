@@ -145,7 +145,8 @@ class LoRAPass(Pass):
             and ``Conv1D`` only, also ``"orthogonal"`` (PEFT's: A and B non-zero, ``B A = 0``
             up to rounding, so outputs are unchanged to rounding; even ranks only) and
             ``"random"`` (A and B both Kaiming-uniform, PEFT's ``init_lora_weights=False``:
-            outputs CHANGE at init; for tests), ``"pissa"`` / ``"pissa_niter_<K>"`` (PiSSA)
+            outputs CHANGE at init; for tests; on convolutions and embeddings too),
+            ``"pissa"`` / ``"pissa_niter_<K>"`` (PiSSA)
             and ``"olora"`` (OLoRA): A and B from the SVD / QR of the weight, whose site
             graph then holds a NEW residual weight ``W - scaling·B A`` (outputs unchanged to
             rounding; the caller's weight untouched; a ``param_rewritten`` change; not with

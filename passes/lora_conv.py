@@ -105,9 +105,9 @@ class LoRAConvFactor(AdapterModule):
             self.groups = self.layer_groups
         self.weight = nn.Parameter(torch.empty(shape, dtype=dtype, device=device))
         self.route: torch.Tensor | None = None
-        if factor == "B":
+        if factor == "B" and init != "random":
             nn.init.zeros_(self.weight)
-        else:
+        else:  # "random": B too, as a convolution's own default (PEFT's False)
             _init_a(self.weight, init, rank)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

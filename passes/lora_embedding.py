@@ -66,7 +66,7 @@ class LoRAEmbeddingFactor(AdapterModule):
 
     def __init__(self, embedding: nn.Embedding, *, factor: str, rank: int, alpha: float,
                  scaling: float, site: str, adapter_name: str, role: str | None,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, init: str = "kaiming") -> None:
         super().__init__(site=site, adapter_name=adapter_name, role=role)
         self.factor, self.rank, self.alpha, self.scaling = factor, rank, alpha, scaling
         self.num_embeddings = int(embedding.num_embeddings)
@@ -83,7 +83,7 @@ class LoRAEmbeddingFactor(AdapterModule):
                 f"their module. Way out: LoRAPass(name=...) with another name.")
         shape = (rank, self.num_embeddings) if factor == "A" else (self.embedding_dim, rank)
         param = nn.Parameter(torch.empty(shape, dtype=dtype, device=device))
-        if factor == "A":
+        if factor == "A" and init != "random":  # "random": both normal, as PEFT's False
             nn.init.zeros_(param)
         else:
             nn.init.normal_(param)

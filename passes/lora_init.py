@@ -8,8 +8,9 @@
 - ``"orthogonal"``: A and B from two disjoint halves of the rows of one random orthogonal
   ``r × r`` matrix, both non-zero, ``B A = 0`` up to rounding (PEFT's ``"orthogonal"``; even
   ranks only). Output unchanged up to rounding.
-- ``"random"``: A and B both Kaiming-uniform (PEFT's ``False``). The output CHANGES at
-  init: for tests of the update path, not for training.
+- ``"random"``: A and B both Kaiming-uniform (PEFT's ``False``; an embedding's factors
+  both standard normal, as PEFT's). The output CHANGES at init: for tests of the update
+  path, not for training. Offered on every layer kind.
 - ``"pissa"``: PiSSA (Meng et al. 2024, "PiSSA: Principal Singular Values and Singular
   Vectors Adaptation of Large Language Models"): ``W = U S Vᵀ``, ``A = sqrt(S_r / s) V_rᵀ``,
   ``B = U_r sqrt(S_r / s)``, and the layer's weight becomes the residual ``W - s·B A``
@@ -53,7 +54,7 @@ INITS: tuple[str, ...] = ("kaiming", "gaussian", "orthogonal", "random", "pissa"
                           "pissa_niter_<K>", "olora")
 """Every name ``LoRAPass(init=...)`` accepts (``<K>`` a positive int)."""
 
-LINEAR_ONLY_INITS: tuple[str, ...] = ("orthogonal", "random", "pissa", "olora")
+LINEAR_ONLY_INITS: tuple[str, ...] = ("orthogonal", "pissa", "olora")
 """The names (``pissa_niter_<K>`` with ``pissa``) only ``nn.Linear`` and ``Conv1D`` take."""
 
 BASE_REWRITING: tuple[str, ...] = ("pissa", "olora")

@@ -85,9 +85,9 @@ def lora_branch(layer: nn.Module, *, rank: int, alpha: float, scaling: float, in
             f"adapt it with a second LoRAPass with init='kaiming' or 'gaussian'.")
     if is_plain_embedding(layer):
         return [("lora_A", "lora_embedding_A", False,
-                 LoRAEmbeddingFactor(layer, factor="A", **common)),
+                 LoRAEmbeddingFactor(layer, factor="A", init=init, **common)),
                 ("lora_B", "lora_embedding_B", False,
-                 LoRAEmbeddingFactor(layer, factor="B", **common))]
+                 LoRAEmbeddingFactor(layer, factor="B", init=init, **common))]
     drop = LoRADropout(float(dropout), site=site, adapter_name=adapter_name, role=role)
     if is_plain_conv(layer):
         if rank % layer.groups:

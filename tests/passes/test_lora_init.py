@@ -256,7 +256,21 @@ def test_orthogonal_needs_even_ranks() -> None:
         LoRAPass(rank=4, rank_for={"v_proj": 3}, init="orthogonal")
 
 
-@pytest.mark.parametrize("init", ["orthogonal", "random"])
+def test_random_init_on_convolutions_and_embeddings_changes_outputs() -> None:
+    """``init="random"`` (PEFT's ``init_lora_weights=False``) leaves B non-zero on every
+    layer kind: a convolution's B takes the convolution's own default init, an embedding's
+    factors are both standard normal, as PEFT's."""
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1))
+    emb = nn.Sequential(nn.Embedding(10, 6))
+    for model, x in ((conv, torch.randn(2, 3, 5, 5)), (emb, torch.randint(0, 10, (2, 4)))):
+        adapted = apply_passes(model, [LoRAPass(pattern="0", rank=2, init="random")])
+        factors = [p for n, p in adapted.named_parameters() if "lora_" in n]
+        assert len(factors) == 2 and all(bool(p.abs().sum() > 0) for p in factors)
+        assert not torch.equal(adapted(x), model(x))
+
+
+@pytest.mark.parametrize("init", ["orthogonal"])
 def test_linear_only_inits_refuse_convolutions(init: str, snapshot) -> None:
     model = nn.Sequential(nn.Conv2d(2, 4, 3))
     before = snapshot(model)
