@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import warnings
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +46,7 @@ from surgery.checkpoint.peft_keys import (
     expected_keys,
     peft_local,
 )
+from surgery.checkpoint.peft_settings import ExportLayer, adapter_settings, task_type
 from surgery.checkpoint.peft_targets import PeftTargets, resolve_peft_targets
 from surgery.errors import AdapterNotFoundError, CheckpointError, ConfigError
 from surgery.map.leaves import is_hf_conv1d
@@ -63,30 +62,6 @@ _OTHER_KINDS = {
     "prefix": "a prefix (prefix tuning)",
 }
 """Adapter kinds PEFT's LoRA / IA³ files cannot hold, as messages name them."""
-
-_TASKS = (
-    (("ForCausalLM", "LMHeadModel"), "CAUSAL_LM"),
-    (("ForSequenceClassification",), "SEQ_CLS"),
-    (("ForTokenClassification",), "TOKEN_CLS"),
-    (("ForQuestionAnswering",), "QUESTION_ANS"),
-)
-"""Class-name endings of transformers models whose PEFT ``task_type`` is evident."""
-
-
-@dataclass
-class _Layer:
-    """One adapted layer of the adapter being exported."""
-
-    qname: str
-    conv1d: bool
-    tensors: dict[str, torch.Tensor]  # PEFT's name relative to the layer -> tensor
-    rank: int = 0
-    alpha: float | None = None
-    scaling: float = 0.0
-    dropout: float | None = None  # None: the layer has none (an embedding; PEFT ignores it)
-    feedforward: bool = False
-    dora: bool = False  # a DoRA branch (its magnitude vector among the tensors)
-
 
 @dataclass
 class _Plan:
@@ -303,7 +278,7 @@ def _refuse_rewritten_base(model: nn.Module, name: str) -> None:
                     f"rewrite), or unload the model and save it whole.")
 
 
-def _layers(model: nn.Module, name: str, kind: str) -> list[_Layer]:
+def _layers(model: nn.Module, name: str, kind: str) -> list[ExportLayer]:
     out = []
     for qname, sg in site_graphs(model):
         head = fold_head(sg, (kind, name))
@@ -339,7 +314,7 @@ def _layers(model: nn.Module, name: str, kind: str) -> list[_Layer]:
     return out
 
 
-def _lora_layer(sg: SiteGraph, qname: str, name: str, head: nn.Module, conv1d: bool) -> _Layer:
+def _lora_layer(sg: SiteGraph, qname: str, name: str, head: nn.Module, conv1d: bool) -> ExportLayer:
     """The adapter's parameters at one layer, under PEFT's names: since the parameter names
     are PEFT's, each goes by its own name with the adapter's taken out (the shapes are
     checked against PEFT's layer of that type later, :func:`_plan`)."""
@@ -352,12 +327,12 @@ def _lora_layer(sg: SiteGraph, qname: str, name: str, head: nn.Module, conv1d: b
     drop = sg._modules.get("lora_dropout")
     p = float(getattr(drop[name], "p", 0.0)) if drop is not None and name in drop else None
     alpha = getattr(head, "alpha", None)
-    return _Layer(qname, conv1d, tensors, rank=int(lora_a.shape[0]),
+    return ExportLayer(qname, conv1d, tensors, rank=int(lora_a.shape[0]),
                   alpha=float(alpha) if alpha is not None else None, scaling=float(scaling),
                   dropout=p, dora=head.fold_mode == "dora")
 
 
-def _ia3_layer(qname: str, name: str, head: nn.Module, base: nn.Module, conv1d: bool) -> _Layer:
+def _ia3_layer(qname: str, name: str, head: nn.Module, base: nn.Module, conv1d: bool) -> ExportLayer:
     vector = getattr(head, "vector", None)
     if head.fold_mode not in ("input", "output") or not callable(vector):
         raise CheckpointError(f"{_WHO}: IA³ adapter {name!r} at {qname} is not a scaling "
@@ -369,7 +344,7 @@ def _ia3_layer(qname: str, name: str, head: nn.Module, base: nn.Module, conv1d: 
         shape: tuple[int, ...] = (1, -1, *(1,) * spatial)
     else:
         shape = (1, -1) if feedforward else (-1, 1)
-    return _Layer(qname, conv1d, {"ia3_l": full.reshape(shape)}, feedforward=feedforward)
+    return ExportLayer(qname, conv1d, {"ia3_l": full.reshape(shape)}, feedforward=feedforward)
 
 
 def _refuse_tied(model: nn.Module, trained: list[str]) -> None:
@@ -392,19 +367,15 @@ def _refuse_tied(model: nn.Module, trained: list[str]) -> None:
 # --------------------------------------------------------------------------- settings
 
 
-def _exact_regex(names: list[str]) -> str:
-    return "|".join(re.escape(n) for n in names)
-
-
-def _config(model: nn.Module, name: str, kind: str, layers: list[_Layer],
+def _config(model: nn.Module, name: str, kind: str, layers: list[ExportLayer],
             trained: list[str]) -> tuple[dict[str, Any], PeftTargets]:
     """The settings, read back with PEFT's rules before they are returned with the
     targets PEFT reads from them."""
-    task = _task_type(model)
+    task = task_type(model)
     candidates = [task, None] if task not in (None, "CAUSAL_LM") else [task]
     last: CheckpointError | None = None
-    for task_type in candidates:
-        config = _settings(model, kind, layers, trained, task_type)
+    for task in candidates:
+        config = adapter_settings(model, kind, layers, trained, task)
         if kind == "lora":
             config["bias"] = _bias_mode(model, name)
         try:
@@ -415,83 +386,8 @@ def _config(model: nn.Module, name: str, kind: str, layers: list[_Layer],
     raise last
 
 
-def _settings(model: nn.Module, kind: str, layers: list[_Layer], trained: list[str],
-              task_type: str | None) -> dict[str, Any]:
-    config: dict[str, Any] = {"peft_type": "LORA" if kind == "lora" else "IA3",
-                              "task_type": task_type}
-    if task_type is None:  # as PEFT writes it: where to find the model's class
-        config["auto_mapping"] = {"base_model_class": type(model).__name__,
-                                  "parent_library": type(model).__module__}
-    hf_config = getattr(model, "config", None)
-    config["base_model_name_or_path"] = (getattr(hf_config, "name_or_path", None)
-                                         or model.__dict__.get("name_or_path") or None)
-    config["revision"] = None
-    config["inference_mode"] = True
-    config["target_modules"] = _exact_regex([layer.qname for layer in layers])
-    config["exclude_modules"] = None
-    config["fan_in_fan_out"] = any(layer.conv1d for layer in layers)
-    config["modules_to_save"] = list(trained) or None
-    if kind == "ia3":
-        ff = [layer.qname for layer in layers if layer.feedforward]
-        config["feedforward_modules"] = _exact_regex(ff) if ff else []
-        config["init_ia3_weights"] = True
-        return config
-    use_rslora, alphas = _alphas(layers)
-    rank = _most_common([layer.rank for layer in layers])
-    alpha = _most_common(alphas)
-    config.update({
-        "r": rank,
-        "lora_alpha": _number(alpha),
-        "lora_dropout": next((layer.dropout for layer in layers if layer.dropout is not None),
-                             0.0),
-        "use_rslora": use_rslora,
-        "bias": "none",
-        "init_lora_weights": True,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "rank_pattern": {f"^{re.escape(layer.qname)}": layer.rank for layer in layers
-                         if layer.rank != rank},
-        "alpha_pattern": {f"^{re.escape(layer.qname)}": _number(a) for layer, a
-                          in zip(layers, alphas) if a != alpha},
-        "use_dora": all(layer.dora for layer in layers),
-        "lora_bias": False,
-    })
-    return config
-
-
-def _alphas(layers: list[_Layer]) -> tuple[bool, list[float]]:
-    """``use_rslora`` and each layer's alpha: the layers' own alphas when every scaling is
-    ``alpha / rank`` (or every one ``alpha / sqrt(rank)``), else ``scaling · rank``."""
-    def fits(how: Any) -> bool:
-        return all(layer.alpha is not None and
-                   math.isclose(layer.scaling, how(layer.alpha, layer.rank), rel_tol=1e-12)
-                   for layer in layers)
-
-    if fits(lambda a, r: a / r):
-        return False, [layer.alpha for layer in layers]
-    if fits(lambda a, r: a / math.sqrt(r)):
-        return True, [layer.alpha for layer in layers]
-    return False, [layer.scaling * layer.rank for layer in layers]
-
-
-def _most_common(values: list[Any]) -> Any:
-    return Counter(values).most_common(1)[0][0]
-
-
-def _number(value: float) -> int | float:
-    """``16`` rather than ``16.0`` where the value is whole (as PEFT's files write alphas)."""
-    return int(value) if float(value).is_integer() else float(value)
-
-
-def _task_type(model: nn.Module) -> str | None:
-    if not hasattr(getattr(model, "config", None), "model_type"):
-        return None
-    cls = type(model).__name__
-    return next((task for endings, task in _TASKS if cls.endswith(endings)), None)
-
-
 def _verify(model: nn.Module, name: str, kind: str, config: dict[str, Any],
-            layers: list[_Layer], trained: list[str]) -> PeftTargets:
+            layers: list[ExportLayer], trained: list[str]) -> PeftTargets:
     """Read ``config`` back with PEFT's rules; it must select exactly ``layers`` (with their
     ranks and scalings, or feed-forward flags) and ``trained``. Returns what it read."""
     settings = parse_peft_config(config, _WHO, source=f"the settings of adapter {name!r}")
