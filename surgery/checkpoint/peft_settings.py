@@ -3,8 +3,9 @@
 :func:`surgery.export_peft` collects one :class:`ExportLayer` per adapted layer; the
 settings name those layers exactly (a regex of their qualified names), give the most
 common rank and alpha with ``rank_pattern`` / ``alpha_pattern`` for the others, and say
-``use_rslora`` where every scaling is ``alpha / sqrt(rank)``. :func:`adapter_settings` builds them;
-the export reads them back with PEFT's own matching rules before anything is written.
+``use_rslora`` where every scaling is ``alpha / sqrt(rank)``. :func:`adapter_settings`
+builds them; the export reads them back with PEFT's own matching rules before anything is
+written.
 """
 
 from __future__ import annotations
