@@ -44,11 +44,9 @@ def rewritten_params(model: nn.Module) -> dict[str, str]:
     """Map parameter names a pass rewrote (``param_rewritten`` changes) to the names of the
     passes that did, in order (``"merge_lora + merge_ia3"``)."""
     state = getattr(model, "_surgery", None)
-    out: dict[str, str] = {}
+    by: dict[str, dict[str, None]] = {}  # parameter -> the passes, in order, once each
     for result in getattr(state, "history", None) or []:
         for change in result.changes:
-            if change.kind == "param_rewritten":  # every pass that rewrote it, in order
-                seen = out.get(change.name, "").split(" + ") if change.name in out else []
-                if change.pass_name not in seen:
-                    out[change.name] = " + ".join(seen + [change.pass_name])
-    return out
+            if change.kind == "param_rewritten":
+                by.setdefault(change.name, {})[change.pass_name] = None
+    return {name: " + ".join(passes) for name, passes in by.items()}
