@@ -25,7 +25,7 @@ from surgery.sites.params import (
     share_weights_copy,
     snapshot,
 )
-from surgery.sites.site_graph import is_site_graph, recompile_sites
+from surgery.sites.site_graph import deferred_code, is_site_graph, recompile_sites
 from surgery.task_heads import note_frozen_heads
 
 __all__ = [
@@ -309,7 +309,8 @@ def apply_passes(
     root = work
     try:
         for p in todo:
-            result = _run(p, root)
+            with deferred_code():
+                result = _run(p, root)
             if result.module is not None and result.module is not root:  # the root became a site
                 result.module.__dict__["_surgery"] = state
                 root = result.module

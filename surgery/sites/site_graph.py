@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -51,6 +52,7 @@ __all__ = [
     "SiteGraph",
     "base_module",
     "by_mode",  # re-exported: site graphs call it
+    "deferred_code",
     "install",
     "is_site_graph",
     "make_site_graph",
@@ -61,6 +63,24 @@ __all__ = [
     "site_graph_at",
     "site_graphs",
 ]
+
+_deferring = 0  # > 0 inside :func:`deferred_code`
+
+
+@contextmanager
+def deferred_code() -> Iterator[None]:
+    """Inside this block, a site graph made or given a new graph does not generate its code
+    at once: the code is generated at :func:`recompile_sites`, at the first call, or when
+    ``.code`` is read, whichever comes first. :func:`surgery.apply.apply_passes` runs its
+    passes inside it, so a site graph built and rewritten in one pass generates its code once
+    (codegen is most of the time it takes to adapt a layer)."""
+    global _deferring
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+
 
 # ``GraphModule`` attributes that hold generated code or the graph itself; everything else
 # of a site graph's ``__dict__`` is its state (modules, parameters, buffers, flags, tags).
@@ -102,6 +122,37 @@ class SiteGraph(fx.GraphModule):
     site: str
     template: nn.Module
     base_output: str
+
+    def recompile(self) -> Any:
+        """Generate the code from the graph, as ``GraphModule.recompile`` does; inside
+        :func:`deferred_code`, only mark it stale (it is generated before it is needed)."""
+        if _deferring:
+            type(self).forward = SiteGraph._codegen_then_forward
+            return None
+        return super().recompile()
+
+    def _codegen_then_forward(self, *args: Any, **kwargs: Any) -> Any:
+        """``forward`` while the code is stale: generate it, then run it (hooks run once,
+        around this call)."""
+        fx.GraphModule.recompile(self)
+        return self.forward(*args, **kwargs)
+
+    @property
+    def code_is_stale(self) -> bool:
+        """True while the code has not been generated from the current graph."""
+        return type(self).forward is SiteGraph._codegen_then_forward
+
+    @property
+    def code(self) -> str:
+        """The Python code generated from the graph (generated now if stale)."""
+        if self.code_is_stale:
+            fx.GraphModule.recompile(self)
+        return super().code
+
+    def __str__(self) -> str:
+        if self.code_is_stale:
+            fx.GraphModule.recompile(self)
+        return super().__str__()
 
     def __deepcopy__(self, memo: dict[int, Any]) -> SiteGraph:
         state = {k: v for k, v in self.__dict__.items() if k not in _CODE_KEYS}
@@ -336,4 +387,4 @@ def recompile_sites(model: nn.Module, sites: Collection[str]) -> None:
             if isinstance(sub, SiteGraph) and id(sub) not in done:
                 done.add(id(sub))
                 sub.graph.lint()
-                sub.recompile()
+                fx.GraphModule.recompile(sub)
