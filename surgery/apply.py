@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from surgery.errors import ConfigError, TraceError
+from surgery.map.example_inputs import made_up_note
 from surgery.map.graphs import recompile
 from surgery.map.trace import is_map
 from surgery.map.wrappers import unwrap
@@ -60,7 +61,10 @@ def _prepare(model: nn.Module, example_inputs: tuple | None,
             leaf_modules=tuple(leaf_modules), notes=notes)
     else:
         state.notes.extend(notes)
-        if example_inputs is not None and state.example_inputs is None:
+        made_up = made_up_note(state.notes)  # inputs made up for the map: the user's win
+        if example_inputs is not None and (state.example_inputs is None or made_up):
+            if made_up:
+                state.notes.remove(made_up)
             state.example_inputs = example_inputs
             state.example_kwargs = dict(example_kwargs) if example_kwargs else None
             state.cached_map = None

@@ -15,8 +15,16 @@ from typing import Any
 
 from torch import nn
 
-from surgery.errors import ConfigError, NoMatchError, TraceError, UnsupportedSiteError
+from surgery.errors import (
+    ConfigError,
+    NoMatchError,
+    TraceError,
+    UnsupportedSiteError,
+    few,
+    near_matches,
+)
 from surgery.map.blocks import one_of_each_block, spread_roles
+from surgery.map.example_inputs import made_up_note, synthesize_inputs
 from surgery.map.roles import ModelRoles, RoleInfo, find_roles, normalize_roles
 from surgery.map.trace import trace
 from surgery.select import Selector, as_patterns, matches, select_names
@@ -72,21 +80,70 @@ def model_map(model: nn.Module, example_inputs: tuple | None = None,
     On a model carrying surgery (``model._surgery``) the map is built once, from a
     weight-free view of the model as the user wrote it (site graphs read as the modules they
     replaced), with the example inputs the state recorded, and cached there; otherwise it
-    is traced from ``model`` with the inputs given here.
+    is traced from ``model`` with the inputs given here. A transformers model given no
+    inputs at all is traced with inputs made up from its config
+    (:func:`surgery.map.example_inputs.synthesize_inputs`); a note says so, in the state's
+    ``notes`` (kept with the made-up inputs) or in the map's ``._surgery_map.notes``.
 
     Raises:
         TraceError: the model cannot be traced (see :func:`surgery.map.trace.trace`).
     """
     state = getattr(model, "_surgery", None)
     if state is None:
-        return trace(plain_weight_free(model), example_inputs, example_kwargs,
-                     leaf_modules=leaf_modules)
+        example_inputs, example_kwargs, note = _inputs_for(model, example_inputs, example_kwargs)
+        traced = _trace_noted(plain_weight_free(model), example_inputs, example_kwargs,
+                              leaf_modules, note)
+        if note:
+            traced._surgery_map.notes.append(note)
+        return traced
     if state.cached_map is None:
-        state.cached_map = trace(plain_weight_free(model),
-                                 state.example_inputs if example_inputs is None else example_inputs,
-                                 state.example_kwargs if example_kwargs is None else example_kwargs,
-                                 leaf_modules=state.leaf_modules or leaf_modules)
+        example_inputs, example_kwargs = _state_inputs(model, state, example_inputs,
+                                                       example_kwargs)
+        state.cached_map = _trace_noted(plain_weight_free(model), example_inputs,
+                                        example_kwargs, state.leaf_modules or leaf_modules,
+                                        made_up_note(state.notes))
     return state.cached_map
+
+
+def _inputs_for(model: nn.Module, example_inputs: tuple | None,
+                example_kwargs: Mapping[str, Any] | None
+                ) -> tuple[tuple | None, Mapping[str, Any] | None, str]:
+    """The inputs given, or, when none are given and ``model`` is a transformers model,
+    inputs made up from its config (:func:`surgery.map.example_inputs.synthesize_inputs`)
+    and the note saying so (``""`` when nothing was made up)."""
+    if example_inputs is not None or example_kwargs:
+        return example_inputs, example_kwargs, ""
+    made = synthesize_inputs(model)
+    if made is None:
+        return example_inputs, example_kwargs, ""
+    return made.args, made.kwargs, made.note
+
+
+def _state_inputs(model: nn.Module, state: Any, example_inputs: tuple | None,
+                  example_kwargs: Mapping[str, Any] | None
+                  ) -> tuple[tuple | None, Mapping[str, Any] | None]:
+    """The inputs to trace an adapted model's map with: those given here, else those the
+    state recorded, else made-up ones, recorded on the state with a note in its ``notes``."""
+    if example_inputs is None and not example_kwargs:
+        example_inputs, example_kwargs = state.example_inputs, state.example_kwargs
+    if example_inputs is None and not example_kwargs:
+        example_inputs, example_kwargs, note = _inputs_for(model, None, None)
+        if note:
+            state.example_inputs, state.example_kwargs = example_inputs, dict(example_kwargs)
+            state.notes.append(note)
+    return example_inputs, example_kwargs
+
+
+def _trace_noted(view: nn.Module, example_inputs: tuple | None,
+                 example_kwargs: Mapping[str, Any] | None, leaf_modules: Collection[str | type],
+                 note: str) -> nn.Module:
+    """:func:`trace`, with a failure on made-up inputs saying they were made up."""
+    try:
+        return trace(view, example_inputs, example_kwargs, leaf_modules=leaf_modules)
+    except TraceError as exc:
+        if not note:
+            raise
+        raise TraceError(f"{exc}\n({note})") from exc
 
 
 def model_roles(model: nn.Module, example_inputs: tuple | None = None,
@@ -97,7 +154,7 @@ def model_roles(model: nn.Module, example_inputs: tuple | None = None,
     Roles are structural, so they are found on a weight-free copy that keeps one block of
     each kind of every repeated ``nn.ModuleList`` (one decoder layer stands for all of its
     copies: the cost does not grow with depth) and spread to the copies. Where that copy
-    cannot be traced, the whole map is.
+    cannot be traced, the whole map is. Inputs are found as in :func:`model_map`.
 
     Raises:
         TraceError: the model cannot be traced.
@@ -109,9 +166,11 @@ def model_roles(model: nn.Module, example_inputs: tuple | None = None,
         if state.cached_map is not None:
             state.cached_roles = find_roles(state.cached_map)
             return state.cached_roles
-        example_inputs = state.example_inputs if example_inputs is None else example_inputs
-        example_kwargs = state.example_kwargs if example_kwargs is None else example_kwargs
+        example_inputs, example_kwargs = _state_inputs(model, state, example_inputs,
+                                                       example_kwargs)
         leaf_modules = state.leaf_modules or leaf_modules
+    else:
+        example_inputs, example_kwargs, _ = _inputs_for(model, example_inputs, example_kwargs)
     roles = None
     view, reps = one_of_each_block(plain_weight_free(model))
     if reps.copies:
@@ -231,8 +290,8 @@ def resolve_sites(
     else:
         roles = _roles_for(model, pass_name)
         use = wanted_roles or normalize_roles(tuple(default_roles))
-        names = [n for n in cands if _role_of(roles, cands[n]) and
-                 _role_of(roles, cands[n]).roles & set(use)]
+        names = [n for n in cands if (info := _role_of(roles, cands[n])) is not None
+                 and any(info.plays(r) for r in use)]
         if not names:
             how = "role" if wanted_roles else "default role"
             mha = roles.with_role(["attention"])
@@ -242,9 +301,10 @@ def resolve_sites(
                     f"attention of this model is nn.MultiheadAttention ({', '.join(mha[:5])}). "
                     f"{_MHA_WHY} Way out: {_MHA_WAY_OUT}")
             raise NoMatchError(
-                f"{pass_name}: no {accepted_types} module plays {how}(s) {list(use)}. "
-                f"{_roles_found(roles)} Way out: select sites by name with pattern=..., "
-                f"see surgery.list_targets(model).")
+                f"{pass_name}: no {accepted_types} module of this {type(model).__name__} "
+                f"plays {how}(s) {list(use)}. {_roles_found(roles)} Way out: select sites by "
+                f"name with pattern=...; {_candidate_hint(list(cands), use)} See "
+                f"surgery.list_targets(model).")
         if len(wanted_roles) > 1:
             for wanted in wanted_roles:  # each role in a list must select something
                 if not any(_plays(roles, n, wanted) for n in names):
@@ -327,7 +387,25 @@ def _wanted_roles(role: str | Sequence[str] | None, pass_name: str) -> tuple[str
 
 def _plays(roles: ModelRoles, qname: str, role: str) -> bool:
     info = roles.role_of(qname)
-    return info is not None and role in info.roles
+    return info is not None and info.plays(role)
+
+
+def _candidate_hint(names: Sequence[str], roles: Sequence[str]) -> str:
+    """The candidate layers as patterns (layer numbers collapsed to ``*``), those nearest to
+    the wanted roles' names first, and an example ``pattern=``."""
+    import re
+
+    shapes = list(dict.fromkeys(re.sub(r"(?<=\.)\d+(?=\.|$)", "*", n) for n in names if n))
+    if not shapes:
+        return "this model has no layer the pass can adapt."
+    words = [w for r in roles for w in (r, r.split("_")[-1][0], r.split("_")[-1])]
+    tails = {s: s.rsplit(".", 1)[-1] for s in shapes}
+    nearest = [t for w in words for t in near_matches(w, tails.values(), n=2)]
+    ordered = sorted(shapes, key=lambda s: (tails[s] not in nearest,
+                                            nearest.index(tails[s]) if tails[s] in nearest
+                                            else 0))
+    example = list(dict.fromkeys(tails[s] for s in ordered))[:2]
+    return (f"the candidate layers are {few(ordered, 8)}; e.g. pattern={example!r}.")
 
 
 def _roles_found(roles: ModelRoles) -> str:

@@ -20,7 +20,7 @@ SHAPE_OPS = {
     "dropout", "native_dropout", "identity", "module:dropout", "module:identity",
     "placeholder", "output", "type_as", "movedim", "swapaxes", "lift_fresh_copy",
 }
-SOFTMAX_PRE = SHAPE_OPS | {"div", "truediv", "mul", "add", "sub", "masked_fill", "where",
+SOFTMAX_PRE = SHAPE_OPS | {"div", "truediv", "mul", "add", "sub", "masked_fill", "where", "tanh",
                              "masked_fill_", "add_", "div_", "mul_"}
 MATMULS = {"matmul", "bmm", "baddbmm", "einsum"}
 
@@ -81,6 +81,9 @@ def _eager_from_softmax(g: nx.DiGraph, sm: str) -> tuple[str, str, list[str | No
     qk = _nearest_matmul(g, sm, forward=False, through=SOFTMAX_PRE)  # q @ k^T
     if qk is None:
         return None
-    q, k = args_of(g, qk, ("input", "other"), 2)
+    if g.nodes[qk]["name"] == "baddbmm":  # bias + q @ k^T (Bloom's ALiBi): batch1, batch2
+        _, q, k = args_of(g, qk, ("input", "batch1", "batch2"), 3)
+    else:
+        q, k = args_of(g, qk, ("input", "other"), 2)
     _, v = args_of(g, pv, ("input", "other"), 2)
     return (pv, "eager", [q, k, v])

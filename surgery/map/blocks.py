@@ -105,5 +105,6 @@ def spread_roles(roles: ModelRoles, reps: Representatives) -> ModelRoles:
             attention.append(AttentionOp(f"{sub(owner) if owner else owner}/{node}", op.kind,
                                          sub(op.prefix) if op.prefix else op.prefix,
                                          [sub(n) for n in op.query], [sub(n) for n in op.key],
-                                         [sub(n) for n in op.value], [sub(n) for n in op.out]))
+                                         [sub(n) for n in op.value], [sub(n) for n in op.out],
+                                         op.cross))
     return ModelRoles(modules=modules, attention=attention)

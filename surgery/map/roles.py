@@ -11,6 +11,13 @@ do not.
 Role names: ``"query"``, ``"key"``, ``"value"``, ``"attn_out"``, ``"ffn_up"``,
 ``"ffn_gate"``, ``"ffn_down"``, and ``"attention"`` for an ``nn.MultiheadAttention`` module.
 A fused projection (GPT-2's ``c_attn``) carries several roles and the feature slice of each.
+
+Cross-attention (an op whose keys come from another tensor than its queries: the decoder
+of T5, BART, Whisper attending to the encoder) plays the same four roles, so ``"query"``
+selects the queries of self- and cross-attention alike (as PEFT's default ``["q", "v"]``
+on T5 does), and also ``"cross_query"``, ``"cross_key"``, ``"cross_value"``,
+``"cross_attn_out"``. The derived roles ``"self_query"``, ... select self-attention alone
+(:meth:`RoleInfo.plays`).
 """
 
 from __future__ import annotations
@@ -26,11 +33,13 @@ from surgery.errors import ConfigError, near_matches
 from surgery.map.attention_ops import SHAPE_OPS as _SHAPE_OPS
 from surgery.map.attention_ops import find_attention_ops
 from surgery.map.dataflow import build_dataflow
-from surgery.map.graphs import node_value
+from surgery.map.fused import INTERLEAVED, fused_slice
 from surgery.map.trace import is_linear_like
 
 __all__ = [
     "ROLES",
+    "CROSS_ROLES",
+    "SELF_ROLES",
     "ROLE_ALIASES",
     "AttentionOp",
     "RoleInfo",
@@ -41,7 +50,11 @@ __all__ = [
     "ELEMENTWISE",
 ]
 
-ROLES = ("query", "key", "value", "attn_out", "ffn_up", "ffn_gate", "ffn_down", "attention")
+_PROJECTIONS = ("query", "key", "value", "attn_out")
+CROSS_ROLES = tuple(f"cross_{r}" for r in _PROJECTIONS)
+SELF_ROLES = tuple(f"self_{r}" for r in _PROJECTIONS)
+ROLES = ("query", "key", "value", "attn_out", "ffn_up", "ffn_gate", "ffn_down", "attention",
+         *CROSS_ROLES, *SELF_ROLES)
 ROLE_ALIASES = {
     "q": "query", "k": "key", "v": "value", "o": "attn_out", "out": "attn_out",
     "output": "attn_out", "up": "ffn_up", "gate": "ffn_gate", "down": "ffn_down",
@@ -60,7 +73,11 @@ ELEMENTWISE = _ACTIVATIONS | {
     "float", "contiguous", "clone", "dropout", "native_dropout", "getitem", "placeholder",
     "output", "mul_", "add_", "alias", "identity",
 }
-_SPLITS = {"split", "split_with_sizes", "chunk", "unbind", "unsafe_split", "tensor_split"}
+
+
+# A feed-forward block's walk back from its output layer also crosses the split of a fused
+# gate-and-up projection (Phi-3's gate_up_proj: ``gate, up = h.chunk(2, dim=-1)``).
+_FFN_OPS = ELEMENTWISE | {"chunk", "split", "split_with_sizes", "tensor_split", "unbind"}
 
 
 def _is_activation(name: str) -> bool:
@@ -74,7 +91,8 @@ def _is_activation(name: str) -> bool:
 
 
 def _passes(name: str, allowed: set[str]) -> bool:
-    return name in allowed or (allowed is ELEMENTWISE and _is_activation(name))
+    return name in allowed or ((allowed is ELEMENTWISE or allowed is _FFN_OPS)
+                               and _is_activation(name))
 
 
 @dataclass
@@ -87,6 +105,8 @@ class AttentionOp:
         prefix: qualified name of the module whose graph holds the op.
         query / key / value: qualified names of the layers producing each input.
         out: qualified names of the layers consuming the output.
+        cross: ``True`` for cross-attention (keys and values computed from another tensor
+            than the queries, as a decoder attending to its encoder).
     """
 
     node: str
@@ -96,6 +116,7 @@ class AttentionOp:
     key: list[str] = field(default_factory=list)
     value: list[str] = field(default_factory=list)
     out: list[str] = field(default_factory=list)
+    cross: bool = False
 
 
 @dataclass
@@ -106,7 +127,8 @@ class RoleInfo:
         qname: qualified module name.
         roles: the roles it plays (several for a fused projection).
         fused: for fused projections, the output-feature slice ``(start, stop)`` of each of
-            ``query``/``key``/``value``.
+            ``query``/``key``/``value``; empty when they are interleaved per head
+            (GPT-NeoX, Bloom: see :mod:`surgery.map.fused`).
     """
 
     qname: str
@@ -115,13 +137,30 @@ class RoleInfo:
 
     @property
     def label(self) -> str:
-        """A short label: ``"query"``, ``"qkv (fused)"``, ``"ffn_down"``."""
-        attn = [r for r in ("query", "key", "value") if r in self.roles]
+        """A short label: ``"query"``, ``"qkv (fused)"``, ``"ffn_down"``,
+        ``"query (cross)"``."""
+        cross = " (cross)" if self.is_cross else ""
+        plain = self.roles - set(CROSS_ROLES)
+        attn = [r for r in ("query", "key", "value") if r in plain]
         if len(attn) > 1:
             short = "".join(r[0] for r in attn)
-            rest = sorted(self.roles - set(attn))
-            return ", ".join([f"{short} (fused)"] + rest)
-        return ", ".join(sorted(self.roles, key=ROLES.index))
+            rest = sorted(plain - set(attn))
+            return ", ".join([f"{short} (fused){cross}"] + rest)
+        return ", ".join(r + cross if r in _PROJECTIONS else r
+                         for r in sorted(plain, key=ROLES.index))
+
+    @property
+    def is_cross(self) -> bool:
+        """True for a projection of a cross-attention op (a ``cross_*`` role)."""
+        return bool(self.roles & set(CROSS_ROLES))
+
+    def plays(self, role: str) -> bool:
+        """True when the module plays the canonical ``role``: one of :attr:`roles`, or a
+        derived ``"self_<r>"`` role (plays ``<r>`` and not ``"cross_<r>"``)."""
+        if role in SELF_ROLES:
+            base = role[len("self_"):]
+            return base in self.roles and f"cross_{base}" not in self.roles
+        return role in self.roles
 
     @property
     def is_fused(self) -> bool:
@@ -142,8 +181,8 @@ class ModelRoles:
 
     def with_role(self, roles: Iterable[str]) -> list[str]:
         """Qualified names of modules playing any of ``roles`` (already normalised)."""
-        wanted = set(roles)
-        return [q for q, info in self.modules.items() if info.roles & wanted]
+        wanted = tuple(roles)
+        return [q for q, info in self.modules.items() if any(info.plays(r) for r in wanted)]
 
 
 def normalize_roles(role: str | Iterable[str] | None) -> tuple[str, ...]:
@@ -218,36 +257,30 @@ def _activated(g: nx.DiGraph, source: str, start: str, region: set[str]) -> bool
     return False
 
 
-def _fused_slice(g: nx.DiGraph, path: list[str], out_features: int) -> tuple[int, int] | None:
-    """Feature slice selected on ``path`` (attention input → producer) by a split + getitem."""
-    for i, nid in enumerate(path[:-1]):
-        data = g.nodes[nid]
-        if data["name"] != "getitem":
-            continue
-        split_id = path[i + 1]
-        sdata = g.nodes[split_id]
-        if sdata["name"] not in _SPLITS:
-            continue
-        node = sdata["ref"].node
-        index = data["ref"].node.args[1]
-        if not isinstance(index, int):
-            return None
-        val = node_value(node.args[0]) if hasattr(node.args[0], "meta") else None
-        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-        if val is not None and isinstance(dim, int) and dim % val.dim() != val.dim() - 1:
-            return None
-        arg = node.args[1] if len(node.args) > 1 else None
-        if sdata["name"] == "split_with_sizes" or isinstance(arg, (list, tuple)):
-            sizes = [int(s) for s in arg]
-        elif sdata["name"] in ("chunk",) and isinstance(arg, int):
-            sizes = [out_features // arg] * arg
-        elif isinstance(arg, int):
-            sizes = [arg] * (out_features // arg)
-        else:
-            return None
-        start = sum(sizes[:index])
-        return (start, start + sizes[index])
-    return None
+def _input_source(g: nx.DiGraph, call: str) -> str | None:
+    """The node a linear layer's input comes from, followed back through shape-only ops
+    and across module boundaries (an inlined module's placeholder to its caller's
+    argument); ``None`` when the call has no node input."""
+    node = g.nodes[call]["ref"].node
+    if not node.args or not hasattr(node.args[0], "op"):
+        return None
+    nid = f"{g.nodes[call]['ref'].prefix}/{node.args[0].name}"
+    for _ in range(100):
+        preds = list(g.predecessors(nid))
+        if len(preds) != 1 or g.nodes[nid]["name"] not in _SHAPE_OPS:
+            break
+        nid = preds[0]
+    return nid
+
+
+def _is_cross(g: nx.DiGraph, query_calls: list[str], key_calls: list[str]) -> bool:
+    """True when the layers producing an attention op's keys read another tensor than the
+    layers producing its queries (cross-attention); a fused projection is self-attention."""
+    if not query_calls or not key_calls or set(query_calls) & set(key_calls):
+        return False
+    queries = {_input_source(g, c) for c in query_calls}
+    keys = {_input_source(g, c) for c in key_calls}
+    return None not in queries | keys and not queries & keys
 
 
 def _in_out(module: nn.Module) -> tuple[int, int] | None:
@@ -305,6 +338,7 @@ def find_roles(model: nn.Module, dataflow: nx.DiGraph | None = None) -> ModelRol
         if kind == "mha":
             info(g.nodes[nid]["qname"]).roles.add("attention")
         else:
+            calls: dict[str, list[str]] = {}
             for role, arg in (("query", q), ("key", k), ("value", v)):
                 if arg is None:
                     continue
@@ -314,14 +348,21 @@ def find_roles(model: nn.Module, dataflow: nx.DiGraph | None = None) -> ModelRol
                 if direct is not None:
                     found, paths = [direct], {direct: [arg]}
                 setattr(op, role, found)
+                calls[role] = [paths[qname][-1] for qname in found]
                 for qname in found:
                     ri = info(qname)
                     ri.roles.add(role)
                     role_paths.setdefault(qname, {}).setdefault(role, paths[qname])
+            op.cross = _is_cross(g, calls.get("query", []), calls.get("key", []))
         out, _ = walk(g, nid, _FORWARD_OPS, forward=True)
         op.out = out
         for qname in out:
             info(qname).roles.add("attn_out")
+        if op.cross:
+            for role, names in (("query", op.query), ("key", op.key), ("value", op.value),
+                                ("attn_out", op.out)):
+                for qname in names:
+                    info(qname).roles.add(f"cross_{role}")
         attention.append(op)
 
     attn_roles = {"query", "key", "value", "attn_out", "attention"}
@@ -336,7 +377,7 @@ def find_roles(model: nn.Module, dataflow: nx.DiGraph | None = None) -> ModelRol
         if _linear_qname(g, start) is not None:
             continue
         region: set[str] = {start}
-        sources, paths = walk(g, start, ELEMENTWISE, visited=region)
+        sources, paths = walk(g, start, _FFN_OPS, visited=region)
         sources = [s for s in sources if not (s in modules and modules[s].roles & attn_roles)]
         if not sources:
             continue
@@ -359,8 +400,11 @@ def find_roles(model: nn.Module, dataflow: nx.DiGraph | None = None) -> ModelRol
         module = model.get_submodule(qname)
         width = _out_features(module)
         order = [r for r in ("query", "key", "value") if r in ri.roles]
+        slices = {r: fused_slice(g, paths.get(r, []), width) for r in order}
+        if INTERLEAVED in slices.values():
+            continue  # per-head [q, k, v] (GPT-NeoX, Bloom): no contiguous slice per role
         for r in order:
-            sl = _fused_slice(g, paths.get(r, []), width)
+            sl = slices[r]
             if sl is None:  # fall back on equal parts in q, k, v order
                 part = width // len(order)
                 sl = (order.index(r) * part, (order.index(r) + 1) * part)

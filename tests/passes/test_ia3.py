@@ -146,12 +146,27 @@ def test_pattern_selection_still_tells_feed_forward_layers_by_role(zoo) -> None:
     adapted = apply_passes(spec.model, [IA3Pass(pattern="down_proj")])
     vec = adapted.get_submodule("layers.0.mlp.down_proj.ia3_l.default")
     assert vec.mode == "input" and vec.weight.shape == (256,), "scales the down projection's input"
-    spec = zoo.spec("hf:llama")
+    spec = zoo.spec("hf:llama")  # no inputs given: made up from the config to find roles
+    by_role = apply_passes(spec.model, [IA3Pass(pattern="down_proj")])
+    assert by_role.get_submodule("model.layers.1.mlp.down_proj.ia3_l.default").mode == "input"
+    untraceable = _Branchy()  # no inputs can be made up for it, and torch.fx cannot trace it
     with pytest.raises(TraceError, match=r"IA3Pass: telling feed-forward output layers .* "
                                          r"feedforward=\[\.\.\.\] naming them"):
-        apply_passes(spec.model, [IA3Pass(pattern="down_proj")])
-    named = apply_passes(spec.model, [IA3Pass(pattern="down_proj", feedforward="down_proj")])
-    assert named.get_submodule("model.layers.1.mlp.down_proj.ia3_l.default").mode == "input"
+        apply_passes(untraceable, [IA3Pass(pattern="down")])
+    named = apply_passes(untraceable, [IA3Pass(pattern="down", feedforward="down")])
+    assert named.get_submodule("down.ia3_l.default").mode == "input"
+
+
+class _Branchy(nn.Module):
+    """A feed-forward block whose forward branches on a tensor's value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.up(x))
+        return self.down(h) if h.sum() > 0 else x
 
 
 def test_an_empty_feedforward_list_means_no_feed_forward_layer() -> None:

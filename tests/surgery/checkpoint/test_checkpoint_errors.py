@@ -38,6 +38,7 @@ from surgery import (
 from surgery.checkpoint.inspect import inspect_checkpoint
 from surgery.checkpoint.save import INPUTS_FILE, RECIPE_FILE, TENSORS_FILE
 from surgery.cli import main
+from surgery.map.example_inputs import NOTE_START
 from surgery.zoo import ConvNet, TinyConfig, TinyTransformer, load_model
 
 QV = ["q_proj", "v_proj"]
@@ -257,17 +258,46 @@ def test_combined_adapter_needs_its_sources(zoo, tmp_path, snapshot, adapted) ->
             r"adapter 'ax' was combined from \['a', 'x'\]; load those as well", names=["ax"])
 
 
+class _Logits(nn.Module):
+    """A transformers model behind a wrapper of the user's: torch.fx cannot trace it, and
+    no inputs can be made up for it from a config."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.inner(input_ids).logits
+
+
 def test_role_selection_without_inputs_names_the_way_out(zoo, tmp_path, snapshot) -> None:
+    spec = zoo.spec("hf:llama")
+    wrapped = _Logits(spec.model)
+    model = apply_passes(wrapped, [LoRAPass(rank=2)], spec.example_inputs)
+    perturb(model)
+    save_adapters(model, tmp_path)
+    (tmp_path / INPUTS_FILE).unlink()
+    edit_recipe(tmp_path, lambda r: r.update(example_inputs=None))
+    refused(wrapped, tmp_path, snapshot,
+            r"step 0 of the recipe, LoRAPass\(rank=2\), fails on this _Logits: .*"
+            r"example_inputs")
+    loaded = load_adapters(wrapped, tmp_path, example_inputs=spec.example_inputs)
+    with torch.no_grad():
+        assert torch.equal(loaded(*spec.example_inputs), model(*spec.example_inputs))
+
+
+def test_role_selection_without_inputs_on_a_transformers_model_makes_them_up(
+        zoo, tmp_path) -> None:
     spec = zoo.spec("hf:llama")
     model = apply_passes(spec.model, [LoRAPass(rank=2)], spec.example_inputs)
     perturb(model)
     save_adapters(model, tmp_path)
     (tmp_path / INPUTS_FILE).unlink()
     edit_recipe(tmp_path, lambda r: r.update(example_inputs=None))
-    refused(spec.model, tmp_path, snapshot,
-            r"step 0 of the recipe, LoRAPass\(rank=2\), fails on this LlamaForCausalLM: .*"
-            r"example_inputs")
-    loaded = load_adapters(spec.model, tmp_path, example_inputs=spec.example_inputs)
+    loaded = load_adapters(spec.model, tmp_path)  # the map is traced on made-up inputs
+    assert any(n.startswith(NOTE_START) for n in loaded._surgery.notes)
+    assert sorted(n for n, p in loaded.named_parameters() if p.requires_grad) == sorted(
+        n for n, p in model.named_parameters() if p.requires_grad)
     with torch.no_grad():
         assert torch.equal(loaded(*spec.example_inputs).logits, model(*spec.example_inputs).logits)
 
