@@ -6,7 +6,9 @@ about queries, but the graph does: ``find_roles`` sees the split feed an attenti
 labels ``c_attn`` "qkv (fused)". So ``LoRAPass(role="query")`` selects it, in any
 model family, without knowing GPT-2's module names. The update spans the whole fused
 output, as PEFT's ``target_modules=["c_attn"]`` does. ``IA3Pass()`` on the same layer
-learns only the key and value slices of its scaling vector (128 of 192 entries).
+learns only the key and value slices of its scaling vector (128 of 192 entries): its
+parameter ``c_attn.ia3_l.default`` is ``(128, 1)`` where PEFT's whole-layer vector is
+``(192, 1)`` (``IA3Pass(fused="all")`` gives PEFT's).
 
 The model is a 2-layer ``GPT2LMHeadModel`` with random weights from the built-in zoo
 (``hf:gpt2``; nothing is downloaded). Roles are read from its map, traced by torch.export

@@ -3,16 +3,24 @@ Better and Cheaper than In-Context Learning").
 
 Output scaling (keys, values), before and after::
 
-    k = k_proj(x)            k = k_proj.ia3_l.default(k_proj(x))      # k_proj(x) * l
+    k = k_proj(x)            l = k_proj.ia3_l.default                   # a parameter
+                             k = k_proj.ia3.default(k_proj(x), l)       # k_proj(x) * l
 
 Input scaling (feed-forward output layers)::
 
-    y = down_proj(h)         y = down_proj(down_proj.ia3_l.default(h))  # down_proj(h * l)
+    y = down_proj(h)         y = down_proj(down_proj.ia3.default(h, l))  # down_proj(h * l)
 
-``l`` starts at ones, so outputs are bitwise unchanged at init. On a fused qkv projection
-(GPT-2's ``c_attn``) only the key and value slices of ``l`` are learned; the query slice is
-fixed at one. On ``nn.Conv2d`` / ``nn.Conv3d`` layers (selected by pattern, as PEFT's IA³
-allows them) ``l`` scales the channel dimension: output channels, or input channels for a
+``l`` starts at ones, so outputs are bitwise unchanged at init. It is the parameter
+``<layer>.ia3_l.<adapter>`` with PEFT's name and shape: ``(out, 1)`` for output scaling,
+``(1, in)`` for input scaling, ``(1, channels, 1, 1)`` / ``(1, channels, 1, 1, 1)`` on
+``nn.Conv2d`` / ``nn.Conv3d``; so a PEFT IA³ model's state dict, stripped of
+``base_model.model.``, loads into the adapted model and back. The module
+``<layer>.ia3.<adapter>`` (an :class:`~passes.modules.IA3Vector`, no parameters of its
+own) applies it. On a fused qkv projection (GPT-2's ``c_attn``) with ``fused="key_value"``
+only the key and value slices of ``l`` are learned, so the parameter is ``(2/3 · out,
+1)`` where PEFT's whole-layer vector is ``(out, 1)`` (``fused="all"`` gives PEFT's); the
+query slice is fixed at one. On convolutions (selected by pattern, as PEFT's IA³ allows
+them) ``l`` scales the channel dimension: output channels, or input channels for a
 feed-forward layer.
 
 On a layer that already carries a LoRA branch, IA³ scales the layer as adapted, whatever
@@ -26,16 +34,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from torch import nn
+from torch import fx, nn
 
 from passes.lora import lora_features
 from passes.lora_layers import is_plain_conv
-from passes.modules import IA3Vector
+from passes.modules import IA3_MODULES, IA3_SLOT, IA3Vector
 from surgery.adapters.names import check_adapter_name
 from surgery.errors import ConfigError, NoMatchError, near_matches
 from surgery.map.leaves import is_dense_linear
 from surgery.pass_base import Change, Pass, PassResult
 from surgery.select import Selector, as_patterns, matches
+from surgery.sites.marker import AdapterParameters
 from surgery.sites.features import require_plain_weight
 from surgery.sites.rewrite import (
     freeze_site,
@@ -75,18 +84,22 @@ class IA3Pass(Pass):
             ``c_attn`` (the only choice where roles are unknown: selection by pattern).
         name: adapter name, any string without ``"."`` as in PEFT (``"test-adapter"``).
 
-    A vector has shape ``(out_features,)`` for output scaling and ``(in_features,)`` for
-    input scaling (``(2/3 · out_features,)`` on a fused qkv layer with ``fused="key_value"``:
-    key and value only), in the dtype and on the device of the layer's weight.
+    A vector is the parameter ``<layer>.ia3_l.<name>``, shaped as PEFT's: ``(out_features,
+    1)`` for output scaling and ``(1, in_features)`` for input scaling (``(2/3 ·
+    out_features, 1)`` on a fused qkv layer with ``fused="key_value"``: key and value only),
+    in the dtype and on the device of the layer's weight.
 
     Sites: ``nn.Linear`` and transformers' ``Conv1D``; by pattern also ``nn.Conv2d`` and
     ``nn.Conv3d`` running torch's own forward (as PEFT's IA³), whose vector is
-    ``(out_channels,)`` or ``(in_channels,)`` and scales the channel dimension (groups
-    included in the merge). Selection by role alone picks linear layers only.
+    ``(1, channels, 1, 1)`` / ``(1, channels, 1, 1, 1)`` (output channels, or input channels
+    for a feed-forward layer) and scales the channel dimension (groups included in the
+    merge). Selection by role alone picks linear layers only.
 
     Raises:
         NoMatchError: the selection, or a ``feedforward`` pattern, matches nothing.
         AlreadyAdaptedError: a selected layer already has an IA³ vector of this name.
+        ConfigError: the adapter's name is an attribute of the slot holding the vectors
+            (``"training"``, ``"forward"``, ...), which a parameter cannot take.
     """
 
     name: ClassVar[str] = "ia3"
@@ -165,30 +178,40 @@ class IA3Pass(Pass):
         root, sg = site_graph_at(model, qname, who="IA3Pass", aliases=site.aliases)
         vec = IA3Vector(in_f if feedforward else out_f, parts=parts,
                         mode="input" if feedforward else "output", site=qname,
-                        adapter_name=self.adapter_name, role=role, dtype=sg.weight.dtype,
-                        device=sg.weight.device,
+                        adapter_name=self.adapter_name, role=role,
                         spatial=sg.weight.dim() - 2 if is_plain_conv(site.base) else 0)
-        register_adapter(sg, "ia3_l", self.adapter_name, vec, pass_name="IA3Pass", site=qname)
-        tag = dict(pass_name=self.name, site=qname, role=role, adapter=self.adapter_name,
-                   part="ia3_l")
+        param = vec.new_parameter(dtype=sg.weight.dtype, device=sg.weight.device)
+        if IA3_SLOT not in sg._modules:
+            sg.add_module(IA3_SLOT, AdapterParameters(pass_name=self.name))
+        # refuses a second vector of this name (a pass that raises leaves no trace: atomic)
+        sg._modules[IA3_SLOT].add(self.adapter_name, param, who="IA3Pass", site=qname,
+                                  slot=IA3_SLOT)
+        register_adapter(sg, IA3_MODULES, self.adapter_name, vec, pass_name="IA3Pass",
+                         site=qname)
+        tag = dict(pass_name=self.name, site=qname, role=role, adapter=self.adapter_name)
         graph = sg.graph
-        target = f"ia3_l.{self.adapter_name}"
+        target = f"{IA3_MODULES}.{self.adapter_name}"
+
+        def scale(node: fx.Node) -> fx.Node:
+            scales = mark(graph.get_attr(f"{IA3_SLOT}.{self.adapter_name}"), **tag, part=IA3_SLOT)
+            return mark(graph.call_module(target, (node, scales)), **tag, part=IA3_MODULES)
+
         if feedforward:  # the layer as adapted so far reads x * l: base and branches
             x = site_input(sg)
-            scaled = insert_after(graph, x, lambda: mark(graph.call_module(target, (x,)), **tag))
+            scaled = insert_after(graph, x, lambda: scale(x))
             replace_uses_after(x, scaled)
         else:  # scale the layer's output as adapted so far (after LoRA's add, if any)
             last = site_output(sg)
-            out = insert_after(graph, last, lambda: mark(graph.call_module(target, (last,)), **tag))
+            out = insert_after(graph, last, lambda: scale(last))
             replace_uses_after(last, out)
-        changes = [Change("node_added", self.name, qname, f"{qname}/ia3_l",
+        changes = [Change("node_added", self.name, qname, f"{qname}/{IA3_MODULES}",
                           adapter=self.adapter_name, role=role,
                           detail="input scaling" if feedforward else "output scaling"),
                    Change("param_added", self.name, qname,
-                          f"{qname}.ia3_l.{self.adapter_name}.weight" if qname
-                          else f"ia3_l.{self.adapter_name}.weight",
+                          f"{qname}.{IA3_SLOT}.{self.adapter_name}" if qname
+                          else f"{IA3_SLOT}.{self.adapter_name}",
                           adapter=self.adapter_name, role=role,
-                          shape=tuple(vec.weight.shape), numel=vec.weight.numel(),
+                          shape=tuple(param.shape), numel=param.numel(),
                           trainable=True)]
         changes.extend(freeze_site(sg, pass_name=self.name, site=qname, role=role))
         return root, changes

@@ -13,8 +13,9 @@ After (``self.weight`` now holds ``W + (alpha / r) · B A``)::
     linear = torch._C._nn.linear(input, self.weight, self.bias)
     return linear
 
-IA³ fold (Liu et al. 2022): ``self.ia3_l.default(linear)`` goes and ``W' = diag(l) W``,
-``b' = l ⊙ b`` (output scaling); an input scaling ``self.ia3_l.default(input)`` before the
+IA³ fold (Liu et al. 2022): ``self.ia3.default(linear, self.ia3_l.default)`` goes (the
+vector ``l`` is the parameter ``ia3_l.default``, PEFT's name) and ``W' = diag(l) W``,
+``b' = l ⊙ b`` (output scaling); an input scaling ``self.ia3.default(input, l)`` before the
 layer goes and ``W' = W diag(l)``. Weights stored ``(in, out)`` (transformers' ``Conv1D``)
 are handled transposed. The arithmetic is the adapters' own (:meth:`AdapterModule.fold
 <surgery.sites.marker.AdapterModule.fold>`, on :mod:`surgery.adapters.merge_math`): at

@@ -40,7 +40,8 @@ from surgery.map.leaves import is_hf_conv1d
 from surgery.sites.marker import AdapterModule
 from surgery.sites.site_graph import base_module
 
-__all__ = ["LoRAProjection", "LoRADropout", "IA3Vector", "route_mask"]
+__all__ = ["LoRAProjection", "LoRADropout", "IA3Vector", "IA3_MODULES", "IA3_SLOT", "ia3_shape",
+           "route_mask"]
 
 
 def _transposed(site: nn.Module) -> bool:
@@ -208,16 +209,38 @@ class LoRADropout(AdapterModule):
         return F.dropout(x, self.p, self.training)
 
 
+IA3_SLOT = "ia3_l"
+"""Where a site graph keeps its IA³ vectors, one parameter per adapter (PEFT's name)."""
+
+IA3_MODULES = "ia3"
+"""Where a site graph keeps its :class:`IA3Vector` modules, one per adapter."""
+
+
+def ia3_shape(learned: int, *, mode: str, spatial: int) -> tuple[int, ...]:
+    """The shape of an IA³ parameter holding ``learned`` scales, as PEFT's ``ia3_l``:
+    ``(learned, 1)`` for output scaling, ``(1, learned)`` for input scaling (a feed-forward
+    layer), ``(1, learned, 1, ...)`` with ``spatial`` ones on a convolution."""
+    if spatial:
+        return (1, learned, *(1,) * spatial)
+    return (1, learned) if mode == "input" else (learned, 1)
+
+
 class IA3Vector(AdapterModule):
     """An IA³ scaling vector (Liu et al. 2022, "Few-Shot Parameter-Efficient Fine-Tuning is
     Better and Cheaper than In-Context Learning").
 
-    ``forward(x)`` returns ``x * l`` over the last dimension, ``(..., width) → (..., width)``,
-    or, on a convolution (``spatial`` > 0), over the channel dimension,
+    The vector ``l`` is not this module's own parameter: it is the parameter
+    ``<site>.ia3_l.<adapter>`` of the site graph (an
+    :class:`~surgery.sites.marker.AdapterParameters` slot, PEFT's name and shape: ``(out,
+    1)`` for output scaling, ``(1, in)`` for input scaling, ``(1, channels, 1, ...)`` on a
+    convolution), read by a ``get_attr`` node and passed in. This module holds the
+    adapter's behaviour: its flag, its routing, its learned slices, its fold.
+
+    ``forward(x, l)`` returns ``x * l`` over the last dimension, ``(..., width) → (...,
+    width)``, or, on a convolution (``spatial`` > 0), over the channel dimension,
     ``(N, width, *spatial) → (N, width, *spatial)`` (unbatched ``(width, *spatial)`` too).
-    ``l`` starts at ones. With ``parts`` (a fused projection), only those feature slices are
-    learned and the rest of the vector is fixed at one. The parameter is ``(width,)``
-    whatever the layer (PEFT stores a convolution's as ``(1, width, 1, ...)``).
+    ``l`` starts at ones. With ``parts`` (a fused projection), ``l`` holds only those feature
+    slices and the rest of the vector is fixed at one.
 
     Args:
         width: size of the scaled dimension.
@@ -233,41 +256,52 @@ class IA3Vector(AdapterModule):
     pass_name = "ia3"
     routes_samples: ClassVar[bool] = True
 
-    spatial: int = 0  # a class default: vectors pickled before convolutions were supported
-
     def __init__(self, width: int, *, parts: list[tuple[int, int]] | None, mode: str, site: str,
-                 adapter_name: str, role: str | None, dtype: torch.dtype,
-                 device: torch.device, spatial: int = 0) -> None:
+                 adapter_name: str, role: str | None, spatial: int = 0) -> None:
         super().__init__(site=site, adapter_name=adapter_name, role=role)
         self.width = width
         self.mode = mode
         self.spatial = spatial
         self.parts = sorted(parts) if parts else [(0, width)]
-        learned = sum(stop - start for start, stop in self.parts)
-        self.weight = nn.Parameter(torch.ones(learned, dtype=dtype, device=device))
         self.route: torch.Tensor | None = None
 
-    def vector(self) -> torch.Tensor:
-        """The full scaling vector, shape ``(width,)``: learned slices, ones elsewhere."""
+    @property
+    def learned(self) -> int:
+        """The number of scales learned (``width`` unless ``parts`` leaves some at one)."""
+        return sum(stop - start for start, stop in self.parts)
+
+    def new_parameter(self, *, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
+        """A new vector of ones, shaped by :func:`ia3_shape`, for the site graph's slot."""
+        shape = ia3_shape(self.learned, mode=self.mode, spatial=self.spatial)
+        return nn.Parameter(torch.ones(shape, dtype=dtype, device=device))
+
+    def parameter(self, site: nn.Module) -> nn.Parameter:
+        """This adapter's parameter in the site graph ``site`` (``site.ia3_l.<adapter>``)."""
+        return site._modules[IA3_SLOT]._parameters[self.adapter_name]
+
+    def vector(self, scales: torch.Tensor) -> torch.Tensor:
+        """The full scaling vector, shape ``(width,)``, from the parameter ``scales`` (``l``,
+        any of the shapes of :func:`ia3_shape`): learned slices, ones elsewhere."""
+        flat = scales.reshape(-1)
         if self.parts == [(0, self.width)]:
-            return self.weight
+            return flat
         pieces = []
         pos = 0
         offset = 0
         for start, stop in self.parts:
             if start > pos:
-                pieces.append(self.weight.new_ones(start - pos))
-            pieces.append(self.weight[offset: offset + stop - start])
+                pieces.append(flat.new_ones(start - pos))
+            pieces.append(flat[offset: offset + stop - start])
             offset += stop - start
             pos = stop
         if pos < self.width:
-            pieces.append(self.weight.new_ones(self.width - pos))
+            pieces.append(flat.new_ones(self.width - pos))
         return torch.cat(pieces)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         if not self.active:
             return x
-        vec = self.vector()
+        vec = self.vector(scales)
         if self.spatial:  # over the channel dimension, before the spatial ones
             vec = vec.view(-1, *(1,) * self.spatial)
         out = x * vec
@@ -291,8 +325,8 @@ class IA3Vector(AdapterModule):
         """``W' = diag(l) W``, ``b' = l ⊙ b`` (output) or ``W' = W diag(l)`` (input), with
         the full vector (ones outside learned slices), in at least float32, cast once; on a
         convolution, per output or input channel (within each group)."""
-        return ia3_fold(weight.detach(), bias, self.vector().detach(), mode=self.mode,
-                        transposed=_transposed(site),
+        return ia3_fold(weight.detach(), bias, self.vector(self.parameter(site)).detach(),
+                        mode=self.mode, transposed=_transposed(site),
                         groups=int(getattr(base_module(site), "groups", 1)))
 
     def fold_detail(self, site: nn.Module) -> str:

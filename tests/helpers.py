@@ -6,7 +6,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from passes.modules import IA3Vector, LoRAProjection
+from passes.modules import LoRAProjection
+from surgery.sites.marker import AdapterParameters
+
+
+def ia3_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every IA³ vector of ``model`` (the parameters ``<layer>.ia3_l.<adapter>``), found by
+    the type of the slot holding them, in model order."""
+    return [p for mod in model.modules()
+            if isinstance(mod, AdapterParameters) and mod.pass_name == "ia3"
+            for p in mod.parameters(recurse=False)]
 
 
 def randomize_adapters(model: nn.Module, seed: int = 0) -> None:
@@ -20,8 +29,9 @@ def randomize_adapters(model: nn.Module, seed: int = 0) -> None:
         for _, mod in model.named_modules():
             if isinstance(mod, LoRAProjection):
                 mod.weight.copy_(torch.randn(mod.weight.shape, generator=gen) * 0.1)
-            elif isinstance(mod, IA3Vector):
-                mod.weight.copy_(torch.rand(mod.weight.shape, generator=gen) + 0.5)
+            elif isinstance(mod, AdapterParameters) and mod.pass_name == "ia3":
+                for param in mod.parameters(recurse=False):
+                    param.copy_(torch.rand(param.shape, generator=gen) + 0.5)
 
 
 PROJECTION_ROLES = ("query", "key", "value", "attn_out", "ffn_up", "ffn_gate", "ffn_down")

@@ -4,8 +4,7 @@ test_ia3_conv.py, tests/surgery/checkpoint/test_peft_layers.py).
 
 PEFT is the reference (a test dependency): :func:`peft_twin` applies PEFT to a copy of the
 same model and :func:`copy_into_peft` gives it our adapter values by parameter name (ours
-are PEFT's without ``base_model.model.`` and ``.base_layer``; an IA³ vector is ``(C,)``
-here and ``(1, C, 1, ...)`` there).
+are PEFT's without ``base_model.model.`` and ``.base_layer``, with the same shapes).
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from torch import nn
 
 from passes.lora_conv import LoRAConvFactor
 from passes.lora_embedding import LoRAEmbeddingFactor
-from passes.modules import IA3Vector
+from surgery.sites.marker import AdapterParameters
 
 PEFT_PREFIX = "base_model.model."
 
@@ -88,14 +87,14 @@ def randomize(model: nn.Module, seed: int = 0) -> None:
             if isinstance(mod, (LoRAConvFactor, LoRAEmbeddingFactor)):
                 for param in mod.parameters():
                     param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
-            elif isinstance(mod, IA3Vector):
-                mod.weight.copy_(torch.rand(mod.weight.shape, generator=gen) + 0.5)
+            elif isinstance(mod, AdapterParameters) and mod.pass_name == "ia3":
+                for param in mod.parameters(recurse=False):
+                    param.copy_(torch.rand(param.shape, generator=gen) + 0.5)
 
 
-def ours_key(peft_key: str, ours: dict[str, torch.Tensor]) -> str:
+def ours_key(peft_key: str) -> str:
     """Our state-dict key of a PEFT model's key."""
-    key = peft_key.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".")
-    return key if key in ours or key + ".weight" not in ours else key + ".weight"
+    return peft_key.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".")
 
 
 def peft_twin(model: nn.Module, config: Any) -> nn.Module:
@@ -113,9 +112,10 @@ def copy_into_peft(ours: nn.Module, twin: nn.Module) -> None:
     used = set()
     with torch.no_grad():
         for key, tensor in twin.state_dict(keep_vars=True).items():
-            name = ours_key(key, mine)
+            name = ours_key(key)
             assert name in mine, f"PEFT's {key} has no counterpart here ({name})"
-            tensor.copy_(mine[name].reshape(tensor.shape))
+            assert mine[name].shape == tensor.shape, (key, mine[name].shape, tensor.shape)
+            tensor.copy_(mine[name])
             used.add(name)
     assert used == set(mine), f"not in PEFT's model: {sorted(set(mine) - used)}"
 

@@ -110,7 +110,7 @@ def _ia3(row: Row, name: str = "default") -> IA3Pass:
 def _passes(row: Row, which: str) -> tuple[list[Pass], set[str]]:
     """The passes of a table cell and the adapter parameter names they must create."""
     lora_names = lambda sites: {f"{s}.lora_{f}.default.weight" for s in sites for f in "AB"}  # noqa: E731
-    ia3_names = {f"{s}.ia3_l.default.weight" for s in row.ia3_sites}
+    ia3_names = {f"{s}.ia3_l.default" for s in row.ia3_sites}
     if which == "lora":
         return [LoRAPass()], lora_names(row.lora_default_sites or [])
     if which == "lora_pattern":

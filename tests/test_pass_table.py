@@ -25,7 +25,7 @@ from surgery import (
     apply_passes,
     named_trainable_parameters,
 )
-from surgery.sites.marker import AdapterModule
+from surgery.sites.marker import AdapterModule, slot_parameters
 
 MODELS = ["builtin:tiny", "hf:gpt2", "hf:llama", "hf:bert", "hf:vit"]
 PASSES = {
@@ -53,8 +53,11 @@ def _move(model: nn.Module) -> None:
 
 
 def _adapter_parameters(model: nn.Module) -> set[str]:
-    return {f"{q}.{n}" if q else n for q, m in model.named_modules() if isinstance(m, AdapterModule)
-            for n, _ in m.named_parameters()}
+    """The parameters of adapter modules and of adapters' parameter slots (IA³'s
+    ``<layer>.ia3_l.<adapter>``)."""
+    return ({f"{q}.{n}" if q else n for q, m in model.named_modules()
+             if isinstance(m, AdapterModule) for n, _ in m.named_parameters()}
+            | {q for q, _, _, _ in slot_parameters(model)})
 
 
 @pytest.mark.parametrize("which", list(PASSES))

@@ -15,7 +15,7 @@ from torch import nn
 
 from surgery.errors import InputTypeError, RenderError
 from surgery.map.wrappers import unwrap
-from surgery.sites.marker import AdapterModule
+from surgery.sites.marker import AdapterModule, slot_parameters
 from visualize.anatomy import (
     DEFAULT_MAX_SITES,
     SiteChoice,
@@ -47,12 +47,15 @@ def _history(model: nn.Module) -> dict[tuple[str, str], str]:
 
 
 def _adapter_owners(model: nn.Module) -> dict[str, str]:
-    """Parameter name → ``pass_name`` of the adapter module holding it."""
+    """Parameter name → ``pass_name`` of the adapter module (or adapters' parameter slot,
+    IA³'s ``ia3_l``) holding it."""
     out: dict[str, str] = {}
     for mod_name, mod in model.named_modules():
         if isinstance(mod, AdapterModule):
             for pname, _ in mod.named_parameters(prefix=mod_name):
                 out.setdefault(pname, mod.pass_name)
+    for pname, _, pass_name, _ in slot_parameters(model):
+        out.setdefault(pname, pass_name)
     return out
 
 

@@ -17,7 +17,7 @@ from torch import fx, nn
 from surgery.adapters.active import INACTIVE_KEY
 from surgery.map.dataflow import op_name
 from surgery.map.graphs import is_interpreter_module, surgery_meta
-from surgery.sites.marker import AdapterModule
+from surgery.sites.marker import AdapterModule, AdapterParameters
 from surgery.sites.site_graph import base_module
 
 __all__ = [
@@ -180,7 +180,8 @@ def is_shape_plumbing(node: fx.Node, dropped: Iterable[fx.Node]) -> bool:
 
 
 def _owned_parameters(module: nn.Module) -> Iterable[tuple[str, nn.Parameter]]:
-    """Parameters of ``module``, skipping those of adapter modules registered under it."""
+    """Parameters of ``module``, skipping those of adapter modules and adapters' parameter
+    slots (IA³'s ``ia3_l``) registered under it."""
     if isinstance(module, AdapterModule):
         yield from module.named_parameters()
         return
@@ -188,7 +189,7 @@ def _owned_parameters(module: nn.Module) -> Iterable[tuple[str, nn.Parameter]]:
     for sub_name, sub in module.named_modules():
         if any(sub_name == s or sub_name.startswith(s + ".") for s in skip):
             continue
-        if sub is not module and isinstance(sub, AdapterModule):
+        if sub is not module and isinstance(sub, (AdapterModule, AdapterParameters)):
             skip.append(sub_name)
             continue
         for pname, param in sub.named_parameters(recurse=False):
@@ -305,7 +306,7 @@ def module_types(graph_map: nn.Module, graphs: Iterable[tuple[str, nn.Module]],
         types[clean_path(path)] = type(mod).__name__
     if model is not None and model is not graph_map:
         adapters = [path for path, mod in model.named_modules(remove_duplicate=False)
-                    if isinstance(mod, AdapterModule)]
+                    if isinstance(mod, (AdapterModule, AdapterParameters))]
         for path, mod in model.named_modules(remove_duplicate=False):
             if any(path == a or path.startswith(a + ".") for a in adapters):
                 continue

@@ -26,7 +26,7 @@ import torch
 from torch import fx, nn
 
 from surgery.map.graphs import graph_modules, qualified
-from surgery.sites.marker import AdapterModule
+from surgery.sites.marker import AdapterModule, AdapterParameters
 from surgery.sites.site_graph import SiteGraph, base_module
 from visualize.expand import Region, SiteCall, align, find_regions, site_index
 from visualize.facts import fetch_attr, param_totals, rewritten_params, scaling_mode
@@ -359,27 +359,31 @@ class GraphBuilder:
         tensor = fetch_attr(sg, target) if node.op == "get_attr" else None
         tensor = tensor if isinstance(tensor, torch.Tensor) else None
         shape, dtype = call.shapes.get(node.name, (None, None))
+        owner = target.rpartition(".")[0]
+        new = (node.op == "get_attr" and bool(owner)  # an adapter's own parameter (IA³'s l)
+               and isinstance(sg.get_submodule(owner), AdapterParameters))
         attrs = self._attrs(node, graph=site,
                             module_path=qualified(site, target) if module is not None else None,
                             module=module,
                             tensor_name=qualified(site, target) if tensor is not None else None,
                             tensor=tensor, prov=provenance(node, module), shape=shape,
-                            dtype=dtype, cluster=parent_path(site))
+                            dtype=dtype, cluster=parent_path(site), new_tensor=new)
         return self._add(f"{call.id_prefix}:{node.name}", attrs, sources)
 
     def _attrs(self, node: fx.Node, *, graph: str, module_path: str | None,
                module: nn.Module | None, tensor_name: str | None, tensor: torch.Tensor | None,
                prov: dict | None, shape: tuple | None, dtype: str | None,
-               cluster: str) -> dict[str, Any]:
+               cluster: str, new_tensor: bool = False) -> dict[str, Any]:
         params: list[dict] = []
         if module is not None:
             params = module_params(module, module_path or "", self.rewritten)
-        elif isinstance(tensor, nn.Parameter) and tensor_name is not None and not (
-                prov and node.op == "get_attr"):  # an inserted read (DoRA's norm): not new
+        elif isinstance(tensor, nn.Parameter) and tensor_name is not None and (
+                new_tensor or not (prov and node.op == "get_attr")):
+            # an inserted read of a base tensor (DoRA's norm) holds nothing new
             params = [tensor_info(tensor_name, tensor, self.rewritten)]
         label = short_label(node, module_path)
-        if prov and node.op == "get_attr":
-            label = f"reads {node.target}"
+        if prov and node.op == "get_attr":  # an adapter's parameter, or a read of the base's
+            label = str(node.target) if new_tensor else f"reads {node.target}"
         site = str(prov.get("site") or "") if prov else None
         if module_path and site is not None and (not site or module_path.startswith(site + ".")):
             label = module_path[len(site) + 1:] if site else module_path  # "lora_A.default"

@@ -39,7 +39,7 @@ from torch import fx, nn
 from surgery.adapters.merge_state import merged_adapters, merged_refusal
 from surgery.adapters.names import check_adapter_name
 from surgery.errors import AdapterNotFoundError, ConfigError, near_matches
-from surgery.sites.marker import AdapterModule
+from surgery.sites.marker import AdapterModule, slot_parameters
 from surgery.sites.site_graph import site_graphs
 
 __all__ = [
@@ -351,4 +351,8 @@ def set_trainable(model: nn.Module, names: str | Collection[str] | None) -> nn.M
         flag = mod.adapter_name in keep
         for param in mod.parameters():
             param.requires_grad_(flag)
+    for qname, param, pass_name, adapter_name in slot_parameters(model):
+        site = qname.rsplit(".", 2)[0] if qname.count(".") >= 2 else ""  # <site>.<slot>.<name>
+        if f"{pass_name}@{site}" not in merged.get(adapter_name, ()):
+            param.requires_grad_(adapter_name in keep)
     return model

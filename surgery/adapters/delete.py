@@ -32,11 +32,12 @@ from torch import fx, nn
 from surgery.adapters.active import merged_names, resolve_names
 from surgery.adapters.fold_layout import Key, adapter_nodes, key_of
 from surgery.adapters.fold_nodes import check_removable
+from surgery.adapters.fold_params import param_removal
 from surgery.adapters.merge_state import label, merged_refusal
 from surgery.adapters.names import check_adapter_name
 from surgery.errors import ConfigError, MergeError, UnsupportedSiteError
 from surgery.pass_base import Change, Pass, PassResult
-from surgery.sites.marker import AdapterModule
+from surgery.sites.marker import AdapterModule, AdapterParameters, slot_parameters
 from surgery.sites.site_graph import SiteGraph, site_graphs
 from surgery.sites.woven import woven_removal
 
@@ -84,6 +85,14 @@ class _DeleteAdapterPass(Pass):
                                adapter=mod.adapter_name, role=mod.role, shape=tuple(p.shape),
                                numel=p.numel()) for pname, p in mod.named_parameters()]
             del parent._modules[slot]
+        for qname, param, pass_name, adapter_name in list(slot_parameters(model)):
+            if adapter_name in wanted:  # a parameter slot's entry: <site>.ia3_l.<adapter>
+                owner_name, _, leaf = qname.rpartition(".")
+                changes.append(Change("param_removed", self.name, owner_name.rpartition(".")[0],
+                                      qname, adapter=adapter_name, shape=tuple(param.shape),
+                                      numel=param.numel(), detail=f"{pass_name} parameter deleted"))
+                owner = model.get_submodule(owner_name)
+                del owner._parameters[leaf]
         _drop_empty_slots(model, {id(parent) for _, parent, _, _ in modules})
         state = getattr(model, "_surgery", None)
         if state is not None and state.active is not None:
@@ -123,6 +132,9 @@ def _removable(sg: SiteGraph, key: Key) -> tuple[list[fx.Node], Callable[[], Non
         nodes, main = check_removable(sg, key)
     except MergeError:
         nodes = adapter_nodes(sg, key)
+        per_param = param_removal(sg, key)  # one branch per named parameter (fold_params)
+        if per_param is not None:
+            return nodes, per_param
     else:
         def cut() -> None:
             main.replace_all_uses_with(main.args[0])
@@ -168,11 +180,13 @@ def _modules_of(model: nn.Module, wanted: set[str]
 
 
 def _drop_empty_slots(model: nn.Module, parents: set[int]) -> None:
-    """Remove the ``nn.ModuleDict`` slots (``lora_A``, ``prefix``, ...) that the deletion
-    left empty from the modules holding them."""
+    """Remove the ``nn.ModuleDict`` slots (``lora_A``, ``prefix``, ...) and parameter slots
+    (``ia3_l``) that the deletion left empty from the modules holding them."""
     for module in list(model.modules()):
         for slot, child in list(module._modules.items()):
             if isinstance(child, nn.ModuleDict) and id(child) in parents and not len(child):
+                del module._modules[slot]
+            elif isinstance(child, AdapterParameters) and not child._parameters:
                 del module._modules[slot]
 
 

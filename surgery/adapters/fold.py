@@ -26,6 +26,7 @@ from surgery.adapters.fold_layout import (
     plan_site,
 )
 from surgery.adapters.fold_nodes import check_removable, remove_adapter
+from surgery.adapters.fold_params import apply_params, folds_params, param_heads, plan_params
 from surgery.adapters.merge_state import (
     KIND_LABEL,
     UNMERGE_PASS,
@@ -40,6 +41,7 @@ from surgery.adapters.merge_state import (
 )
 from surgery.errors import MergeError
 from surgery.sites.changes import Change
+from surgery.sites.marker import AdapterParameters
 from surgery.sites.site_graph import SiteGraph, site_graphs
 
 __all__ = ["adapter_params", "check_foldable", "fold_steps", "merge", "qualify", "role_of"]
@@ -115,9 +117,13 @@ def check_foldable(sg: SiteGraph, who: str = "merge") -> None:
 
 def adapter_params(sg: SiteGraph, key: Key) -> list[tuple[str, nn.Parameter]]:
     """``(name relative to the site graph, parameter)`` of one adapter's modules
-    (``[("lora_A.default.weight", ...), ("lora_B.default.weight", ...)]``)."""
+    (``[("lora_A.default.weight", ...), ("lora_B.default.weight", ...)]``), and of its
+    entries in the site graph's parameter slots (``("ia3_l.default", ...)``)."""
     return [(f"{rel}.{pname}", p) for rel, mod in adapter_modules(sg, key)
-            for pname, p in mod.named_parameters()]
+            for pname, p in mod.named_parameters()] + [
+        (f"{slot}.{key[1]}", held._parameters[key[1]]) for slot, held in sg._modules.items()
+        if isinstance(held, AdapterParameters) and held.pass_name == key[0]
+        and held._parameters.get(key[1]) is not None]
 
 
 def qualify(site: str, name: str) -> str:
@@ -242,7 +248,21 @@ def merge(model: nn.Module, *, kind: str, names: tuple[str, ...] | None, safe: b
     work = _work(model, kind, names, who)
     write = inplace and not dry
     plans = []  # plan and compute everything first: nothing changes unless all of it can
+    by_param = []  # sites whose adapters fold into named parameters (fold_params)
     for qname, sg, wanted in work:
+        if folds_params(sg, wanted):
+            if inplace:
+                for key in wanted:
+                    for pname in {h.fold_param for h in param_heads(sg, key)}:
+                        others = [n for n in _tied(model, sg._parameters[pname])
+                                  if n != qualify(qname, pname)]
+                        if others:
+                            raise MergeError(f"{who}: {qualify(qname, pname)} shares its "
+                                             f"storage with {', '.join(others[:5])}; an "
+                                             f"in-place merge would change them too. Way "
+                                             f"out: inplace=False.")
+            by_param.append((qname, sg, plan_params(sg, wanted, safe=safe, who=who)))
+            continue
         steps = _plan_or_raise(sg, wanted, who)
         check_foldable(sg, who)
         if inplace:
@@ -268,6 +288,9 @@ def merge(model: nn.Module, *, kind: str, names: tuple[str, ...] | None, safe: b
         del results  # an in-place merge recomputes them one at a time below
 
     changes: list[Change] = []
+    for qname, sg, param_steps in by_param:
+        changes += apply_params(sg, qname, param_steps, write=write, inplace=inplace,
+                                pass_name=pass_name)
     for qname, sg, steps, results in plans:
         for i, key in enumerate(steps):
             record = _merge_step(sg, qname, key, None if results is None else results[i],

@@ -30,14 +30,18 @@ USERS_KEY = "surgery_merge_users"
 when it was removed."""
 
 
-def check_removable(sg: SiteGraph, key: Key) -> tuple[list[fx.Node], fx.Node]:
+def check_removable(sg: SiteGraph, key: Key, nodes: list[fx.Node] | None = None
+                    ) -> tuple[list[fx.Node], fx.Node]:
     """The adapter's nodes and main node, after checking they can be taken out.
+
+    ``nodes``: a part of the adapter's nodes to take out alone (one branch of an adapter
+    with several, :mod:`surgery.adapters.fold_params`); all of them by default.
 
     Raises:
         MergeError: no single main node, or a branch node feeds something outside the
             adapter (it cannot go without changing what that reads).
     """
-    nodes = adapter_nodes(sg, key)
+    nodes = adapter_nodes(sg, key) if nodes is None else nodes
     main = main_node(sg, key, nodes)
     if not main.args or not isinstance(main.args[0], fx.Node):
         raise MergeError(f"{label(*key)} at {sg.site or 'the model'}: node {main.name!r} does "
@@ -60,8 +64,10 @@ def _spec(node: fx.Node, extra: dict[str, Any]) -> NodeSpec:
                     node.prev.name)
 
 
-def remove_adapter(sg: SiteGraph, key: Key) -> tuple[tuple[NodeSpec, ...], str]:
-    """Take every node of one adapter out of the site graph.
+def remove_adapter(sg: SiteGraph, key: Key, nodes: list[fx.Node] | None = None
+                   ) -> tuple[tuple[NodeSpec, ...], str]:
+    """Take every node of one adapter (or only ``nodes``, see :func:`check_removable`) out
+    of the site graph.
 
     Returns:
         ``(specs, main)``: the removed nodes in graph order, and the main node's name.
@@ -69,7 +75,7 @@ def remove_adapter(sg: SiteGraph, key: Key) -> tuple[tuple[NodeSpec, ...], str]:
     Raises:
         MergeError: see :func:`check_removable`; nothing is changed then.
     """
-    nodes, main = check_removable(sg, key)
+    nodes, main = check_removable(sg, key, nodes)
     users = {USERS_KEY: tuple(u.name for u in main.users if u not in nodes)}
     specs = tuple(_spec(n, users if n is main else {}) for n in nodes)
     main.replace_all_uses_with(main.args[0])

@@ -132,6 +132,9 @@ class MergeRecord:
         adapter_grads: ``(name relative to the layer, requires_grad)`` of every parameter of
             the merged adapter's modules (``lora_A.default.weight``, ...) before the merge
             froze them; unmerge puts these flags back.
+        param: the name, on the site graph, of the parameter ``weight`` was
+            (``"weight"``; ``"gate_up_proj"`` for a fold into a named parameter, see
+            :mod:`surgery.adapters.fold_params`).
 
     Records are immutable and shared, never copied, when a model is deep-copied: the
     tensors they hold are never written (so a deep copy of a merged model, once unmerged,
@@ -152,6 +155,7 @@ class MergeRecord:
     nodes: tuple[NodeSpec, ...] = field(default=())
     main: str = ""
     adapter_grads: tuple[tuple[str, bool], ...] = field(default=())
+    param: str = "weight"
 
     @property
     def label(self) -> str:

@@ -139,7 +139,7 @@ def _put_back(model: nn.Module, sg: SiteGraph, record: MergeRecord, *, write: bo
     gets the kept tensor moved the same way (the record is not a parameter or buffer, so
     the move left it where it was), as moving the unmerged model would have done.
     """
-    pairs = [("weight", record.weight, record.weight_grad)]
+    pairs = [(record.param, record.weight, record.weight_grad)]
     if record.bias is not None:
         pairs.append(("bias", record.bias, record.bias_grad))
     for pname, saved, grad in pairs:
@@ -162,7 +162,7 @@ def _unmerge_changes(sg: SiteGraph, record: MergeRecord, nodes: list[str],
     site, role = record.site, role_of(record)
     changes = [Change("node_added", pass_name, site, f"{site}/{name}", adapter=record.adapter,
                       role=role) for name in nodes]
-    for pname in ("weight", "bias") if record.bias is not None else ("weight",):
+    for pname in (record.param, "bias") if record.bias is not None else (record.param,):
         param = sg._parameters[pname]
         changes.append(Change("param_rewritten", pass_name, site, qualify(site, pname),
                               adapter=record.adapter, role=role, shape=tuple(param.shape),

@@ -20,6 +20,7 @@ from torch import nn
 
 from surgery.adapters.fold import check_foldable, fold_steps
 from surgery.adapters.fold_layout import Key, adapters_at, fold_head, plan_site
+from surgery.adapters.fold_params import fold_params_now, folds_params
 from surgery.adapters.merge_state import not_mergeable_error, read_records
 from surgery.errors import ConfigError, MergeError
 from surgery.sites.marker import AdapterModule
@@ -145,6 +146,8 @@ def _fold_site(qname: str, sg: SiteGraph) -> list[tuple[str, nn.Parameter, nn.Pa
     if not wanted:
         return []
     try:
+        if folds_params(sg, wanted):  # into named parameters: each update on its own
+            return _fold_params(qname, sg, wanted)
         order = plan_site(sg, wanted)
     except MergeError as e:
         raise MergeError(f"unload: {e}") from None
@@ -165,6 +168,22 @@ def _fold_site(qname: str, sg: SiteGraph) -> list[tuple[str, nn.Parameter, nn.Pa
         if not bool(value.isfinite().all()):
             raise MergeError(f"unload: merging {', '.join(n for _, n in steps)} into "
                              f"{qname or 'the model'} gives non-finite values in its {pname}.")
+        out.append((pname, old, nn.Parameter(value, requires_grad=old.requires_grad)))
+    return out
+
+
+def _fold_params(qname: str, sg: SiteGraph, wanted: set[Key]
+                 ) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
+    """:func:`_fold_site` for adapters folding into named parameters
+    (:mod:`surgery.adapters.fold_params`); switched-off updates are left out."""
+    last: dict[str, object] = {}
+    for _, _, pname, value in fold_params_now(sg, sorted(wanted), active_only=True):
+        last[pname] = value
+    out = []
+    for pname, value in last.items():
+        old = sg._parameters[pname]
+        if not bool(value.isfinite().all()):
+            raise MergeError(f"unload: merging into {qname}.{pname} gives non-finite values.")
         out.append((pname, old, nn.Parameter(value, requires_grad=old.requires_grad)))
     return out
 

@@ -48,7 +48,7 @@ from torch import nn
 
 from surgery.audit import format as audit_format
 from surgery.pass_base import SurgeryState
-from surgery.sites.marker import AdapterModule
+from surgery.sites.marker import AdapterModule, AdapterParameters
 from surgery.sites.site_graph import base_module, site_graphs
 from surgery.targets import model_roles
 
@@ -356,6 +356,8 @@ def _row(qname: str, module: nn.Module, own: list[tuple[str, nn.Parameter]], cou
     if isinstance(module, AdapterModule):
         added.insert(0, f"{module.pass_name}:{module.adapter_name}")
         role = role or module.role or roles.get(module.site, "")
+    elif isinstance(module, AdapterParameters):  # <site>.ia3_l: the role of its site
+        role = role or roles.get(qname.rpartition(".")[0], "")
     flags = [p.requires_grad for _, p in own]
     return AuditRow(
         name=qname,
@@ -413,9 +415,7 @@ def audit(model: nn.Module, only_trainable: bool = False, depth: int | None = No
         own = list(module.named_parameters(recurse=False))
         entry = None
         if isinstance(module, AdapterModule):
-            entry = adapters.setdefault((module.pass_name, module.adapter_name),
-                                        {"sites": [], "params": 0, "trainable": 0, "on": 0,
-                                         "off": 0, "ranks": {}, "dora": False})
+            entry = _summary_entry(adapters, module.pass_name, module.adapter_name)
             entry["dora"] = entry["dora"] or module.fold_mode == "dora"
             entry["sites"].append(module.site)
             if id(module) in ranks:
@@ -432,6 +432,10 @@ def audit(model: nn.Module, only_trainable: bool = False, depth: int | None = No
             seen[id(param)] = f"{qname}.{pname}" if qname else pname
             count += param.numel()
             n_train += param.numel() if param.requires_grad else 0
+            if isinstance(module, AdapterParameters):  # named after its adapter
+                held = _summary_entry(adapters, module.pass_name, pname)
+                held["params"] += param.numel()
+                held["trainable"] += param.numel() if param.requires_grad else 0
         total += count
         trainable_total += n_train
         if entry is not None:
@@ -462,6 +466,14 @@ def audit(model: nn.Module, only_trainable: bool = False, depth: int | None = No
         adapters=summaries,
         notes=tuple(state.notes) if state is not None else (),
     )
+
+
+def _summary_entry(adapters: dict[tuple[str, str], dict[str, Any]], pass_name: str,
+                   adapter_name: str) -> dict[str, Any]:
+    """The running totals of one adapter (created empty on first use)."""
+    return adapters.setdefault((pass_name, adapter_name),
+                               {"sites": [], "params": 0, "trainable": 0, "on": 0, "off": 0,
+                                "ranks": {}, "dora": False})
 
 
 def _below(name: str, ancestor: str) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from surgery.errors import few
-from surgery.sites.marker import AdapterModule
+from surgery.sites.marker import AdapterModule, AdapterParameters
 from surgery.sites.site_graph import plain_weight_free
 
 __all__ = ["fingerprint", "fingerprint_differences"]
@@ -50,7 +50,7 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
 def _adapter_only(module: nn.Module) -> bool:
     """True for an adapter module, or a container holding nothing but adapter modules (no
     tensors of its own): the things surgery inserted, found by type."""
-    if isinstance(module, AdapterModule):
+    if isinstance(module, (AdapterModule, AdapterParameters)):
         return True
     children = [m for m in module._modules.values() if m is not None]
     return (bool(children) and not module._parameters and not module._buffers

@@ -46,6 +46,7 @@ from surgery.checkpoint.peft_keys import (
     expected_keys,
     peft_local,
 )
+from surgery.checkpoint.peft_params import is_param_adapter, param_adapter_plan
 from surgery.checkpoint.peft_settings import ExportLayer, adapter_settings, task_type
 from surgery.checkpoint.peft_targets import PeftTargets, resolve_peft_targets
 from surgery.errors import AdapterNotFoundError, CheckpointError, ConfigError
@@ -215,6 +216,9 @@ def _trained(model: nn.Module) -> list[str]:
 def _plan(model: nn.Module, name: str, kinds: dict[str, list[str]], trained: list[str],
           root: Path) -> _Plan:
     kind = next(iter(kinds))
+    if kind == "lora" and is_param_adapter(model, name):  # PEFT's target_parameters
+        config, tensors = param_adapter_plan(model, name, trained)
+        return _Plan(name, root if name == "default" else root / name, config, tensors)
     _refuse_rewritten_base(model, name)
     layers = _layers(model, name, kind)
     _refuse_tied(model, trained)
@@ -292,7 +296,7 @@ def _layers(model: nn.Module, name: str, kind: str) -> list[ExportLayer]:
                 f"out: wrap the layer in a module (nn.Sequential(layer)) before adapting it.")
         conv1d = is_hf_conv1d(base)
         out.append(_lora_layer(sg, qname, name, head, conv1d) if kind == "lora"
-                   else _ia3_layer(qname, name, head, base, conv1d))
+                   else _ia3_layer(sg, qname, name, head, conv1d))
     if not out:
         raise CheckpointError(f"{_WHO}: adapter {name!r} sits on no layer PEFT can adapt "
                               f"(no LoRA / IA³ site graph carries it). Nothing was written.")
@@ -332,19 +336,20 @@ def _lora_layer(sg: SiteGraph, qname: str, name: str, head: nn.Module, conv1d: b
                   dropout=p, dora=head.fold_mode == "dora")
 
 
-def _ia3_layer(qname: str, name: str, head: nn.Module, base: nn.Module, conv1d: bool) -> ExportLayer:
+def _ia3_layer(sg: SiteGraph, qname: str, name: str, head: nn.Module, conv1d: bool) -> ExportLayer:
+    """The adapter's vector at one layer: its parameter ``ia3_l.<name>`` has PEFT's name and
+    shape, except on a fused qkv layer learning only the key and value slices, which PEFT
+    holds as one whole-layer vector ``(out, 1)`` (ones on the query slice)."""
     vector = getattr(head, "vector", None)
-    if head.fold_mode not in ("input", "output") or not callable(vector):
+    held = adapter_params(sg, ("ia3", name))
+    if head.fold_mode not in ("input", "output") or not callable(vector) or len(held) != 1:
         raise CheckpointError(f"{_WHO}: IA³ adapter {name!r} at {qname} is not a scaling "
                               f"vector; PEFT's IA³ files cannot hold it.")
-    full = vector().detach()
-    feedforward = head.fold_mode == "input"
-    spatial = base.weight.dim() - 2 if isinstance(base, nn.modules.conv._ConvNd) else 0
-    if spatial:  # PEFT's convolution IA³: (1, channels, 1, ...)
-        shape: tuple[int, ...] = (1, -1, *(1,) * spatial)
-    else:
-        shape = (1, -1) if feedforward else (-1, 1)
-    return ExportLayer(qname, conv1d, {"ia3_l": full.reshape(shape)}, feedforward=feedforward)
+    rel, param = held[0]
+    full = vector(param).detach()
+    tensor = param if full.numel() == param.numel() else full.reshape(-1, 1)
+    return ExportLayer(qname, conv1d, {peft_local(rel, name): tensor},
+                       feedforward=head.fold_mode == "input")
 
 
 def _refuse_tied(model: nn.Module, trained: list[str]) -> None:

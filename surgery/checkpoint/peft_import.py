@@ -25,8 +25,8 @@ from torch import nn
 from surgery.adapters.merge_state import adapter_inventory
 from surgery.adapters.names import check_adapter_name
 from surgery.apply import apply_passes, unwrap
-from surgery.checkpoint.files import checkpoint_dir, read_tensors
-from surgery.checkpoint.peft_config import PeftSettings, read_peft_config
+from surgery.checkpoint.files import checkpoint_dir, read_json, read_tensors
+from surgery.checkpoint.peft_config import CONFIG_NAME, PeftSettings, read_peft_config
 from surgery.checkpoint.peft_keys import (
     PREFIX,
     WEIGHTS_NAME,
@@ -34,6 +34,7 @@ from surgery.checkpoint.peft_keys import (
     check_keys,
     expected_keys,
 )
+from surgery.checkpoint.peft_params import import_param_adapter, is_param_config
 from surgery.checkpoint.peft_targets import PeftTargets, resolve_peft_targets
 from surgery.checkpoint.registry import known_pass
 from surgery.errors import CheckpointError, ConfigError, SurgeryError
@@ -87,7 +88,7 @@ def import_peft(base_model: nn.Module, directory: str | os.PathLike[str],
             reproduce (DoRA on an embedding, a bias on ``lora_B``, LoRA on
             ``nn.MultiheadAttention`` or on a
             convolution with a dilation or padding mode PEFT's ``lora_A`` ignores, trainable
-            token indices, ``target_parameters``, Megatron, another PEFT method, ...),
+            token indices, Megatron, another PEFT method, ...),
             named; keys missing or unexpected, shapes or dtypes that do not fit (the first
             few of each, their number, the nearest names present); ``adapter_name`` taken
             already. Nothing is loaded and ``base_model`` is unchanged.
@@ -99,6 +100,12 @@ def import_peft(base_model: nn.Module, directory: str | os.PathLike[str],
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise ConfigError(f"{_WHO}: dtype must be a torch.dtype (torch.float32), got {dtype!r}")
     path = checkpoint_dir(directory, _WHO, must_exist=True)
+    if (path / CONFIG_NAME).is_file() and is_param_config(read_json(path / CONFIG_NAME, _WHO)):
+        if adapter_name in adapter_inventory(unwrap(base_model)[0]):
+            raise CheckpointError(
+                f"{_WHO}: the model already carries an adapter named {adapter_name!r}; nothing "
+                f"was loaded. Way out: import_peft(..., adapter_name='<another name>').")
+        return import_param_adapter(base_model, path, adapter_name, dtype)  # target_parameters
     settings = read_peft_config(path, _WHO)
     weights = path / WEIGHTS_NAME
     if not weights.is_file() and (path / "adapter_model.bin").is_file():
@@ -226,18 +233,11 @@ def _load(model: nn.Module, tensors: dict[str, torch.Tensor], expected: dict[str
             if spec.slot in ("lora_A", "lora_B", "lora_magnitude_vector"):
                 param = root.get_submodule(spec.qname)._modules[spec.slot][adapter_name].weight
                 param.data = value.to(param.device)
-            elif spec.slot in ("lora_embedding_A", "lora_embedding_B"):  # lora_embedding_A.<name>
+            elif spec.slot in ("lora_embedding_A", "lora_embedding_B", "ia3_l"):  # <slot>.<name>
                 param = root.get_submodule(spec.qname).get_parameter(f"{spec.slot}.{adapter_name}")
                 param.data = value.to(param.device)
-            elif spec.slot == "ia3_l":
-                _load_ia3(root.get_submodule(spec.qname)._modules["ia3_l"][adapter_name], value)
             else:
                 _assign(root.get_submodule(spec.qname), spec.local, value)
-
-
-def _load_ia3(vector: nn.Module, value: torch.Tensor) -> None:
-    """Load a PEFT IA³ vector (stored ``(out, 1)`` or ``(1, in)``) into an IA³ module."""
-    vector.weight.data = value.reshape(-1).to(vector.weight.device)
 
 
 def _assign(module: nn.Module, local: str, value: torch.Tensor) -> None:

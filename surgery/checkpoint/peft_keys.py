@@ -46,7 +46,7 @@ from torch import nn
 
 from surgery.checkpoint.peft_targets import PeftSite, PeftTargets
 from surgery.errors import CheckpointError, near_matches
-from surgery.sites.marker import AdapterModule
+from surgery.sites.marker import AdapterModule, AdapterParameters
 
 __all__ = ["PREFIX", "WEIGHTS_NAME", "PeftKey", "lora_keys", "ia3_key", "expected_keys",
            "bias_keys", "check_keys", "peft_local"]
@@ -190,7 +190,7 @@ def bias_keys(model: nn.Module, targets: PeftTargets) -> dict[str, tuple[str, nn
     if targets.bias == "none":
         return {}
     sites = {s.qname for s in targets.sites}
-    inside = {id(p) for m in model.modules() if isinstance(m, AdapterModule)
+    inside = {id(p) for m in model.modules() if isinstance(m, (AdapterModule, AdapterParameters))
               for p in m.parameters()}
     out: dict[str, tuple[str, nn.Parameter]] = {}
     for name, param in model.named_parameters():

@@ -39,7 +39,7 @@ from torch import nn
 from surgery.checkpoint.peft_config import PeftSettings
 from surgery.errors import CheckpointError, near_matches
 from surgery.map.leaves import is_hf_conv1d
-from surgery.sites.marker import AdapterModule
+from surgery.sites.marker import AdapterModule, AdapterParameters
 from surgery.sites.site_graph import SiteGraph, base_module
 
 __all__ = ["PeftSite", "PeftTargets", "PeftView", "peft_view", "resolve_peft_targets",
@@ -130,7 +130,8 @@ def peft_view(model: nn.Module) -> PeftView:
 
     def walk(module: nn.Module, prefix: str) -> None:
         for name, child in module._modules.items():
-            if child is None or isinstance(child, AdapterModule) or _adapter_slot(module, child):
+            if (child is None or isinstance(child, (AdapterModule, AdapterParameters))
+                    or _adapter_slot(module, child)):
                 continue
             qname = prefix + name
             names.append(qname)
@@ -150,7 +151,7 @@ def peft_view(model: nn.Module) -> PeftView:
 
 
 def _adapter_slot(parent: nn.Module, child: nn.Module) -> bool:
-    """A site graph's ``ModuleDict`` of adapter modules (``lora_A``, ``ia3_l``, ...)."""
+    """A site graph's ``ModuleDict`` of adapter modules (``lora_A``, ``ia3``, ...)."""
     return (isinstance(parent, SiteGraph) and isinstance(child, nn.ModuleDict) and len(child) > 0
             and all(isinstance(m, AdapterModule) for m in child.values()))
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from surgery.sites.marker import AdapterModule
+from surgery.sites.marker import AdapterModule, slot_parameters
 
 __all__ = ["CheckpointTensor", "adapter_state", "trained_modules", "trained_parameters",
            "assign"]
@@ -58,7 +58,8 @@ def adapter_state(model: nn.Module) -> dict[str, CheckpointTensor]:
     """Every tensor a checkpoint of ``model`` holds, by ``state_dict`` key, in model order.
 
     The outermost adapter modules give their whole ``state_dict`` (parameters and
-    persistent buffers, nested modules included); each base module trained fully gives its
+    persistent buffers, nested modules included), each parameter of an adapter's parameter
+    slot (``<site>.ia3_l.<adapter>``) gives itself; each base module trained fully gives its
     own, and each base parameter trained alone gives itself. Every other key of
     ``model.state_dict()`` under which one of these tensors is reachable is recorded as a
     tie of its first key.
@@ -84,6 +85,10 @@ def adapter_state(model: nn.Module) -> dict[str, CheckpointTensor]:
             continue
         outer.append(qname)
         add(qname, mod, mod.adapter_name)
+    for pname, param, _, adapter_name in slot_parameters(model):  # <site>.ia3_l.<adapter>
+        if id(param) not in by_id:
+            by_id[id(param)] = pname
+            out[pname] = CheckpointTensor(param, adapter_name, bool(param.requires_grad))
     for qname in trained_modules(model):
         add(qname, model.get_submodule(qname), None)
     for pname in trained_parameters(model):

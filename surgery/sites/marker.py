@@ -17,21 +17,36 @@ through the small **fold protocol** declared here. One module of a foldable adap
 
 Unfolding needs nothing from the modules: a merge keeps the exact tensors it replaced, and
 unmerge puts them back (bit for bit, whatever the dtype).
+
+Where the reference library keeps an adapter's tensor as a parameter named after the adapter
+(PEFT's IA³: ``k_proj.ia3_l.<adapter>``), the site graph holds it in an
+:class:`AdapterParameters` slot, one parameter per adapter, and the adapter's module reads it
+from there (a ``get_attr`` node of the site graph). Such a parameter belongs to the adapter it
+is named after, of the slot's pass: :func:`slot_parameters` lists them for the generic code
+(freezing, the audit, checkpoints, deletion, the pictures).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from torch import Tensor, nn
 
-__all__ = ["AdapterModule", "FOLD_MODES"]
+from surgery.errors import AlreadyAdaptedError, ConfigError
 
-FOLD_MODES = ("add", "output", "input", "dora")
+__all__ = ["AdapterModule", "AdapterParameters", "FOLD_MODES", "slot_parameters"]
+
+FOLD_MODES = ("add", "output", "input", "dora", "param")
 """The ways an adapter folds into a layer ``y = W x + b``:
 
 * ``"add"``: a branch beside the layer reading the layer's input, ``y + ΔW x``, folds as
   ``W' = W + ΔW``; such branches commute with each other.
 * ``"output"``: scales the layer's output, ``l ⊙ y``: ``W' = diag(l) W``, ``b' = l ⊙ b``.
 * ``"input"``: scales the layer's input, ``W (l ⊙ x) + b``: ``W' = W diag(l)``.
+* ``"param"``: one of several branches, each beside the call that reads one named
+  parameter of the site other than ``weight`` (LoRA on fused expert weights); the head
+  names it (``fold_param``) and computes its merged value (``fold_value(site, value)``),
+  see :mod:`surgery.adapters.fold_params`.
 * ``"dora"``: a weight-decomposed branch (DoRA) reading the layer's input and its weight,
   ``W' = diag(m / ‖W + ΔW‖) (W + ΔW)``, bias unchanged. It reads the weight, so nothing
   else may fold into that weight while it is unmerged.
@@ -127,3 +142,55 @@ class AdapterModule(nn.Module):
         """
         raise NotImplementedError(f"{type(self).__name__} ({self.site}) heads no low-rank "
                                   f"adapter")
+
+
+class AdapterParameters(nn.Module):
+    """A slot of a site graph owning one parameter per adapter, named after the adapter.
+
+    It keeps PEFT's parameter names where PEFT holds an adapter's tensor in an
+    ``nn.ParameterDict`` (IA³: ``k_proj.ia3_l.<adapter>``, no ``.weight``). The slot computes
+    nothing: each adapter's :class:`AdapterModule` reads its parameter through a ``get_attr``
+    node. The parameter ``<slot>.<name>`` belongs to adapter ``name`` of pass ``pass_name``.
+
+    Args:
+        pass_name: the stable name of the pass whose adapters the slot holds (``"ia3"``).
+    """
+
+    def __init__(self, *, pass_name: str) -> None:
+        super().__init__()
+        self.pass_name = pass_name
+
+    def add(self, adapter_name: str, param: nn.Parameter, *, who: str, site: str,
+            slot: str) -> None:
+        """Register ``param`` under ``adapter_name``.
+
+        Raises:
+            AlreadyAdaptedError: the slot already holds a parameter of that adapter.
+            ConfigError: ``adapter_name`` names an attribute of the slot (``"training"``,
+                ``"forward"``, ...), which a parameter cannot take.
+        """
+        where = f"{site}.{slot}" if site else slot
+        if adapter_name in self._parameters:
+            raise AlreadyAdaptedError(
+                f"{who}: {site or 'the model'} already has an adapter named {adapter_name!r} "
+                f"in {where}. Way out: give the pass another name=..., or exclude this site "
+                f"with exclude=[{site!r}].")
+        if hasattr(self, adapter_name):
+            raise ConfigError(
+                f"{who}: adapter name {adapter_name!r} cannot name a parameter of {where} "
+                f"({where}.{adapter_name}): it is an attribute of the module holding it. Way "
+                f"out: name=... with another name.")
+        self.register_parameter(adapter_name, param)
+
+    def extra_repr(self) -> str:
+        return f"pass={self.pass_name!r}, adapters={list(self._parameters)}"
+
+
+def slot_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter, str, str]]:
+    """``(qualified name, parameter, pass name, adapter name)`` of every parameter held in an
+    :class:`AdapterParameters` slot of ``model`` (each slot once), in module order."""
+    for qname, mod in model.named_modules():
+        if isinstance(mod, AdapterParameters):
+            for name, param in mod._parameters.items():
+                if param is not None:
+                    yield (f"{qname}.{name}" if qname else name), param, mod.pass_name, name

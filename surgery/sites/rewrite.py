@@ -8,11 +8,12 @@ Every node a pass inserts carries ``node.meta["surgery"] = {"pass", "site", "rol
 
 - side-branch parts (:data:`BRANCH_PARTS`: ``lora_dropout``, ``lora_A``, ``lora_B``,
   ``scale``, ``down``, ``act``, ``up``; a DoRA branch's ``dora_weight``, the reads of the
-  weights it needs, and ``dora_scale``, its magnitude's update) read the site's input or output but are not on the
+  weights it needs, and ``dora_scale``, its magnitude's update; IA³'s ``ia3_l``, the read of
+  its vector) read the site's input or output, or a parameter, but are not on the
   path the site's value takes to the output;
 - every other part is on the main path and is see-through: :func:`site_output` passes it
   as if the layer were unadapted. Among them: ``add`` (the sum of the layer's output and a
-  branch) and ``ia3_l`` (IA³ scaling).
+  branch) and ``ia3`` (IA³ scaling).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import fx, nn
 
 from surgery.errors import AlreadyAdaptedError
 from surgery.sites.changes import Change
-from surgery.sites.marker import AdapterModule
+from surgery.sites.marker import AdapterModule, AdapterParameters
 from surgery.sites.site_graph import SiteGraph
 
 __all__ = [
@@ -42,7 +43,7 @@ __all__ = [
 # Parts of an inserted side branch: they read the site's input or output but are not on
 # the path the site's value takes to the output.
 BRANCH_PARTS = frozenset({"lora_dropout", "lora_A", "lora_B", "scale", "down", "act", "up",
-                          "dora_weight", "dora_scale"})
+                          "dora_weight", "dora_scale", "ia3_l"})
 
 
 def register_adapter(site_module: nn.Module, slot: str, adapter_name: str, module: nn.Module,
@@ -118,9 +119,9 @@ def insert_after(graph: fx.Graph, after: fx.Node, build: Callable[[], fx.Node]) 
 
 def freeze_site(module: nn.Module, *, pass_name: str, site: str, role: str | None) -> list[Change]:
     """Freeze the base parameters of an adapted site: its own and its children's, not its
-    adapters'."""
+    adapters' (nor those of its adapters' parameter slots)."""
     changes = []
-    adapters = {id(p) for m in module.modules() if isinstance(m, AdapterModule)
+    adapters = {id(p) for m in module.modules() if isinstance(m, (AdapterModule, AdapterParameters))
                 for p in m.parameters()}
     for pname, param in module.named_parameters():
         if param.requires_grad and id(param) not in adapters:

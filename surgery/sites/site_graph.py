@@ -201,7 +201,7 @@ def base_module(module: nn.Module) -> nn.Module:
 
 
 def make_site_graph(module: nn.Module, site: str, *, who: str,
-                    leaf: Any = None) -> SiteGraph:
+                    leaf: Any = None, tracer: Any = None) -> SiteGraph:
     """Trace ``module``'s own ``forward`` into a :class:`SiteGraph` that replaces it.
 
     Args:
@@ -212,6 +212,10 @@ def make_site_graph(module: nn.Module, site: str, *, who: str,
         leaf: ``leaf(child) -> bool``, children kept as ``call_module`` nodes besides the
             ones torch.fx keeps (modules of ``torch.nn``); by default the layers adapters
             attach to (:func:`surgery.map.leaves.is_leaf_type`).
+        tracer: ``tracer(module, site) -> fx.Graph``, a graph to use instead of the trace of
+            the module's own ``forward`` (a forward the module dispatches to, traced with
+            its library's kernels kept as calls); it must compute what the module computes
+            and not depend on ``self.training``.
 
     Returns:
         A site graph that computes exactly what ``module`` computes (bitwise: the same
@@ -228,8 +232,8 @@ def make_site_graph(module: nn.Module, site: str, *, who: str,
     user_leaf = leaf or is_leaf_type
     kind = type(module).__name__
     was_training = module.training
-    graph = trace_forward(module, site, who=who,
-                          leaf=lambda m: isinstance(m, SiteGraph) or user_leaf(m))
+    graph = tracer(module, site) if tracer is not None else trace_forward(
+        module, site, who=who, leaf=lambda m: isinstance(m, SiteGraph) or user_leaf(m))
     sg = SiteGraph(module, graph, class_name=kind)
     # Keep every child, parameter and buffer, called or not, as the very same objects.
     for name, child in module._modules.items():
@@ -321,12 +325,14 @@ def install(model: nn.Module, names: Collection[str], new: nn.Module) -> nn.Modu
 
 
 def site_graph_at(model: nn.Module, qname: str, *, who: str, leaf: Any = None,
-                  aliases: Collection[str] | None = None) -> tuple[nn.Module, SiteGraph]:
+                  aliases: Collection[str] | None = None,
+                  tracer: Any = None) -> tuple[nn.Module, SiteGraph]:
     """The site graph at ``qname``, made and installed first if the module there is plain.
 
     Args:
         aliases: every name the module sits under, when the caller knows them
             (:attr:`surgery.targets.Site.aliases`); found by walking the model otherwise.
+        tracer: see :func:`make_site_graph` (used only when the site graph is made here).
 
     Returns:
         ``(root, site_graph)``: the model root (``model`` itself, unless ``qname`` is the
@@ -339,7 +345,7 @@ def site_graph_at(model: nn.Module, qname: str, *, who: str, leaf: Any = None,
     module = model.get_submodule(qname) if qname else model
     if isinstance(module, SiteGraph):
         return model, module
-    sg = make_site_graph(module, qname, who=who, leaf=leaf)
+    sg = make_site_graph(module, qname, who=who, leaf=leaf, tracer=tracer)
     names = list(aliases) if aliases else (module_aliases(model, module) or [qname])
     return install(model, names, sg), sg
 

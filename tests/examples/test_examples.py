@@ -64,8 +64,9 @@ def test_gpt2_lora() -> None:
     out = run_ok("gpt2_lora.py", "--steps", "3")
     assert "LoRA sites: transformer.h.0.attn.c_attn, transformer.h.1.attn.c_attn" in out
     assert "bitwise equal at init: True (batch (2, 16)), True (batch (3, 23))" in out
-    # IA3 on the fused projection learns the key and value slices only: 128 of 192.
-    assert "trainable transformer.h.0.attn.c_attn.ia3_l.default.weight (128,)" in out
+    # IA3 on the fused projection learns the key and value slices only: 128 of 192, in
+    # PEFT's parameter name and (out, 1) layout.
+    assert "trainable transformer.h.0.attn.c_attn.ia3_l.default (128, 1)" in out
     loss = losses(out, 3)
     assert loss[-1] < loss[0]
     assert "trained model on batch (3, 23) -> logits (3, 23, 128)" in out
@@ -173,7 +174,8 @@ def test_teach_prefix(tmp_path: Path) -> None:
 @needs_graphviz
 def test_teach_merge(tmp_path: Path) -> None:
     out = run_ok("teach_merge.py", "--out", str(tmp_path))
-    assert "adapted: 20 LoRA nodes, 4 IA3 nodes" in out
+    # IA3: per layer, the read of its vector ia3_l.default and the scaling ia3.default
+    assert "adapted: 20 LoRA nodes, 8 IA3 nodes" in out
     assert ("merged: 0 adapter nodes left; weights rewritten in 6 layers: layers.0.attn.k_proj, "
             "layers.0.attn.q_proj, layers.0.attn.v_proj, layers.1.attn.k_proj, "
             "layers.1.attn.q_proj, layers.1.attn.v_proj") in out

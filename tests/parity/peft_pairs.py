@@ -103,21 +103,22 @@ def pair(model_id: str, kind: str, configs: dict[str, dict[str, Any]], seed: int
     return Pair(theirs.eval(), ours.eval(), base, example_input())
 
 
-def ours_name(peft_name: str, ours: set[str]) -> str:
-    """Our parameter name for PEFT's ``peft_name`` (an IA³ vector and an embedding factor
-    are bare parameters there and ``.weight`` of a module here where ``ours`` says so)."""
+def ours_name(peft_name: str) -> str:
+    """Our parameter name for PEFT's ``peft_name``: without ``base_model.model.``,
+    ``.base_layer`` and ``.modules_to_save.<adapter>``; nothing else is renamed (an IA³
+    vector is ``<layer>.ia3_l.<adapter>`` in both, an embedding factor
+    ``<layer>.lora_embedding_A.<adapter>``)."""
     name = peft_name.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".")
     if ".modules_to_save." in name:
         head, _, rest = name.partition(".modules_to_save.")
         name = head + "." + rest.partition(".")[2]
-    return name if name in ours or name + ".weight" not in ours else name + ".weight"
+    return name
 
 
 def trainable(theirs: Any, ours: nn.Module) -> tuple[dict[str, int], dict[str, int]]:
     """``(PEFT's trainable parameters renamed to ours, ours)``: name -> number of elements."""
     mine = {n: p.numel() for n, p in ours.named_parameters() if p.requires_grad}
-    names = set(dict(ours.named_parameters()))
-    peft_side = {ours_name(n, names): p.numel() for n, p in theirs.named_parameters()
+    peft_side = {ours_name(n): p.numel() for n, p in theirs.named_parameters()
                  if p.requires_grad}
     return peft_side, mine
 

@@ -3,7 +3,9 @@
 Every case of :mod:`parity.peft_cases` either runs here or is listed with the feature it
 needs. A case runs on two models holding the same weights (:func:`parity.peft_pairs.pair`:
 PEFT's model with random adapter values, saved and loaded with :func:`surgery.import_peft`)
-and checks: trainable parameter names and counts; outputs in eval and in training mode
+and checks: trainable parameter names and counts (PEFT's names less ``base_model.model.``,
+``.base_layer`` and ``.modules_to_save.<adapter>``, nothing else renamed; IA³ vectors also by
+shape and value); outputs in eval and in training mode
 (dropout drawn from the same seed); merge against PEFT's merge, unmerge back bit for bit;
 disabled adapters against PEFT's ``disable_adapter()``. Outputs are bitwise equal where
 both compute the same float32 operations in the same order, which the measurements show for
@@ -91,6 +93,23 @@ def test_trainable_names_and_counts(case_id: str) -> None:
     theirs, ours = trainable(p.theirs, p.ours)
     assert theirs == ours
     assert sum(theirs.values()) == sum(ours.values()) > 0
+
+
+@pytest.mark.parametrize("case_id", [c for c in IDS if case_kind(c) == "ia3"])
+def test_ia3_parameters_are_peft_s_by_name_shape_and_value(case_id: str) -> None:
+    """An IA³ vector is ``<layer>.ia3_l.<adapter>`` in both models, PEFT's name without
+    ``base_model.model.`` and nothing renamed, of the same shape ((out, 1), (1, in),
+    (1, C, 1, 1), ...) and the same values; ours are trainable as PEFT's are."""
+    p = _pair(case_id)
+    theirs = {n.removeprefix("base_model.model."): q for n, q in p.theirs.named_parameters()
+              if ".ia3_l." in n}
+    ours = {n: q for n, q in p.ours.named_parameters() if ".ia3_l." in n}
+    assert theirs and sorted(theirs) == sorted(ours)
+    assert all(n.endswith(".ia3_l.default") for n in ours)
+    for name, param in ours.items():
+        assert param.shape == theirs[name].shape, name
+        assert torch.equal(param, theirs[name])
+        assert param.requires_grad == theirs[name].requires_grad
 
 
 @pytest.mark.parametrize("case_id", IDS)

@@ -307,15 +307,16 @@ def test_ia3_after_a_serial_adapter_scales_the_adapted_output() -> None:
     adapted = apply_passes(model, [SerialAdapterPass(pattern="up", bottleneck=3),
                                    IA3Pass(pattern="up")])
     set_random(adapted, 15)
-    vec = adapted.get_submodule("up.ia3_l.default")
+    vec = adapted.get_submodule("up.ia3.default")
+    scales = adapted.get_parameter("up.ia3_l.default")  # (out, 1)
     assert vec.mode == "output"
     with torch.no_grad():
-        vec.weight.uniform_(0.5, 1.5)
+        scales.uniform_(0.5, 1.5)
     adapter = adapted.get_submodule("up.adapter.default")
     x = torch.randn(4, 6)
     with torch.no_grad():
         h = model.up(x)
-        scaled = (h + branch(adapter, h, F.gelu)) * vec.weight
+        scaled = (h + branch(adapter, h, F.gelu)) * scales.reshape(-1)
         assert torch.equal(adapted(x), x + model.down(torch.relu(scaled)))
 
 

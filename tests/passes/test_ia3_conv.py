@@ -1,10 +1,11 @@
 """IA³ on ``nn.Conv2d`` / ``nn.Conv3d`` (``passes/ia3.py``, ``IA3Vector`` in
 ``passes/modules.py``), against PEFT 0.21's ``ia3.Conv2d/3d`` on the same weights.
 
-The vector is ``(out_channels,)`` (output scaling) or ``(in_channels,)`` (a feed-forward
-layer's input scaling) and scales the channel dimension; PEFT stores it ``(1, C, 1, ...)``.
-Outputs equal PEFT's bit for bit; merged outputs and weights agree to
-``1e-6 · (1 + max|y|)``, groups included.
+The vector is the parameter ``<layer>.ia3_l.<adapter>`` of shape ``(1, C, 1, 1)`` /
+``(1, C, 1, 1, 1)``, as PEFT's, ``C`` the output channels (output scaling) or the input
+channels (a feed-forward layer's input scaling); it scales the channel dimension. State
+dicts load across both ways; outputs equal PEFT's bit for bit; merged outputs and weights
+agree to ``1e-6 · (1 + max|y|)``, groups included.
 """
 
 from __future__ import annotations
@@ -63,11 +64,42 @@ def test_vectors_scale_channels_and_start_at_one(ff: str) -> None:
     assert torch.equal(model(*x), base(*x))
     for site in SITES:
         layer = base.get_submodule(site)
-        vec = model.get_submodule(site).ia3_l.default
+        vec = model.get_submodule(f"{site}.ia3.default")
+        param = model.get_parameter(f"{site}.ia3_l.default")
         width = layer.in_channels if site in FEEDFORWARD[ff] else layer.out_channels
-        assert vec.weight.shape == (width,) and vec.mode == ("input" if site in FEEDFORWARD[ff]
-                                                             else "output")
-        assert torch.equal(vec.weight, torch.ones(width))
+        shape = (1, width) + (1,) * (layer.weight.dim() - 2)
+        assert param.shape == shape and vec.mode == ("input" if site in FEEDFORWARD[ff]
+                                                     else "output")
+        assert torch.equal(param, torch.ones(shape))
+
+
+def _ours(peft_key: str) -> str:
+    """Our name of a PEFT model's key: ``base_model.model.`` and ``.base_layer`` taken out,
+    nothing else."""
+    return peft_key.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+
+@pytest.mark.parametrize("ff", FEEDFORWARD)
+def test_peft_state_dict_loads_strictly_both_ways(ff: str) -> None:
+    base = build(Convs)
+    twin = peft_twin(base, peft.IA3Config(target_modules=SITES, feedforward_modules=FEEDFORWARD[ff]))
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, param in twin.named_parameters():
+            if ".ia3_l." in name:
+                param.copy_(torch.rand(param.shape, generator=gen) + 0.5)
+    model = apply_passes(base, [IA3Pass(pattern=SITES, feedforward=FEEDFORWARD[ff])])
+    theirs = {_ours(k): v for k, v in twin.state_dict().items()}
+    assert {k: v.shape for k, v in model.state_dict().items()} == \
+        {k: v.shape for k, v in theirs.items()}
+    model.load_state_dict(theirs, strict=True)
+    x = conv_inputs()
+    assert torch.equal(model(*x), twin(*x))
+    assert (model(*x) - base(*x)).abs().max() > 1e-3
+    other = peft_twin(base, peft.IA3Config(target_modules=SITES, feedforward_modules=FEEDFORWARD[ff]))
+    ours = model.state_dict()
+    other.load_state_dict({k: ours[_ours(k)] for k in other.state_dict()}, strict=True)
+    assert torch.equal(other(*x), model(*x))
 
 
 @pytest.mark.parametrize("mode", ["eval", "train"])

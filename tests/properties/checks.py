@@ -25,6 +25,7 @@ from torch import nn
 import surgery
 from properties.models import ModelCase
 from properties.runner import Expectations, names_in_model, outputs
+from surgery.sites.marker import slot_parameters
 
 __all__ = ["check_identity", "check_merge_round_trip", "check_save_load", "check_trainable",
            "randomize", "MERGE_TOLERANCE"]
@@ -39,12 +40,19 @@ bfloat16: merged and unmerged then differ by as much as either differs from exac
 
 
 def adapter_parameters(model: nn.Module) -> dict[int, tuple[str, nn.Parameter, surgery.AdapterModule]]:
-    """``id -> (name, parameter, owning adapter module)`` of every adapter parameter."""
+    """``id -> (name, parameter, owning adapter module)`` of every adapter parameter: those
+    of adapter modules, and those of adapters' parameter slots (IA³'s
+    ``<layer>.ia3_l.<adapter>``, owned by the adapter's module at that layer)."""
     out: dict[int, tuple[str, nn.Parameter, surgery.AdapterModule]] = {}
     for mname, mod in model.named_modules():
         if isinstance(mod, surgery.AdapterModule):
             for pname, p in mod.named_parameters(prefix=mname):  # with a prefix's encoder
                 out.setdefault(id(p), (pname, p, mod))
+    for pname, p, pass_name, adapter_name in slot_parameters(model):
+        site = model.get_submodule(pname.rsplit(".", 2)[0] if pname.count(".") >= 2 else "")
+        owner = next(m for m in site.modules() if isinstance(m, surgery.AdapterModule)
+                     and (m.pass_name, m.adapter_name) == (pass_name, adapter_name))
+        out.setdefault(id(p), (pname, p, owner))
     return out
 
 

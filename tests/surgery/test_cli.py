@@ -111,7 +111,8 @@ def test_apply_roles_pattern_ia3_and_rslora(tmp_path: Path, capsys: pytest.Captu
     assert ("LoRAPass(role=('query', 'value'), rank=2, alpha=16.0, use_rslora=True): "
             "4 site(s), 1,024 new params") in lines
     assert "IA3Pass(pattern='mlp.down_proj'): 2 site(s), 512 new params" in lines
-    assert "  layers.1.mlp.down_proj  [ffn_down]  + ia3_l.default.weight (256,)" in lines
+    # PEFT's name and (1, in) shape
+    assert "  layers.1.mlp.down_proj  [ffn_down]  + ia3_l.default (1, 256)" in lines
     assert not (tmp_path / "never").exists()  # a dry run writes nothing
 
 

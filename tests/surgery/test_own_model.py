@@ -298,7 +298,7 @@ def test_a_layer_and_an_mlp_are_models_too() -> None:
     adapted = apply_passes(mlp, [LoRAPass(pattern="*", rank=4), IA3Pass(pattern="2")])
     assert type(adapted) is nn.Sequential and torch.equal(adapted(x), mlp(x))
     assert sorted(n for n, _ in named_trainable_parameters(adapted)) == [
-        "0.lora_A.default.weight", "0.lora_B.default.weight", "2.ia3_l.default.weight",
+        "0.lora_A.default.weight", "0.lora_B.default.weight", "2.ia3_l.default",
         "2.lora_A.default.weight", "2.lora_B.default.weight"]
 
 

@@ -315,12 +315,17 @@ def test_prefix_enters_attention_as_extra_keys_and_values(graphs) -> None:
 
 def test_ia3_is_a_scaling_node_on_the_layer_output(graphs, svgs) -> None:
     graph = graphs["ia3"]
-    (scale,) = inserted(graph, "ia3").values()
+    parts = inserted(graph, "ia3")
+    assert list(parts) == ["ia3_l", "ia3"]  # the vector l (a parameter), then the scaling
+    vector, scale = parts["ia3_l"], parts["ia3"]
     k_proj = call_of(graph, "layers.0.attn.k_proj")
-    assert list(graph.predecessors(scale)) == [k_proj]
+    assert list(graph.predecessors(scale)) == [k_proj, vector]
     assert list(graph.successors(k_proj)) == [scale]  # every use of k_proj is scaled
-    (param,) = graph.nodes[scale]["params"]
-    assert (param["shape"], param["trainable"]) == ((64,), True)
+    assert graph.nodes[scale]["params"] == ()  # the scaling module owns no parameter
+    (param,) = graph.nodes[vector]["params"]  # PEFT's name and (out, 1) shape
+    assert (param["name"], param["shape"], param["trainable"]) == (
+        "layers.0.attn.k_proj.ia3_l.default", (64, 1), True)
+    assert graph.nodes[vector]["label"] == "ia3_l.default"
     (after,) = graph.successors(scale)
     assert graph.edges[k_proj, scale]["shape"] == graph.edges[scale, after]["shape"] == (2, 16, 64)
     assert graph.nodes[scale]["scaling"] == "output"

@@ -229,19 +229,24 @@ def test_passes_composed_on_one_site_and_an_input_scaling(tiny: TinyNet) -> None
         IA3Pass(pattern=[SITE, "blocks.0.mlp.2"], feedforward="blocks.0.mlp.2"),
     ], example_inputs=(example_ids(),))
     g = to_networkx(adapted)
-    q_ia3, ff_ia3 = f"{SITE}:ia3_l_default", "blocks.0.mlp.2:ia3_l_default"
-    assert _inserted(g) == [*lora_ids(SITE), q_ia3, ff_ia3]
+    q_ia3, ff_ia3 = f"{SITE}:ia3_default", "blocks.0.mlp.2:ia3_default"
+    q_l, ff_l = f"{SITE}:ia3_l_default", "blocks.0.mlp.2:ia3_l_default"  # the vectors l
+    assert sorted(_inserted(g)) == sorted([*lora_ids(SITE), q_l, q_ia3, ff_l, ff_ia3])
     # IA3 scales the output of the layer as LoRA adapted it
-    assert set(g.predecessors(q_ia3)) == {f"{SITE}:add"}
+    assert set(g.predecessors(q_ia3)) == {f"{SITE}:add", q_l}
     assert set(g.predecessors("/softmax")) == {q_ia3}
     # on a feed-forward output layer it scales the input: the base layer reads the scaled value
-    assert set(g.predecessors(ff_ia3)) == {"/blocks_0_mlp_1"}
+    assert set(g.predecessors(ff_ia3)) == {"/blocks_0_mlp_1", ff_l}
     assert set(g.predecessors("/blocks_0_mlp_2")) == {ff_ia3}
     assert set(g.successors("/blocks_0_mlp_2")) == {"/add_1"}
     node = g.nodes[ff_ia3]
     assert node["shape"] == (*IDS_SHAPE, 2 * D) and node["cluster"] == "blocks.0.mlp"
-    assert [(p["name"], p["shape"], p["trainable"]) for p in node["params"]] == [
-        ("blocks.0.mlp.2.ia3_l.default.weight", (2 * D,), True)]
+    assert node["params"] == ()  # the scaling module owns no parameter: l is read beside it
+    vector = g.nodes[ff_l]
+    assert (vector["op"], vector["label"], vector["cluster"]) == (
+        "get_attr", "ia3_l.default", "blocks.0.mlp")
+    assert [(p["name"], p["shape"], p["trainable"]) for p in vector["params"]] == [
+        ("blocks.0.mlp.2.ia3_l.default", (1, 2 * D), True)]  # PEFT's name and (1, in) shape
 
 
 def test_sub_layer_site_with_a_site_inside_fx(tiny: TinyNet) -> None:
@@ -299,7 +304,8 @@ def test_whole_model_sites() -> None:
 
     g = to_networkx(apply_passes(linear, [IA3Pass(pattern="*", feedforward="*")],
                                  example_inputs=(x,)))
-    assert set(g.predecessors("/linear")) == {":ia3_l_default", "/weight", "/bias"}
+    assert set(g.predecessors("/linear")) == {":ia3_default", "/weight", "/bias"}
+    assert set(g.predecessors(":ia3_default")) == {"/input_1", ":ia3_l_default"}
 
     mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     adapted = apply_passes(mlp, [LoRAPass(pattern=["0", "2"], rank=2)], example_inputs=(x,))

@@ -171,7 +171,8 @@ def test_diagrams_inline_with_every_node(written: tuple[DiffReport, Path]) -> No
     after = {t.strip() for t in page.titles["after"]}
     changed = {t.strip() for t in page.titles["diff"]}
     inserted = {t for t in after if ":" in t and not t.startswith("legend:")}
-    assert len(inserted) == 16  # blocks 0-1 drawn once: 3 LoRA sites x 5 + 1 IA3
+    # blocks 0-1 drawn once: 3 LoRA sites x 5, and IA3's vector l and its scaling
+    assert len(inserted) == 17
     assert inserted < changed < after
     assert {t.split(":")[0] for t in inserted} == {
         "blocks.0.attn.q_proj", "blocks.0.attn.v_proj", "blocks.0.attn.o_proj", "blocks.0.mlp.2"}
@@ -193,9 +194,9 @@ def test_anatomy_panels(written: tuple[DiffReport, Path], models: tuple[TinyNet,
         assert page.nodes[f"site{i}"] == dot_node_count(picture.dot)  # with the legend's
     # input, weight, bias, linear, output, and LoRA's dropout, A, B, scale, add
     assert pictures[0].nodes == 10
-    # IA3's vector before the linear layer
+    # IA3's scaling before the linear layer, and the vector l it reads
     assert (pictures[3].site, pictures[3].passes, pictures[3].nodes) == ("blocks.0.mlp.2",
-                                                                          ("ia3",), 6)
+                                                                          ("ia3",), 7)
     assert "blocks.1.attn.v_proj · Linear + lora" in text
     assert 'id="sites-note"' in text and "Showing 4 of 8 adapted sites" in text
 

@@ -44,8 +44,8 @@ def test_inactive_adapter_nodes_are_greyed_and_named(stacked: nn.Module) -> None
     finally:
         set_active(stacked, None)
     mnli, sst2 = _adapter_nodes(graph, "mnli"), _adapter_nodes(graph, "sst2")
-    # per q_proj call: dropout, A, B, scale, add; per k_proj: the IA3 vector
-    assert len(sst2) == 2 * 5 and len(mnli) == 2 * 5 + 2
+    # per q_proj call: dropout, A, B, scale, add; per k_proj: IA3's vector l and its scaling
+    assert len(sst2) == 2 * 5 and len(mnli) == 2 * 5 + 2 * 2
     assert all(a["provenance"]["active"] is False for a in mnli.values())
     assert all("active" not in a["provenance"] for a in sst2.values())
     for nid, attrs in mnli.items():

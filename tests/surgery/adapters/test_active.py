@@ -44,6 +44,7 @@ from surgery.adapters.active import (
     set_active,
     set_trainable,
 )
+from surgery.sites.marker import slot_parameters
 from surgery.sites.site_graph import site_graphs
 
 FIRST: dict[str, Pass] = {
@@ -76,9 +77,12 @@ def randomize(model: nn.Module, seed: int = 0) -> None:
 
 
 def adapter_params(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
+    """Adapter ``name``'s parameters: its modules' own, and its entries in parameter slots
+    (``<site>.ia3_l.<name>``)."""
     return {f"{q}.{n}": p for q, m in model.named_modules()
             if isinstance(m, AdapterModule) and m.adapter_name == name
-            for n, p in m.named_parameters(recurse=False)}
+            for n, p in m.named_parameters(recurse=False)} | {
+        q: p for q, p, _, adapter in slot_parameters(model) if adapter == name}
 
 
 def inactive_marks(model: nn.Module) -> set[str]:
@@ -291,7 +295,7 @@ def test_a_model_that_is_one_layer() -> None:
     with disable_adapters(adapted):
         assert torch.equal(adapted(x), layer(x))
     set_active(adapted, "c")
-    assert torch.equal(adapted(x), layer(x) * adapted.get_submodule("ia3_l.c").weight)
+    assert torch.equal(adapted(x), layer(x) * adapted.get_parameter("ia3_l.c").reshape(-1))
     assert inactive_marks(adapted) == {"a"}
 
 
@@ -320,8 +324,8 @@ def test_inactive_modules_contribute_exactly_nothing() -> None:
     out = adapted(x)
     assert torch.equal(torch.get_rng_state(), rng)  # inactive dropout draws nothing
     assert torch.equal(out, model(x)) and bool(torch.signbit(out).all())  # bit for bit
-    ia3 = adapted.get_submodule("proj.ia3_l.c")
-    assert ia3(x) is x
+    ia3 = adapted.get_submodule("proj.ia3.c")
+    assert ia3(x, adapted.get_parameter("proj.ia3_l.c")) is x
     set_active(adapted, "a")
     adapted(x)
     assert not torch.equal(torch.get_rng_state(), rng)  # active dropout does draw

@@ -198,8 +198,7 @@ def test_the_combined_branch_sits_inside_an_ia3_scaling_and_survives_pickle(zoo,
             alone.get_submodule(site).lora_A["ab"].weight.copy_(a_new)
             alone.get_submodule(site).lora_B["ab"].weight.copy_(b_new)
             if site.endswith("v_proj"):
-                alone.get_submodule(site).ia3_l["v"].weight.copy_(
-                    mixed.get_submodule(site).ia3_l["v"].weight)
+                alone.get_parameter(f"{site}.ia3_l.v").copy_(mixed.get_parameter(f"{site}.ia3_l.v"))
     y = run_model(mixed, spec)
     assert torch.equal(run_model(alone, spec), y)  # IA³ scales base + combined update
     copied = pickle.loads(pickle.dumps(mixed))

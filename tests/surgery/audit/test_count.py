@@ -94,7 +94,9 @@ def test_site_and_adapter_rows(builtin_adapted: nn.Module, builtin_audit: Audit)
     assert v.adapters == ("lora:default", "ia3:default")
     down = rows["layers.0.mlp.down_proj"]
     assert (down.role, down.frozen_by, down.adapters) == ("ffn_down", ("ia3",), ("ia3:default",))
-    assert rows["layers.0.mlp.down_proj.ia3_l.default"].params == 256
+    ia3 = rows["layers.0.mlp.down_proj.ia3_l"]  # the slot holding ia3_l.<adapter>
+    assert (ia3.type, ia3.role, ia3.params, ia3.trainable, ia3.added_by) == (
+        "AdapterParameters", "ffn_down", 256, "yes", ("ia3:default",))
     embed = rows["embed"]
     assert (embed.role, embed.frozen_by, embed.trainable) == ("", ("freeze",), "no")
     assert "frozen (base)" in embed.provenance
@@ -350,7 +352,10 @@ def test_ia3_totals_equal_peft_on_llama(zoo: Any) -> None:
     assert (ours.totals.trainable, ours.totals.total) == theirs
     assert ours.totals.trainable == 2 * (32 + 32 + 128)  # k, v (64 -> 32) outputs; down_proj input
     rows = {r.name: r for r in ours.rows}
-    assert rows["model.layers.0.mlp.down_proj.ia3_l.default"].params == 128
+    assert rows["model.layers.0.mlp.down_proj.ia3_l"].params == 128
+    (summary,) = ours.adapters  # the vectors are attributed to the adapter and its pass
+    assert (summary.pass_name, summary.name, summary.params, summary.trainable_params) == (
+        "ia3", "default", 2 * (32 + 32 + 128), 2 * (32 + 32 + 128))
     down = rows["model.layers.0.mlp.down_proj"]  # a site graph, listed as the layer it replaced
     assert (down.type, down.role, down.adapters) == ("Linear", "ffn_down", ("ia3:default",))
     assert rows["model.layers.0.input_layernorm"].type == "LlamaRMSNorm"
@@ -444,7 +449,7 @@ def test_a_model_that_is_one_layer() -> None:
         ("", "Linear", 16 * 8 + 8, "no"),
         ("lora_A.default", "LoRAProjection", 2 * 16, "yes"),
         ("lora_B.default", "LoRAProjection", 8 * 2, "yes"),
-        ("ia3_l.default", "IA3Vector", 8, "yes")]
+        ("ia3_l", "AdapterParameters", 8, "yes")]
     assert result.rows[0].frozen_by == ("lora",) and result.rows[0].adapters == (
         "lora:default", "ia3:default")
     assert result.totals == (2 * 16 + 8 * 2 + 8, 16 * 8 + 8 + 2 * 16 + 8 * 2 + 8,

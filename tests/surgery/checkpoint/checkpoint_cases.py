@@ -9,9 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from passes.modules import IA3Vector
 from surgery import active_adapters, load_adapters, merged_adapters
-from surgery.sites.marker import AdapterModule
+from surgery.sites.marker import AdapterModule, AdapterParameters
 from surgery.zoo import ModelSpec
 
 
@@ -26,7 +25,7 @@ def perturb(model: nn.Module, seed: int = 0) -> None:
             for param in mod.parameters(recurse=False):
                 if not param.requires_grad:
                     continue
-                if isinstance(mod, IA3Vector):
+                if isinstance(mod, AdapterParameters) and mod.pass_name == "ia3":
                     param.copy_(torch.rand(param.shape, generator=gen).to(param.dtype) + 0.5)
                 else:
                     param.add_((torch.randn(param.shape, generator=gen) * 0.2).to(param.dtype))
@@ -38,8 +37,10 @@ def trainable(model: nn.Module) -> list[str]:
 
 
 def adapter_keys(model: nn.Module) -> set[str]:
-    """``state_dict`` keys under adapter modules (found by type)."""
-    outer = [q for q, m in model.named_modules() if isinstance(m, AdapterModule)]
+    """``state_dict`` keys under adapter modules and adapters' parameter slots (IA³'s
+    ``<layer>.ia3_l.<adapter>``), found by type."""
+    outer = [q for q, m in model.named_modules()
+             if isinstance(m, (AdapterModule, AdapterParameters))]
     return {k for k in model.state_dict() if any(k.startswith(q + ".") for q in outer)}
 
 

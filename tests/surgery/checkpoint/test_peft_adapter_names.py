@@ -53,10 +53,8 @@ def _randomize(model: nn.Module) -> None:
 
 def _adapter_keys(model: nn.Module, name: str) -> set[str]:
     """State-dict keys holding ``.<name>.`` or ending in ``.<name>``, without PEFT's
-    ``base_model.model.`` prefix; an IA³ vector's ``ia3_l.<name>.weight`` read as PEFT's
-    ``ia3_l.<name>`` (a ``ParameterDict`` entry there, a module here)."""
+    ``base_model.model.`` prefix (an IA³ vector is ``<layer>.ia3_l.<name>`` in both)."""
     keys = {k.removeprefix("base_model.model.") for k in model.state_dict()}
-    keys = {k.removesuffix(".weight") if ".ia3_l." in k else k for k in keys}
     return {k for k in keys if f".{name}." in f"{k}."}
 
 

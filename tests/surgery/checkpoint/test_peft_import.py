@@ -84,8 +84,11 @@ def test_ia3_round_trip(name, zoo, tmp_path, snapshot) -> None:
     assert vectors
     for qname, vec in vectors.items():
         assert vec.parts == [(0, vec.width)]  # every entry learned, as in PEFT
-        assert vec.mode == ("input" if any(qname.split(".ia3_l")[0].endswith(f)
-                                           for f in layers.feedforward) else "output")
+        assert qname.endswith(".ia3.default")
+        feedforward = any(vec.site.endswith(f) for f in layers.feedforward)
+        assert vec.mode == ("input" if feedforward else "output")
+        param = ours.get_parameter(f"{vec.site}.ia3_l.default")  # PEFT's name and shape
+        assert param.shape == ((1, vec.width) if feedforward else (vec.width, 1))
 
 
 def test_gpt2_fused_qkv_learns_the_whole_ia3_vector(zoo, tmp_path) -> None:
@@ -99,8 +102,9 @@ def test_gpt2_fused_qkv_learns_the_whole_ia3_vector(zoo, tmp_path) -> None:
     with_map = apply_passes(spec.model, [LoRAPass(pattern="c_fc", name="other")],
                             example_inputs=spec.example_inputs)
     ours = import_peft(with_map, tmp_path)
-    vec = ours.get_submodule("transformer.h.0.attn.c_attn").ia3_l["default"]
-    assert vec.parts == [(0, 192)] and vec.weight.shape == (192,)
+    vec = ours.get_submodule("transformer.h.0.attn.c_attn.ia3.default")
+    param = ours.get_parameter("transformer.h.0.attn.c_attn.ia3_l.default")
+    assert vec.parts == [(0, 192)] and param.shape == (192, 1)  # PEFT's (out, 1)
     reference = load_peft("hf:gpt2", zoo, tmp_path)
     ours.get_submodule("transformer.h.0.mlp.c_fc").lora_B["other"].weight.data.zero_()
     assert_close(output(ours, spec), output(reference, spec))
