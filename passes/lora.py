@@ -52,6 +52,7 @@ from torch import fx, nn
 from passes.dora import DoRAMagnitude, refuse_dora_sites
 from passes.lora_bias import check_bias, train_biases
 from passes.lora_conv import LoRAConvFactor
+from passes.lora_experts import adapt_experts, refuse_settings
 from passes.lora_init import check_init, rewrite_base, rewrites_base
 from passes.lora_layers import (
     is_plain_conv,
@@ -154,6 +155,14 @@ class LoRAPass(Pass):
         name: adapter name, any string without ``"."`` as in PEFT (``"test-adapter"``,
             kept verbatim in keys: ``q_proj.lora_A.test-adapter.weight``); several named
             adapters can sit on one layer.
+        target_parameters: expert weights to adapt, as PEFT's ``target_parameters``: patterns
+            in the selection language over qualified *parameter* names
+            (``"mlp.experts.gate_up_proj"``, ``"experts.*"``, ``"re:..."``) among the 3-D
+            weights of transformers' fused experts modules; each gets a per-expert update
+            applied to the tokens routed to that expert (:mod:`passes.lora_experts`), with
+            PEFT's parameter names. Alone (no ``pattern`` / ``role``) it selects no module
+            layer; with them, both. Not with dropout, DoRA, ``bias`` or the inits that read
+            a 2-D weight (PEFT refuses them too).
         bias: which base biases train too, as PEFT's ``LoraConfig(bias=...)``
             (:mod:`passes.lora_bias`): ``"none"`` (default), ``"lora_only"`` (the biases of
             the adapted layers) or ``"all"`` (every parameter of the model named ``bias``).
@@ -206,17 +215,19 @@ class LoRAPass(Pass):
     init: str = "kaiming"
     adapter_name: str = "default"
     bias: str = "none"
+    target_parameters: Selector = None
 
     def __init__(self, *, pattern: Selector = None, role: str | Sequence[str] | None = None,
                  exclude: Selector = None, rank: int = 8, alpha: float = 8.0,
                  rank_for: PerSite[int] = None, alpha_for: PerSite[float] = None,
                  dropout: float = 0.0, use_rslora: bool = False, use_dora: bool = False,
                  init: str = "kaiming", name: str = "default",
-                 bias: str = "none") -> None:
+                 bias: str = "none", target_parameters: Selector = None) -> None:
         for key, val in (("pattern", pattern), ("role", role), ("exclude", exclude),
                          ("rank", rank), ("alpha", alpha), ("dropout", dropout),
                          ("use_rslora", use_rslora), ("use_dora", use_dora), ("init", init),
-                         ("adapter_name", name), ("bias", bias)):
+                         ("adapter_name", name), ("bias", bias),
+                         ("target_parameters", target_parameters)):
             object.__setattr__(self, key, tuple(val) if isinstance(val, list) else val)
         object.__setattr__(self, "rank_for",
                            per_site(rank_for, "rank_for", check_rank, int))
@@ -228,6 +239,7 @@ class LoRAPass(Pass):
         try:
             as_patterns(self.pattern)
             as_patterns(self.exclude)
+            as_patterns(self.target_parameters)
         except ConfigError as exc:
             raise ConfigError(f"LoRAPass: {exc}") from exc
         if check_rank(self.rank):
@@ -259,6 +271,11 @@ class LoRAPass(Pass):
         why = check_bias(self.bias)
         if why:
             raise ConfigError(f"LoRAPass: {why}")
+        if self.target_parameters is not None:
+            why = refuse_settings(dropout=self.dropout, use_dora=self.use_dora, bias=self.bias,
+                                  init=self.init)
+            if why:
+                raise ConfigError(f"LoRAPass(target_parameters=...): {why}.")
 
     @property
     def scaling(self) -> float:
@@ -293,10 +310,17 @@ class LoRAPass(Pass):
                              accept=_accept if by_pattern else is_dense_linear,
                              accepted_types=_TYPES if by_pattern else "nn.Linear / Conv1D")
 
+    @property
+    def params_only(self) -> bool:
+        """``target_parameters`` given without ``pattern`` or ``role``: no module layer is
+        selected."""
+        return self.target_parameters is not None and self.pattern is None and self.role is None
+
     def run(self, model: nn.Module) -> PassResult:
         changes: list[Change] = []
-        sites = self.sites(model)
-        self._check_keys(model, sites)
+        sites = [] if self.params_only else self.sites(model)
+        if not self.params_only:  # keys then select expert weights by name
+            self._check_keys(model, sites)
         if self.use_dora:
             refuse_dora_sites(sites)
         by_rank: dict[int, list[Site]] = {}
@@ -307,6 +331,9 @@ class LoRAPass(Pass):
         root = model
         for site in sites:
             root, more = self._adapt(root, site)
+            changes.extend(more)
+        if self.target_parameters is not None:
+            root, more = adapt_experts(root, self, as_patterns(self.target_parameters))
             changes.extend(more)
         changes.extend(train_biases(root, self.bias, [s.qname for s in sites], self.name))
         return PassResult(root, bool(changes), tuple(changes), self.name)
