@@ -29,13 +29,13 @@ does.
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from passes.lora_init import init_factor
 from passes.modules import LoRADropout, routed_update
 from surgery.adapters.merge_math import compute_dtype, conv_lora_delta, merge_delta
 from surgery.errors import ConfigError, MergeError
@@ -45,14 +45,6 @@ from surgery.sites.site_graph import base_module
 __all__ = ["LoRAConvFactor"]
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-
-
-def _init_a(weight: torch.Tensor, init: str, rank: int) -> None:
-    """PEFT's (and ``nn.Linear``'s) initialisation of ``A``."""
-    if init == "gaussian":
-        nn.init.normal_(weight, std=1.0 / rank)
-    else:
-        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
 
 
 class LoRAConvFactor(AdapterModule):
@@ -105,10 +97,7 @@ class LoRAConvFactor(AdapterModule):
             self.groups = self.layer_groups
         self.weight = nn.Parameter(torch.empty(shape, dtype=dtype, device=device))
         self.route: torch.Tensor | None = None
-        if factor == "B" and init != "random":
-            nn.init.zeros_(self.weight)
-        else:  # "random": B too, as a convolution's own default (PEFT's False)
-            _init_a(self.weight, init, rank)
+        init_factor(self.weight, factor=factor, init=init, rank=rank)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active:  # -0.0: the branch's add then returns its other operand exactly

@@ -18,12 +18,12 @@ expert ``e`` that row ``s`` was routed to, and no per-expert dense delta is ever
 
 from __future__ import annotations
 
-import math
 from typing import ClassVar
 
 import torch
 from torch import nn
 
+from passes.lora_init import init_factor
 from passes.moe_trace import grouped_linear
 from surgery.adapters.merge_math import compute_dtype
 from surgery.sites.marker import AdapterModule
@@ -89,12 +89,7 @@ class ExpertLoRAFactor(AdapterModule):
         shape = (rank * num_experts, in_features) if factor == "A" else (out_features,
                                                                          rank * num_experts)
         self.weight = nn.Parameter(torch.empty(shape, dtype=dtype, device=device))
-        if factor == "B" and init != "random":
-            nn.init.zeros_(self.weight)
-        elif init == "gaussian":
-            nn.init.normal_(self.weight, std=1.0 / rank)
-        else:
-            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        init_factor(self.weight, factor=factor, init=init, rank=rank)
 
     def forward(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         if not self.active:  # -0.0: the branch's add then returns its other operand exactly

@@ -38,6 +38,7 @@ ones. ``export_peft`` refuses these adapters (PEFT's files apply to the original
 
 from __future__ import annotations
 
+import math
 import re
 import zlib
 
@@ -47,8 +48,9 @@ from torch import nn
 from surgery.errors import ConfigError, UnsupportedSiteError, near_matches
 from surgery.pass_base import Change
 
-__all__ = ["BASE_REWRITING", "INITS", "LINEAR_ONLY_INITS", "check_init", "is_linear_only",
-           "orthogonal_factors", "rewrite_base", "rewrites_base", "weight_factors"]
+__all__ = ["BASE_REWRITING", "INITS", "LINEAR_ONLY_INITS", "check_init", "init_factor",
+           "is_linear_only", "orthogonal_factors", "rewrite_base", "rewrites_base",
+           "weight_factors"]
 
 INITS: tuple[str, ...] = ("kaiming", "gaussian", "orthogonal", "random", "pissa",
                           "pissa_niter_<K>", "olora")
@@ -63,6 +65,22 @@ BASE_REWRITING: tuple[str, ...] = ("pissa", "olora")
 _NITER = re.compile(r"pissa_niter_([1-9][0-9]*)")
 _NOT_OFFERED = {"loftq": "LoftQ", "eva": "EVA", "corda": "CorDA", "lora_ga": "LoRA-GA",
                 "mica": "MiCA"}
+
+
+def init_factor(weight: torch.Tensor, *, factor: str, init: str, rank: int) -> None:
+    """Initialise a LoRA factor in place, as PEFT's ``init_lora_weights``: ``B`` at zero
+    (unless ``init="random"``, PEFT's ``False``: then as ``A``); ``A`` Kaiming-uniform with
+    ``a = √5`` (``nn.Linear``'s own default, PEFT's ``True``), or normal with standard
+    deviation ``1 / rank`` for ``"gaussian"``. Any weight shape (``(r, in)``, ``(out, r)``,
+    a convolution's ``(out, in / groups, *kernel)``, an expert-stacked ``(r·E, in)``).
+    Other names initialise as the default and are rewritten later (PiSSA, OLoRA,
+    orthogonal)."""
+    if factor == "B" and init != "random":
+        nn.init.zeros_(weight)
+    elif init == "gaussian":
+        nn.init.normal_(weight, std=1.0 / rank)
+    else:
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
 
 
 def _family(init: str) -> str:

@@ -27,13 +27,13 @@ unloads and combines them without knowing these classes.
 
 from __future__ import annotations
 
-import math
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from passes.lora_init import init_factor
 from surgery.adapters.merge_math import compute_dtype, ia3_fold, lora_delta, merge_delta
 from surgery.errors import ConfigError
 from surgery.map.leaves import is_hf_conv1d
@@ -125,12 +125,7 @@ class LoRAProjection(AdapterModule):
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype,
                                                device=device))
         self.route: torch.Tensor | None = None
-        if factor == "B" and init != "random":
-            nn.init.zeros_(self.weight)
-        elif init == "gaussian":
-            nn.init.normal_(self.weight, std=1.0 / rank)
-        else:
-            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        init_factor(self.weight, factor=factor, init=init, rank=rank)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active:  # -0.0: the branch's add then returns its other operand exactly

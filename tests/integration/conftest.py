@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-import torch
 from torch import Tensor
 
+from helpers import torch_threads
 from integration.cases import CASES, adapter_grads, build
 
 
@@ -34,9 +34,5 @@ def one_thread() -> Iterator[None]:
     These models are so small that threads only add synchronisation; on a loaded two-core
     machine two OpenMP threads waiting for each other turn a 10 ms step into up to a second.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         yield
-    finally:
-        torch.set_num_threads(threads)
