@@ -80,8 +80,29 @@ def interface_modules(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
-def _first(*values: Any) -> int | None:
-    return next((int(v) for v in values if isinstance(v, int) and v > 0), None)
+def _first(*reads: Callable[[], Any]) -> int | None:
+    """The first positive int among ``reads``, each called only when the ones before it
+    gave none (a config may refuse to answer a global question about a per-layer size)."""
+    for read in reads:
+        value = read()
+        if isinstance(value, int) and value > 0:
+            return int(value)
+    return None
+
+
+def _setting(config: Any, name: str) -> Callable[[], Any]:
+    """A read of ``config.<name>``: ``None`` when absent, or when the config keeps it per
+    layer and refuses a model-wide value (transformers raises a RuntimeError subclass)."""
+    def read() -> Any:
+        try:
+            return getattr(config, name, None)
+        except RuntimeError:
+            return None
+    return read
+
+
+def _attr(module: nn.Module, name: str) -> Callable[[], Any]:
+    return lambda: getattr(module, name, None)
 
 
 def kv_layout(module: nn.Module, qname: str) -> tuple[int, int, int]:
@@ -95,16 +116,16 @@ def kv_layout(module: nn.Module, qname: str) -> tuple[int, int, int]:
         UnsupportedSiteError: the sizes cannot be read.
     """
     config = module.config
-    heads = _first(getattr(module, "num_heads", None), getattr(module, "num_attention_heads", None),
-                   getattr(config, "num_attention_heads", None))
-    hidden = _first(getattr(config, "hidden_size", None))
-    head_dim = _first(getattr(module, "head_dim", None),
-                      getattr(module, "attention_head_size", None),
-                      getattr(config, "head_dim", None),
-                      hidden // heads if hidden and heads else None)
-    groups = _first(getattr(module, "num_key_value_groups", None))
+    heads = _first(_attr(module, "num_heads"), _attr(module, "num_attention_heads"),
+                   _setting(config, "num_attention_heads"))
+    head_dim = _first(_attr(module, "head_dim"), _attr(module, "attention_head_size"),
+                      _setting(config, "head_dim"),
+                      lambda: (hidden // heads
+                               if (hidden := _first(_setting(config, "hidden_size"))) and heads
+                               else None))
+    groups = _first(_attr(module, "num_key_value_groups"))
     kv_heads = (heads // groups if heads and groups else
-                _first(getattr(config, "num_key_value_heads", None), heads))
+                _first(_setting(config, "num_key_value_heads"), lambda: heads))
     if heads is None or head_dim is None or kv_heads is None:
         raise UnsupportedSiteError(
             f"PrefixPass: cannot tell the number of heads and the head size of {qname} "

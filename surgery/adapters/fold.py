@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from surgery.adapters.fold_layout import (
@@ -40,9 +41,10 @@ from surgery.adapters.merge_state import (
     write_records,
 )
 from surgery.errors import MergeError
+from surgery.map.leaves import is_linear_like
 from surgery.sites.changes import Change
 from surgery.sites.marker import AdapterParameters
-from surgery.sites.site_graph import SiteGraph, site_graphs
+from surgery.sites.site_graph import SiteGraph, plain_module, site_graphs
 
 __all__ = ["adapter_params", "check_foldable", "fold_steps", "merge", "qualify", "role_of"]
 
@@ -98,7 +100,7 @@ def check_foldable(sg: SiteGraph, who: str = "merge") -> None:
         cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
         and cls.forward.__qualname__ == "Conv1D.forward")
     why = None
-    if not plain:
+    if not plain and not _computes_linear(sg):
         why = (f"its forward ({cls.__qualname__}.forward) is not the product with its weight "
                f"alone")
     elif not isinstance(sg._parameters.get("weight"), nn.Parameter):
@@ -113,6 +115,32 @@ def check_foldable(sg: SiteGraph, who: str = "merge") -> None:
             f"{why}, so a folded weight would compute something else. Way out: keep the "
             f"adapter unmerged (it computes exactly), or adapt layers of type nn.Linear / "
             f"Conv1D / nn.Conv* / nn.Embedding.")
+
+
+def _computes_linear(sg: SiteGraph) -> bool:
+    """True for an ``nn.Linear`` subclass whose own one-input ``forward`` computes
+    ``F.linear(x, weight, bias)`` (Falcon's ``FalconLinear`` writes ``x @ W.T + b``): checked
+    on a probe batch of standard normal rows, to float32 rounding (a relative 1e-5), so a
+    forward that scales, shifts or drops its weight is refused."""
+    if not (isinstance(sg.template, nn.Linear) and is_linear_like(sg.template)):
+        return False
+    weight, bias = sg._parameters.get("weight"), sg._parameters.get("bias")
+    if not isinstance(weight, nn.Parameter) or weight.dim() != 2 or weight.is_meta:
+        return False
+    layer = plain_module(sg).eval()
+    probe = torch.randn(4, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(
+        device=weight.device, dtype=weight.dtype)
+    try:
+        with torch.no_grad():
+            got = layer(probe)
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    with torch.no_grad():
+        want = F.linear(probe, weight, bias)
+    if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+        return False
+    scale = float(want.abs().max()) or 1.0
+    return bool(((got.float() - want.float()).abs().max() <= 1e-5 * scale).item())
 
 
 def adapter_params(sg: SiteGraph, key: Key) -> list[tuple[str, nn.Parameter]]:

@@ -702,6 +702,34 @@ class ScaledLinear(nn.Linear):
         return super().forward(x) * 2.0
 
 
+class MatmulLinear(nn.Linear):
+    """A linear layer whose own forward writes the product out (Falcon's FalconLinear)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.T + self.bias
+
+
+def test_a_linear_subclass_computing_the_product_its_own_way_merges() -> None:
+    from surgery import unload
+
+    torch.manual_seed(0)
+    model = nn.Sequential(MatmulLinear(6, 6), nn.ReLU(), nn.Linear(6, 6))
+    adapted = apply_passes(model, [LoRAPass(pattern="*", rank=2)])
+    for p in trainable_parameters(adapted):
+        torch.nn.init.normal_(p)
+    x = torch.randn(3, 6)
+    want = adapted(x)
+    merged = apply_passes(adapted, [MergeLoRAPass()])
+    assert not torch.equal(merged[0].weight, model[0].weight)  # folded into the weight
+    assert torch.allclose(merged(x), want, rtol=1e-5, atol=1e-5)
+    unmerged = apply_passes(merged, [UnmergeLoRAPass()])
+    assert torch.equal(unmerged[0].weight, model[0].weight)  # bit for bit
+    assert torch.equal(unmerged(x), want)
+    plain = unload(adapted)
+    assert type(plain[0]) is MatmulLinear
+    assert torch.allclose(plain(x), want, rtol=1e-5, atol=1e-5)
+
+
 def test_a_layer_whose_forward_is_not_its_weights_product_refuses_to_merge(snapshot) -> None:
     from surgery import unload
 

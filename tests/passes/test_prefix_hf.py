@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from passes.prefix import PrefixPass
-from passes.prefix_hf import INTERFACE_PREFIX, prefix_attention
+from passes.prefix_hf import INTERFACE_PREFIX, kv_layout, prefix_attention
 from passes.prefix_modules import AttentionPrefix, LearnedPrefix, PrefixGate
 from passes.stack import AdapterStack
 from surgery import (
@@ -420,3 +420,25 @@ def test_hf_models_accept_other_sizes(zoo, run_model, model: str) -> None:
             assert torch.equal(run_model(zero, spec, args=(ids,), kwargs=kwargs(b, n)), base)
             out = run_model(three, spec, args=(ids,), kwargs=kwargs(b, n))
         assert out.shape == base.shape and torch.isfinite(out).all()
+
+
+class _PerLayerConfig:
+    """A configuration that keeps head_dim per layer and refuses a model-wide read, as
+    transformers' heterogeneous configurations (Gemma 4) do."""
+
+    num_attention_heads = 4
+    num_key_value_heads = 2
+    hidden_size = 64
+
+    @property
+    def head_dim(self) -> int:
+        raise RuntimeError("'head_dim' is a per-layer attribute")
+
+
+def test_kv_layout_reads_the_module_before_its_config() -> None:
+    attention = torch.nn.Module()
+    attention.config = _PerLayerConfig()
+    attention.head_dim = 32  # this layer's own, unlike hidden_size // heads = 16
+    assert kv_layout(attention, "layers.0.self_attn") == (2, 32, 4)
+    del attention.head_dim  # the config refuses: fall back on hidden_size // heads
+    assert kv_layout(attention, "layers.0.self_attn") == (2, 16, 4)
