@@ -32,6 +32,14 @@ except ImportError:  # hypothesis is a test extra; tests that use it import it t
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """``--zoo=sample`` (default): the transformers zoo tests run a sample of architectures;
+    ``--zoo=all`` runs every architecture (as does ``-m zoo``); ``--zoo=gpt2,t5`` names them."""
+    parser.addoption("--zoo", default="sample",
+                     help="transformers zoo architectures: sample (default), all, or a "
+                          "comma-separated list of model types")
+
+
 class Zoo:
     """Session cache of :func:`surgery.zoo.load_model` specs and their maps."""
 

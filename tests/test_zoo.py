@@ -22,6 +22,7 @@ from surgery.zoo import (
     load_model,
     transformer_encoder,
 )
+from surgery.zoo.hf_tiny import tiny_architectures
 
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 
@@ -51,7 +52,11 @@ def _run(spec: ModelSpec) -> object:
 
 
 def test_registry_lists_every_model() -> None:
-    assert available_models() == list(EXPECTED_OUTPUTS)
+    # the hand-written models first, then one tiny task model per transformers
+    # architecture of surgery.zoo.hf_tiny (tested in tests/zoo/)
+    tiny = [f"hf:{t}" for t in tiny_architectures() if f"hf:{t}" not in EXPECTED_OUTPUTS]
+    assert available_models() == list(EXPECTED_OUTPUTS) + tiny
+    assert {"hf:t5", "hf:bart", "hf:mixtral", "hf:qwen3_moe", "hf:swin", "hf:clip"} <= set(tiny)
 
 
 @pytest.mark.parametrize("name", ALL_SPECS)

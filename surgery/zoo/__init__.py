@@ -16,7 +16,13 @@ spec                   model                                          traced by
 ``hf:llama``           ``transformers.LlamaForCausalLM`` (GQA)        torch.export
 ``hf:bert``            ``transformers.BertModel``                     torch.export
 ``hf:vit``             ``transformers.ViTModel``                      torch.export
+``hf:<model_type>``    a tiny task model of :mod:`surgery.zoo.hf_tiny` torch.export
 =====================  =============================================  ============================
+
+``hf:<model_type>`` covers every architecture of
+:func:`surgery.zoo.hf_tiny.tiny_architectures` (``hf:t5``, ``hf:mixtral``, ``hf:swin``, ...)
+with its task head (causal, sequence-to-sequence or masked LM, image classifier); the four
+names above keep their hand-written models.
 
 Example:
     >>> spec = load_model("builtin")
@@ -35,6 +41,7 @@ from torch import nn
 
 from surgery.errors import NoMatchError, near_matches
 from surgery.zoo.hf import _HF_IMAGE, _HF_VOCAB, hf_bert, hf_gpt2, hf_llama, hf_vit
+from surgery.zoo.hf_tiny import registry_entries as _tiny_entries
 from surgery.zoo.models import (
     ConvNet,
     TinyAttention,
@@ -158,6 +165,9 @@ _REGISTRY: dict[str, _Entry] = {
         "(2, 3, 32, 32) -> .last_hidden_state (2, 17, 64), .pooler_output (2, 64)",
     ),
 }
+
+for _name, (_build, _inputs, _description) in _tiny_entries().items():
+    _REGISTRY.setdefault(_name, _Entry(_build, _inputs, _description))
 
 _ALIASES: dict[str, str] = {"builtin": "builtin:tiny"}
 
