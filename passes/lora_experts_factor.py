@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from passes.lora_init import init_factor
@@ -47,6 +48,15 @@ def expert_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, num_experts: int, s
     a, b = expert_factors(lora_a.to(dtype), lora_b.to(dtype), num_experts)
     delta = torch.bmm(b, a) * scaling
     return delta.transpose(-2, -1) if transposed else delta
+
+
+def _aligned(rank: int, dtype: torch.dtype) -> int:
+    """``rank`` rounded up so that a row of ``rank`` elements of ``dtype`` spans a multiple
+    of 16 bytes, the row stride ``torch._grouped_mm`` requires of its operands (4 float32
+    or 8 bfloat16 elements); the factors are padded with zeros to it inside the forward,
+    which leaves the update unchanged."""
+    per_row = max(1, 16 // torch.empty((), dtype=dtype).element_size())
+    return -(-rank // per_row) * per_row
 
 
 class ExpertLoRAFactor(AdapterModule):
@@ -83,7 +93,8 @@ class ExpertLoRAFactor(AdapterModule):
                  init: str, site: str, adapter_name: str, role: str | None,
                  dtype: torch.dtype, device: torch.device) -> None:
         super().__init__(site=site, adapter_name=adapter_name, role=role)
-        self.num_experts, self.in_features, self.out_features = num_experts, in_features, out_features
+        self.num_experts = num_experts
+        self.in_features, self.out_features = in_features, out_features
         self.factor, self.param, self.rank = factor, param, rank
         self.alpha, self.scaling, self.transposed = alpha, scaling, transposed
         shape = (rank * num_experts, in_features) if factor == "A" else (out_features,
@@ -97,8 +108,13 @@ class ExpertLoRAFactor(AdapterModule):
         E = self.num_experts
         if self.factor == "A":
             weight = self.weight.reshape(E, self.rank, self.in_features)  # (E, r, in)
+            padded = _aligned(self.rank, weight.dtype)
+            if padded != self.rank:  # zero rows: the extra columns of A x are zeros
+                weight = F.pad(weight, (0, 0, 0, padded - self.rank))
         else:  # (E, out, r), made contiguous: a copy of B's size, not of a weight's
             weight = self.weight.reshape(self.out_features, self.rank, E).permute(2, 0, 1)
+            if x.shape[-1] != self.rank:  # A's padded rank: zero columns read its zeros
+                weight = F.pad(weight, (0, x.shape[-1] - self.rank))
             weight = weight.contiguous()
         return grouped_linear()(x, weight, offs)
 

@@ -14,6 +14,8 @@ the code torch.fx generates):
   ``torch.nn.ModuleDict``, and so PEFT, refuses it too);
 * the name of an attribute of ``nn.ModuleDict`` (``"keys"``, ``"forward"``,
   ``"training"``): ``ModuleDict`` cannot hold an entry of that name;
+* a Python keyword (``"None"``, ``"class"``, ``"if"``): torch.fx writes a module path part
+  that is an identifier as an attribute (``self.lora_A.None``), which a keyword cannot be;
 * a name holding ``"``, ``\\`` or a character that does not print (a newline, a tab):
   torch.fx writes a module path part that is not an identifier into the site graph's code
   as ``getattr(self.lora_A, "<name>")`` without escaping it, so such a name would break the
@@ -26,6 +28,7 @@ for module paths whose parts are not identifiers.
 
 from __future__ import annotations
 
+import keyword
 import re
 from typing import Any
 
@@ -52,8 +55,8 @@ def check_adapter_name(who: str, name: Any, *, field: str = "name") -> str:
 
     Raises:
         ConfigError: ``name`` is not a ``str``, is empty, contains ``"."``, ``"``,
-            ``\\`` or a character that does not print, or is an attribute of
-            ``nn.ModuleDict``; the message names ``who``, the name and the way out.
+            ``\\`` or a character that does not print, is a Python keyword, or is an
+            attribute of ``nn.ModuleDict``; the message names ``who``, the name and the way out.
     """
     if not isinstance(name, str):
         raise ConfigError(f"{who}: {field} must be a str (an adapter name such as 'default' or "
@@ -74,6 +77,11 @@ def check_adapter_name(who: str, name: Any, *, field: str = "name") -> str:
         raise ConfigError(f"{who}: {field} {name!r} holds {bad!r}, which torch.fx cannot write "
                           f"into the code of a site graph (it quotes module names without "
                           f"escaping). Way out: {field}={fixed!r}.")
+    if keyword.iskeyword(name):
+        raise ConfigError(f"{who}: {field} {name!r} is a Python keyword, which torch.fx would "
+                          f"write into the code of a site graph as an attribute "
+                          f"(self.lora_A.{name}), which Python cannot parse. Way out: "
+                          f"{field}={name + '_'!r} or another name.")
     if name in _TAKEN:
         raise ConfigError(f"{who}: {field} {name!r} is an attribute of nn.ModuleDict, which "
                           f"holds the adapter's modules, so no adapter can take it. Way out: "

@@ -135,6 +135,8 @@ def test_free_names_are_accepted(name: str) -> None:
     ("", r"must be a non-empty str, got ''"),
     (3, r"must be a str .*got 3 of type int"),
     ("keys", r"'keys' is an attribute of nn\.ModuleDict"),
+    ("None", r"'None' is a Python keyword.*Way out: name='None_'"),
+    ("class", r"'class' is a Python keyword.*Way out: name='class_'"),
     ('say "hi"', r"""'say "hi"' holds '"', which torch\.fx cannot write.*name='say _hi_'"""),
     ("a\nb", r"'a\\nb' holds '\\n'.*Way out: name='a_b'"),
 ])
