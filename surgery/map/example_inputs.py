@@ -13,6 +13,7 @@ Duck-typed on ``config`` and ``main_input_name``: the core does not import trans
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -109,14 +110,22 @@ def _waveform(config: Any, dtype: torch.dtype, device: torch.device) -> torch.Te
     return torch.zeros(1, samples, dtype=dtype, device=device)
 
 
-def _first_forward_parameter(model: nn.Module) -> str | None:
-    import inspect
-
+def _forward_parameters(model: nn.Module) -> list[inspect.Parameter]:
     try:
-        params = inspect.signature(model.forward).parameters
+        return list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
-        return None
-    return next(iter(params), None)
+        return []
+
+
+def _with_image_tokens(ids: torch.Tensor, config: Any) -> torch.Tensor:
+    """``ids`` lengthened to hold the image placeholder tokens an image-text model's config
+    asks for (``num_query_tokens`` of ``image_token_index``, as BLIP-2), placed first."""
+    token = _first(config, ("image_token_index", "image_token_id"))
+    count = _first(config, ("num_query_tokens",))
+    if not (isinstance(token, int) and isinstance(count, int) and count > 0):
+        return ids
+    ids = torch.cat([ids.new_full((1, count), token), ids], dim=1)
+    return ids
 
 
 def synthesize_inputs(model: nn.Module) -> SynthesizedInputs | None:
@@ -132,8 +141,11 @@ def synthesize_inputs(model: nn.Module) -> SynthesizedInputs | None:
     * ``input_values``: ``(1, samples)`` zeros, enough samples for four frames after the
       convolutional feature encoder (wav2vec 2.0 and its kin).
 
-    An encoder-decoder model (``config.is_encoder_decoder``) also gets ``decoder_input_ids``
-    of ``(1, 4)``. Tensors are put on the device of the model's first parameter.
+    A model whose ``forward`` also requires ``input_ids`` (an image-text model such as
+    BLIP-2) gets them too, beginning with the ``num_query_tokens`` image placeholder tokens
+    (``image_token_index``) its config names; a model requiring any other input gets
+    nothing. An encoder-decoder model (``config.is_encoder_decoder``) also gets
+    ``decoder_input_ids`` of ``(1, 4)``. Tensors are put on the device of the model's first parameter.
 
     Args:
         model: the model, not changed.
@@ -167,6 +179,18 @@ def synthesize_inputs(model: nn.Module) -> SynthesizedInputs | None:
     if value is None:
         return None
     kwargs: dict[str, torch.Tensor] = {}
+    params = _forward_parameters(model)
+    required = [p.name for p in params[1:] if p.default is p.empty
+                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    for name in required:  # an image-text model also needs its text (BLIP-2)
+        if name == main:
+            continue
+        if name != "input_ids":
+            return None
+        ids = _token_ids(text, _SEQ_LEN, device)
+        if ids is None:
+            return None
+        kwargs["input_ids"] = _with_image_tokens(ids, config)
     if getattr(config, "is_encoder_decoder", False):
         decoder = getattr(config, "decoder", None)
         ids = _token_ids(decoder if decoder is not None and hasattr(decoder, "vocab_size")
@@ -174,7 +198,7 @@ def synthesize_inputs(model: nn.Module) -> SynthesizedInputs | None:
         if ids is None:
             return None
         kwargs["decoder_input_ids"] = ids
-    if _first_forward_parameter(model) == main:
+    if params and params[0].name == main:
         args: tuple = (value,)
     else:
         args, kwargs = (), {main: value, **kwargs}

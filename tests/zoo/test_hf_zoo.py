@@ -101,12 +101,7 @@ def test_default_pass_without_inputs(model_type: str, column: str,
     assert without_inputs(case, column) == ((model_type, column) not in NEEDS_INPUTS)
 
 
-NEEDS_INPUTS: set[tuple[str, str]] = {
-    # the map's made-up inputs give BLIP-2 pixel_values but not the input_ids its forward
-    # also requires, so tracing for roles fails; PrefixPass finds transformers' attention
-    # modules without a trace
-    ("blip-2", "lora_default"), ("blip-2", "ia3"), ("blip-2", "adapters"),
-}
+NEEDS_INPUTS: set[tuple[str, str]] = set()
 """(model_type, default pass) that refuse to run without example inputs."""
 
 

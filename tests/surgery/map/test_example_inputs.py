@@ -40,6 +40,36 @@ def test_images_audio_and_decoder_inputs(family: str, args: list, kwargs: dict) 
         assert made.args[0].dtype == torch.float32
 
 
+def test_an_image_text_model_gets_its_text_with_the_image_tokens() -> None:
+    from surgery.zoo.hf_tiny import IMAGE_TOKEN, QUERY_TOKENS, build_tiny
+
+    model = build_tiny("blip-2").eval()  # forward(pixel_values, input_ids, ...): both required
+    made = synthesize_inputs(model)
+    assert made is not None
+    assert _shapes(made) == ([(1, 3, 32, 32)], {"input_ids": (1, QUERY_TOKENS + 8)})
+    ids = made.kwargs["input_ids"]
+    assert (ids[0, :QUERY_TOKENS] == IMAGE_TOKEN).all()  # config.image_token_index first
+    assert torch.equal(ids[0, QUERY_TOKENS:], torch.arange(8))
+    with torch.no_grad():
+        assert model(*made.args, **made.kwargs).logits.shape[:2] == (1, QUERY_TOKENS + 8)
+    lora = apply_passes(model, [LoRAPass(rank=2)])  # roles found on the made-up inputs
+    assert adapted_sites(lora, "lora")
+
+
+def test_a_required_input_nothing_can_be_made_for() -> None:
+    class TwoInputs(nn.Module):
+        main_input_name = "input_ids"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.config = type("Config", (), {"vocab_size": 16})()
+
+        def forward(self, input_ids: torch.Tensor, speaker: torch.Tensor) -> torch.Tensor:
+            return input_ids + speaker
+
+    assert synthesize_inputs(TwoInputs()) is None
+
+
 def test_nothing_is_made_up_for_a_model_without_a_config() -> None:
     assert synthesize_inputs(nn.Linear(4, 4)) is None
 
