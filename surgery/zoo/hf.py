@@ -12,7 +12,7 @@ from types import ModuleType
 
 from torch import nn
 
-__all__ = ["hf_gpt2", "hf_llama", "hf_bert", "hf_vit"]
+__all__ = ["hf_bert", "hf_gpt2", "hf_llama", "hf_vit", "import_transformers"]
 
 # Sizes shared by the builders: two layers, hidden size 64, four heads.
 _HF_VOCAB = 128
@@ -25,8 +25,13 @@ _HF_MAX_POSITIONS = 128
 _HF_IMAGE = 32
 
 
-def _transformers(spec: str) -> ModuleType:
-    """Import transformers, or explain how to install it."""
+def import_transformers(spec: str) -> ModuleType:
+    """Import transformers for the zoo model ``spec`` (``"hf:gpt2"``), or explain how to
+    install it.
+
+    Raises:
+        ImportError: transformers is not installed; the message gives the pip command.
+    """
     try:
         return importlib.import_module("transformers")
     except ImportError as e:
@@ -46,7 +51,7 @@ def hf_gpt2() -> nn.Module:
     Raises:
         ImportError: transformers is not installed.
     """
-    tf = _transformers("hf:gpt2")
+    tf = import_transformers("hf:gpt2")
     config = tf.GPT2Config(
         vocab_size=_HF_VOCAB,
         n_positions=_HF_MAX_POSITIONS,
@@ -76,7 +81,7 @@ def hf_llama() -> nn.Module:
     Raises:
         ImportError: transformers is not installed.
     """
-    tf = _transformers("hf:llama")
+    tf = import_transformers("hf:llama")
     config = tf.LlamaConfig(
         vocab_size=_HF_VOCAB,
         hidden_size=_HF_HIDDEN,
@@ -101,7 +106,7 @@ def hf_bert() -> nn.Module:
     Raises:
         ImportError: transformers is not installed.
     """
-    tf = _transformers("hf:bert")
+    tf = import_transformers("hf:bert")
     config = tf.BertConfig(
         vocab_size=_HF_VOCAB,
         hidden_size=_HF_HIDDEN,
@@ -127,7 +132,7 @@ def hf_vit() -> nn.Module:
     Raises:
         ImportError: transformers is not installed.
     """
-    tf = _transformers("hf:vit")
+    tf = import_transformers("hf:vit")
     config = tf.ViTConfig(
         image_size=_HF_IMAGE,
         patch_size=8,

@@ -21,7 +21,6 @@ image-placeholder token per query token (4 here).
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType, ModuleType
@@ -31,6 +30,7 @@ import torch
 from torch import nn
 
 from surgery.errors import NoMatchError, near_matches
+from surgery.zoo.hf import import_transformers
 
 __all__ = [
     "TinyArch",
@@ -223,16 +223,6 @@ TINY_ARCHITECTURES: dict[str, TinyArch] = {a.model_type: a for a in [
 """model_type -> how to build it; the order is the order of :func:`tiny_architectures`."""
 
 
-def _transformers(model_type: str) -> ModuleType:
-    try:
-        return importlib.import_module("transformers")
-    except ImportError as e:
-        raise ImportError(
-            f"model 'hf:{model_type}' needs the Hugging Face transformers package, which is "
-            f"not installed ({e}); install it with: pip install 'fx-surgery[hf]'"
-        ) from e
-
-
 def tiny_architectures() -> list[str]:
     """The model types :func:`build_tiny` builds, decoders first, then MoE decoders,
     encoders, encoder-decoders and vision models."""
@@ -277,7 +267,7 @@ def tiny_config(model_type: str) -> Any:
         ImportError: transformers is not installed.
     """
     arch = _arch_of(model_type)
-    tf = _transformers(model_type)
+    tf = import_transformers(f"hf:{model_type}")
     config_type = arch.config_type or model_type
     default = tf.AutoConfig.for_model(config_type)
     kwargs = _shrunk_fields(default.to_dict(), getattr(default, "attribute_map", {}))
@@ -318,7 +308,7 @@ def build_tiny(model_type: str) -> nn.Module:
         ImportError: transformers is not installed.
     """
     arch = _arch_of(model_type)
-    tf = _transformers(model_type)
+    tf = import_transformers(f"hf:{model_type}")
     model = _head_class(tf, arch)(tiny_config(model_type))
     return model.eval()
 
