@@ -104,6 +104,10 @@ class IA3Pass(Pass):
 
     name: ClassVar[str] = "ia3"
     default_roles: ClassVar[tuple[str, ...]] = ("key", "value", "ffn_down")
+    peft_spellings: ClassVar[dict[str, str]] = {
+        "target_modules": "pattern", "feedforward_modules": "feedforward",
+        "exclude_modules": "exclude"}
+    """PEFT's ``IA3Config`` names answered with ours (see :class:`surgery.pass_base.Pass`)."""
 
     pattern: Selector = None
     role: str | Sequence[str] | None = None

@@ -201,6 +201,11 @@ class LoRAPass(Pass):
 
     name: ClassVar[str] = "lora"
     default_roles: ClassVar[tuple[str, ...]] = ("query", "value")
+    peft_spellings: ClassVar[dict[str, str]] = {
+        "r": "rank", "lora_alpha": "alpha", "target_modules": "pattern",
+        "exclude_modules": "exclude", "lora_dropout": "dropout",
+        "rank_pattern": "rank_for", "alpha_pattern": "alpha_for"}
+    """PEFT's ``LoraConfig`` names answered with ours (see :class:`surgery.pass_base.Pass`)."""
 
     pattern: Selector = None
     role: str | Sequence[str] | None = None

@@ -41,9 +41,10 @@ from torch import fx, nn
 from passes.lora_experts_factor import ExpertLoRAFactor
 from passes.lora_settings import scaling_for
 from passes.moe_trace import grouped_linear, implementation_note, is_fused_experts, trace_experts
-from surgery.errors import ConfigError
+from surgery.errors import ConfigError, NoMatchError, few, near_matches
+from surgery.map.leaves import is_linear_like
 from surgery.pass_base import Change
-from surgery.select import select_names
+from surgery.select import matches, regex_hint, select_names
 from surgery.sites.rewrite import (
     chain_end,
     freeze_site,
@@ -130,6 +131,37 @@ def _holder(sg: SiteGraph, path: str) -> nn.Module:
     return cur
 
 
+def _no_expert_match(model: nn.Module, pat: str, cands: list[str]) -> NoMatchError:
+    """The error for a ``target_parameters`` pattern that selects no expert weight: why,
+    the module pattern for a Linear's own weight, and the expert weights, nearest first."""
+    lines = [f"LoRAPass: target_parameters pattern {pat!r} matches no expert weight; "
+             f"target_parameters reaches only the 3-D fused expert weights of transformers' "
+             f"experts modules (dimension 0 = experts)."]
+    others = [n for n, _ in model.named_parameters() if n not in set(cands) and matches(pat, n)]
+    if others:
+        lines.append(f"It matches {len(others)} other parameter(s): {few(others)}.")
+        owners = [n.rpartition(".")[0] for n in others]
+        layers = [o for o in dict.fromkeys(owners)
+                  if is_linear_like(base_module(model.get_submodule(o)))]
+        if layers:
+            head, _, last = pat.rpartition(".")
+            module_pat = head if head and not pat.startswith("re:") and any(
+                last == n.rpartition(".")[2] for n in others) else layers[0].rpartition(".")[2]
+            lines.append(f"The weight of a layer such as {layers[0]} is adapted through its "
+                         f"module: LoRAPass(pattern={module_pat!r}).")
+    hint = regex_hint(pat, cands, "parameter")
+    if hint:
+        lines.append(hint)
+    if cands:
+        lines.append(f"The expert weights, nearest first: "
+                     f"{few(near_matches(pat, cands, n=len(cands)), 8)}.")
+        lines.append("Way out: fix the pattern (a glob matched at any '.' boundary, or 're:').")
+    else:
+        lines.append(f"{type(model).__name__} has no fused experts module, so there are none. "
+                     f"Way out: select layers by module with pattern=... or role=....")
+    return NoMatchError(" ".join(lines))
+
+
 def adapt_experts(model: nn.Module, lora: Any, selection: Sequence[str]) -> tuple[nn.Module, list[Change]]:
     """Add ``lora``'s update to every expert weight ``selection`` selects.
 
@@ -148,6 +180,9 @@ def adapt_experts(model: nn.Module, lora: Any, selection: Sequence[str]) -> tupl
         UnsupportedSiteError: the experts forward cannot be traced.
     """
     cands = expert_parameters(model)
+    for pat in selection:
+        if not any(matches(pat, n) for n in cands):
+            raise _no_expert_match(model, pat, list(cands))
     chosen = select_names(list(cands), tuple(selection), None, pass_name="LoRAPass",
                           all_names=[n for n, _ in model.named_parameters()], kind="parameter")
     by_site: dict[str, list[str]] = {}

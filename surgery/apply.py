@@ -16,7 +16,7 @@ from torch import nn
 from surgery.errors import ConfigError, TraceError
 from surgery.map.example_inputs import made_up_note
 from surgery.map.graphs import recompile
-from surgery.map.trace import is_map
+from surgery.map.trace import as_input_tuple, is_map
 from surgery.map.wrappers import unwrap
 from surgery.pass_base import Change, Pass, PassResult, SurgeryState
 from surgery.sites.marker import AdapterModule
@@ -49,11 +49,10 @@ def _prepare(model: nn.Module, example_inputs: tuple | None,
             "apply_passes: this is a map from surgery.trace (a graph for analysis, traced from "
             "a weight-free copy), not a model that runs. Way out: pass the model itself; "
             "apply_passes builds the map it needs.")
+    example_inputs = as_input_tuple(example_inputs, "apply_passes")
     model, notes = unwrap(model)
     work = model if inplace else share_weights_copy(model)
     state = getattr(work, "_surgery", None)
-    if example_inputs is not None and not isinstance(example_inputs, tuple):
-        example_inputs = (example_inputs,)
     if state is None:
         work._surgery = SurgeryState(
             source_class=type(model), example_inputs=example_inputs,
@@ -62,7 +61,9 @@ def _prepare(model: nn.Module, example_inputs: tuple | None,
     else:
         state.notes.extend(notes)
         made_up = made_up_note(state.notes)  # inputs made up for the map: the user's win
-        if example_inputs is not None and (state.example_inputs is None or made_up):
+        given = example_inputs is not None or bool(example_kwargs)
+        had = state.example_inputs is not None or bool(state.example_kwargs)
+        if given and (not had or made_up):
             if made_up:
                 state.notes.remove(made_up)
             state.example_inputs = example_inputs
@@ -290,6 +291,7 @@ def apply_passes(
 
     Raises:
         TraceError: a pass needs the map and the model could not be traced.
+        InputTypeError: ``example_inputs`` is a dict (keyword inputs go in ``example_kwargs``).
         ConfigError: a pass that writes into existing weights was given without
             ``inplace=True``, or not as the last pass (checked before anything runs).
         NoMatchError, AlreadyAdaptedError, ConfigError, UnsupportedSiteError: from a pass;

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from surgery.errors import ConfigError
+from surgery.pass_keywords import check_keywords
 from surgery.sites.changes import Change, ChangeKind
 
 __all__ = ["Change", "ChangeKind", "PassResult", "Pass", "pass_class", "registered_passes"]
@@ -64,6 +65,15 @@ class Pass:
     """
 
     name: ClassVar[str] = "pass"
+    peft_spellings: ClassVar[dict[str, str]] = {}
+    """PEFT's name of a setting -> this pass's (``{"r": "rank"}``), for the error on a
+    keyword the pass does not take."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Pass:
+        """Refuse a keyword the pass does not take with a :class:`ConfigError` (PEFT's
+        spelling answered with ours; see :func:`surgery.pass_keywords.check_keywords`)."""
+        check_keywords(cls, kwargs, cls.peft_spellings)
+        return super().__new__(cls)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

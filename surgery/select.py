@@ -20,7 +20,8 @@ from functools import lru_cache
 
 from surgery.errors import ConfigError, NoMatchError, near_matches
 
-__all__ = ["Selector", "compile_pattern", "matches", "first_match", "select_names", "as_patterns"]
+__all__ = ["Selector", "compile_pattern", "matches", "first_match", "select_names", "as_patterns",
+           "regex_hint"]
 
 Selector = str | Sequence[str] | None
 
@@ -212,6 +213,26 @@ def _show(patterns: tuple[str, ...]) -> str:
     return repr(list(patterns)) if len(patterns) > 1 else repr(patterns[0])
 
 
+_REGEX_SYNTAX = re.compile(r"\\|[()|\[\]^$+]|^\.\*|\.\*[^.*]")
+"""What reads as regex, not glob: ``\\ ( ) | [ ] ^ $ +``, and ``.*`` at the start or before
+anything but a dot (``attn.*`` and ``layers.*.q_proj`` are globs)."""
+
+
+def regex_hint(pat: str, pool: list[str], kind: str) -> str:
+    """The sentence suggesting ``re:<pat>`` for a glob that looks like a regex (``pool``: the
+    candidate names, ``kind``: what they are), or ``""``."""
+    if pat.startswith("re:") or not _REGEX_SYNTAX.search(pat):
+        return ""
+    try:
+        rx = re.compile(pat)
+    except re.error:
+        return ""
+    hits = sum(1 for n in pool if rx.fullmatch(n))
+    found = f"; as a regex it matches {hits} {kind}(s) it can adapt" if hits else ""
+    return (f"The pattern contains regex syntax but is read as a glob: did you mean "
+            f"'re:{pat}' (a regex, matched against the whole name){found}?")
+
+
 def _no_match(pat: str, pool: list[str], pass_name: str, all_names: Iterable[str], kind: str,
               what: str) -> NoMatchError:
     near = near_matches(pat, pool)
@@ -223,6 +244,9 @@ def _no_match(pat: str, pool: list[str], pass_name: str, all_names: Iterable[str
                 else f" (the layers inside them: '{pat}.**')")
         lines.append(f"It matches only {len(others)} {kind}(s) that {pass_name} cannot adapt: "
                      f"{shown}{hint}.")
+    hint = regex_hint(pat, pool, kind)
+    if hint:
+        lines.append(hint)
     if "" in pool:  # the model is itself one layer: its name is empty
         lines.append("The only candidate is the model itself, a single layer: select it with "
                      "pattern='*'.")

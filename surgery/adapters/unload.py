@@ -21,7 +21,7 @@ from torch import nn
 from surgery.adapters.fold import check_foldable, fold_steps
 from surgery.adapters.fold_layout import Key, adapters_at, fold_head, plan_site
 from surgery.adapters.fold_params import fold_params_now, folds_params
-from surgery.adapters.merge_state import not_mergeable_error, read_records
+from surgery.adapters.merge_state import WHY_NOT_LINEAR, read_records
 from surgery.errors import ConfigError, MergeError
 from surgery.sites.marker import AdapterModule
 from surgery.sites.params import share_weights_copy
@@ -64,7 +64,8 @@ def unload(model: nn.Module) -> nn.Module:
     Raises:
         ConfigError: ``model`` carries no surgery (nothing to unload).
         MergeError: an adapter cannot be merged (bottleneck adapters, prefixes, anything
-            that is not LoRA or IA³: they are not linear in the weights), an adapter lies
+            that is not LoRA or IA³: they are not linear in the weights; the way out is
+            :func:`surgery.delete_adapter` first), an adapter lies
             where no weight can absorb it, a folded weight would be non-finite, or a folded
             weight is tied to a parameter outside its layer.
     """
@@ -123,7 +124,14 @@ def _check_mergeable(model: nn.Module) -> None:
                 others.setdefault(key[1], set()).add(key[0])
     if others:
         name, kinds = sorted(others.items())[0]
-        raise not_mergeable_error("unload", name, sorted(kinds))
+        more = [n for n in sorted(others) if n != name]
+        also = f" (so do {', '.join(map(repr, more))})" if more else ""
+        raise MergeError(
+            f"unload: adapter {name!r} ({', '.join(sorted(kinds))}) cannot be merged{also}: "
+            f"{WHY_NOT_LINEAR}. unload folds every adapter and takes no names. Way out: "
+            f"delete it first, model = surgery.delete_adapter(model, {name!r})"
+            f"{' (once per adapter named here)' if more else ''}, then surgery.unload(model); "
+            f"or keep the adapted model as it is.")
 
 
 def _frozen_by_passes(model: nn.Module) -> set[str]:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from surgery.errors import InputTypeError
 from surgery.map.export_frontend import trace_export
 from surgery.map.leaves import LINEAR_TYPES, is_hf_conv1d, is_leaf_type, is_linear_like
 from surgery.map.trace_errors import trace_error
@@ -31,6 +32,7 @@ from surgery.map.wrappers import memo_compiled_as_bare, unwrap
 __all__ = [
     "LINEAR_TYPES",
     "SurgeryTracer",
+    "as_input_tuple",
     "is_hf_conv1d",
     "is_linear_like",
     "is_leaf_type",
@@ -126,6 +128,29 @@ def _to_meta(value: Any) -> Any:
     return value
 
 
+def as_input_tuple(example_inputs: Any, where: str) -> tuple | None:
+    """``example_inputs`` as a tuple of positional inputs: a lone input is wrapped.
+
+    Args:
+        example_inputs: ``None``, a tuple, or one positional input (a tensor).
+        where: the function the inputs were given to, for the message.
+
+    Raises:
+        InputTypeError: ``example_inputs`` is a mapping; keyword inputs belong in
+            ``example_kwargs=`` (a forward would get the whole dict as its first input).
+    """
+    if isinstance(example_inputs, Mapping):
+        keys = ", ".join(repr(k) for k in list(example_inputs)[:4])
+        raise InputTypeError(
+            f"{where}: example_inputs= is a dict (keys {keys}); example_inputs are the "
+            f"positional inputs, a tuple, and a dict there would reach forward as its first "
+            f"argument. Way out: pass the dict as example_kwargs={{...}} (keyword inputs "
+            f"alone are enough), or its values as example_inputs=(...).")
+    if example_inputs is not None and not isinstance(example_inputs, tuple):
+        return (example_inputs,)
+    return example_inputs
+
+
 def trace(
     model: nn.Module,
     example_inputs: tuple | None = None,
@@ -140,7 +165,8 @@ def trace(
     the adapted model (that is the user's own model with site graphs inside, see
     :func:`surgery.apply_passes`). It is traced from a weight-free (meta-device) copy, so it
     costs no second copy of the weights. torch.fx is tried first (no inputs needed); when
-    it fails and ``example_inputs`` are given, torch.export (``strict=False``) with
+    it fails and example inputs are given (positional, keyword or both: keyword inputs
+    alone are traced with no positional ones), torch.export (``strict=False``) with
     ``unflatten`` is used, with the shapes of the example inputs (the map is never run, so
     nothing needs other sizes); where export cannot run on meta tensors, it runs on ``model`` itself (whose
     cache setting is put back). Forward parameters not among the example inputs are traced at their default. A
@@ -165,13 +191,14 @@ def trace(
     Raises:
         TraceError: neither front end could trace the model; the message names the module,
             the source line that broke tracing, and the way out.
+        InputTypeError: ``example_inputs`` is a dict (keyword inputs go in ``example_kwargs``).
         ValueError: ``frontend`` is not one of the three choices.
     """
     if frontend not in ("auto", "fx", "export"):
         raise ValueError(f"frontend must be 'auto', 'fx' or 'export', got {frontend!r}")
-    if example_inputs is not None and not isinstance(example_inputs, tuple):
-        example_inputs = (example_inputs,)
+    example_inputs = as_input_tuple(example_inputs, "trace")
     kwargs = dict(example_kwargs or {})
+    has_inputs = example_inputs is not None or bool(kwargs)
     model = unwrap(model)[0]  # torch.compile / DDP wrappers: the map is the bare model's
     work = weight_free_copy(model)
     notes = switch_off_cache(work)
@@ -185,8 +212,8 @@ def trace(
             used = "fx"
         except Exception as exc:  # any failure inside user code while tracing
             fx_error = exc
-            if frontend == "fx" or example_inputs is None:
-                raise trace_error(model, fx_error, None, example_inputs is None) from exc
+            if frontend == "fx" or not has_inputs:  # export needs inputs (keywords alone do)
+                raise trace_error(model, fx_error, None, not has_inputs) from exc
     if traced is None:
         try:
             traced = trace_export(work, _to_meta(example_inputs or ()), _to_meta(kwargs),
@@ -209,8 +236,8 @@ def trace(
         weight_free=weight_free,
     )
     traced.train(model.training)
-    if used == "fx" and example_inputs is not None:
-        propagate_shapes(traced, _to_meta(example_inputs), _to_meta(kwargs))
+    if used == "fx" and has_inputs:
+        propagate_shapes(traced, _to_meta(example_inputs or ()), _to_meta(kwargs))
     return traced
 
 

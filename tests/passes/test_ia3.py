@@ -247,3 +247,18 @@ def test_a_name_the_parameter_slot_cannot_take_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"IA3Pass: adapter name 'pass_name' cannot name a "
                                           r"parameter of up\.ia3_l .*Way out: name=\.\.\."):
         apply_passes(MLP(), [IA3Pass(pattern="up", name="pass_name")])
+
+
+def test_peft_spellings_are_answered_with_ours() -> None:
+    with pytest.raises(ConfigError) as info:
+        IA3Pass(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])
+    assert str(info.value) == (
+        "IA3Pass: target_modules=, feedforward_modules=: PEFT's spelling, which IA3Pass does "
+        "not take; here target_modules= is pattern=, feedforward_modules= is feedforward=. "
+        "Way out: IA3Pass(pattern=['k_proj', 'down_proj'], feedforward=['down_proj']).")
+
+
+def test_an_unknown_keyword_lists_the_arguments_nearest_first() -> None:
+    with pytest.raises(ConfigError, match=r"^IA3Pass: no argument fedforward=; nearest: "
+                                          r"feedforward=, "):
+        IA3Pass(fedforward="fc2")

@@ -272,3 +272,25 @@ def test_a_layer_with_a_computed_weight_is_refused_with_the_way_out(how: str, sn
     before.assert_unchanged(model)
     adapted = apply_passes(model, [LoRAPass(pattern="2", rank=2)])
     assert hasattr(adapted[2], "lora_A")
+
+
+@pytest.mark.parametrize(("given", "ours"), [
+    ({"r": 8}, "r= is rank=. Way out: LoRAPass(rank=8)."),
+    ({"lora_alpha": 16}, "lora_alpha= is alpha=. Way out: LoRAPass(alpha=16)."),
+    ({"target_modules": ["q_proj", "v_proj"]},
+     "target_modules= is pattern=. Way out: LoRAPass(pattern=['q_proj', 'v_proj'])."),
+    ({"lora_dropout": 0.1}, "lora_dropout= is dropout=. Way out: LoRAPass(dropout=0.1)."),
+])
+def test_peft_spellings_are_answered_with_ours(given: dict, ours: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        LoRAPass(**given)
+    msg = str(info.value)
+    assert msg.startswith(f"LoRAPass: {next(iter(given))}=: PEFT's spelling")
+    assert msg.endswith(ours)
+
+
+def test_an_unknown_keyword_lists_the_arguments_nearest_first() -> None:
+    with pytest.raises(ConfigError, match=r"^LoRAPass: no argument rnak=; nearest: rank=, ") as info:
+        LoRAPass(rnak=4)
+    listed = str(info.value).splitlines()[0].split("nearest: ")[1].split(", ")
+    assert sorted(listed) == sorted(f"{k}=" for k in LoRAPass().config())

@@ -238,6 +238,33 @@ def test_no_match_names_the_expert_weights(models) -> None:
         _adapt(models["qwen3_moe"], ["mlp.experts.up_proj"])
 
 
+def test_no_match_lists_the_expert_weights_nearest_first(models) -> None:
+    with pytest.raises(NoMatchError) as info:
+        _adapt(models["qwen3_moe"], ["mlp.experts.up_proj"])
+    msg = str(info.value)
+    assert msg.startswith("LoRAPass: target_parameters pattern 'mlp.experts.up_proj' matches no "
+                          "expert weight; target_parameters reaches only the 3-D fused expert "
+                          "weights of transformers' experts modules (dimension 0 = experts).")
+    listed = msg.split("The expert weights, nearest first: ")[1].split(". Way out")[0]
+    assert listed.split(", ") == [f"model.layers.{i}.mlp.experts.{w}"
+                                  for w in ("gate_up_proj", "down_proj") for i in (0, 1)]
+    assert "list_targets" not in msg
+
+
+def test_a_linear_weight_in_target_parameters_points_at_its_module(zoo) -> None:
+    model = zoo.spec("hf:llama").model
+    layers = model.config.num_hidden_layers
+    with pytest.raises(NoMatchError) as info:
+        apply_passes(model, [LoRAPass(target_parameters=["q_proj.weight"])])
+    msg = str(info.value)
+    assert (f"It matches {layers} other parameter(s): model.layers.0.self_attn.q_proj.weight"
+            in msg)
+    assert ("The weight of a layer such as model.layers.0.self_attn.q_proj is adapted through "
+            "its module: LoRAPass(pattern='q_proj').") in msg
+    assert "LlamaForCausalLM has no fused experts module" in msg
+    assert "There are no candidate parameters at all" not in msg
+
+
 def test_other_weights_on_an_adapted_module_refused(models) -> None:
     adapted = _adapt(models["qwen3_moe"], TARGETS["down"], name="a")
     with pytest.raises(ConfigError, match="same weights"):

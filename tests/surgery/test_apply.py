@@ -23,6 +23,7 @@ from surgery import (
     plan,
     trainable_parameters,
 )
+from surgery.errors import InputTypeError
 from surgery.pass_base import Pass
 
 
@@ -379,3 +380,27 @@ def test_a_base_parameter_left_trainable_gets_its_own_storage(snapshot) -> None:
     adapted(torch.randn(3, 4)).sum().backward()
     opt.step()
     before.assert_unchanged(model)
+
+
+def test_keyword_inputs_alone_select_by_role_on_a_transformers_model(zoo) -> None:
+    spec = zoo.spec("hf:llama")
+    ids = torch.randint(0, spec.model.config.vocab_size, (1, 5))
+    first = apply_passes(spec.model, [LoRAPass(pattern="k_proj", rank=2)])
+    adapted = apply_passes(first, [LoRAPass(role="q", rank=2, name="q")],
+                           example_kwargs={"input_ids": ids})
+    layers = spec.model.config.num_hidden_layers
+    assert history(adapted)[-1].sites == [f"model.layers.{i}.self_attn.q_proj"
+                                          for i in range(layers)]
+    assert adapted._surgery.example_inputs is None
+    assert torch.equal(adapted._surgery.example_kwargs["input_ids"], ids)
+    assert not any(n.startswith("no example_inputs were given") for n in adapted._surgery.notes)
+
+
+def test_a_dict_as_example_inputs_points_at_example_kwargs(snapshot) -> None:
+    model = nn.Sequential(nn.Linear(4, 4))
+    before = snapshot(model)
+    with pytest.raises(InputTypeError, match=r"apply_passes: example_inputs= is a dict "
+                       r"\(keys 'input_ids'\).*Way out: pass the dict as example_kwargs="):
+        apply_passes(model, [LoRAPass(role="q")], example_inputs={"input_ids": torch.ones(1)})
+    before.assert_unchanged(model)
+    assert "_surgery" not in vars(model)

@@ -95,6 +95,23 @@ def test_no_match_lists_the_five_nearest_names() -> None:
     assert isinstance(info.value, ValueError)
 
 
+def test_a_regex_without_its_prefix_is_answered_with_re() -> None:
+    with pytest.raises(NoMatchError) as info:
+        select_names(NAMES, r".*\.(q|k)_proj", pass_name="LoRAPass")
+    assert ("The pattern contains regex syntax but is read as a glob: did you mean "
+            "'re:.*\\.(q|k)_proj' (a regex, matched against the whole name); as a regex it "
+            "matches 4 module(s) it can adapt?") in str(info.value)
+    assert select_names(NAMES, r"re:.*\.(q|k)_proj") == [n for n in NAMES if "_proj" in n
+                                                          and "up" not in n]
+
+
+@pytest.mark.parametrize("pattern", ["atn.*", "layers.*.v_proj", "**.v_proj", "v_proj"])
+def test_a_glob_that_matches_nothing_gets_no_regex_hint(pattern: str) -> None:
+    with pytest.raises(NoMatchError) as info:
+        select_names(NAMES, pattern, pass_name="LoRAPass")
+    assert "re:" not in str(info.value).split("Way out")[0]
+
+
 def test_no_match_mentions_modules_of_other_types() -> None:
     with pytest.raises(NoMatchError, match=r"matches only 1 module\(s\) that LoRAPass cannot "
                                            r"adapt: layers.0.ln \(the layers inside them: 'ln.\*\*'\)"):

@@ -224,3 +224,27 @@ def test_a_switched_off_adapter_that_cannot_fold_leaves_with_its_site(zoo) -> No
     assert type(plain) is type(spec.model)
     assert not any("adapter" in n or "lora" in n for n in plain.state_dict())
     assert set(plain.state_dict()) == set(spec.model.state_dict())
+
+
+def test_an_adapter_unload_cannot_merge_is_deleted_first(zoo, run_model) -> None:
+    from surgery import SerialAdapterPass, delete_adapter
+
+    spec = zoo.spec("builtin:tiny")
+    adapted = apply_passes(spec.model, [LoRAPass(name="s", rank=2),
+                                        SerialAdapterPass(pattern="layers.0.mlp.down_proj",
+                                                          name="m")])
+    randomize_adapters(adapted)
+    with pytest.raises(MergeError) as info:
+        unload(adapted)
+    msg = str(info.value)
+    assert msg.startswith("unload: adapter 'm' (serial_adapter) cannot be merged: it is not linear")
+    assert ("unload folds every adapter and takes no names. Way out: delete it first, model = "
+            "surgery.delete_adapter(model, 'm'), then surgery.unload(model); or keep the "
+            "adapted model as it is.") in msg
+    assert "by name" not in msg
+    without = delete_adapter(adapted, "m")
+    plain = unload(without)
+    assert type(plain) is type(spec.model)
+    assert set(plain.state_dict()) == set(spec.model.state_dict())
+    torch.testing.assert_close(run_model(plain, spec), run_model(without, spec),
+                               rtol=1e-5, atol=1e-5)

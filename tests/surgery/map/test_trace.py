@@ -12,6 +12,7 @@ from helpers import MaskedMLP
 from torch import fx, nn
 
 from surgery import IA3Pass, LoRAPass, TraceError, apply_passes, list_targets, trace
+from surgery.errors import ConfigError, InputTypeError
 from surgery.map.graphs import call_sites, graph_modules
 from surgery.map.trace import is_map
 
@@ -39,6 +40,19 @@ class Gated(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.gate(self.pre(x))
+
+
+class ShapeBranch(nn.Module):
+    """Branches on a size: fx cannot trace it, export (static shapes) can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] == 4:
+            return self.fc(x)
+        return x
 
 
 class DropNet(nn.Module):
@@ -147,6 +161,21 @@ def test_trace_error_with_inputs_reports_both_front_ends() -> None:
     assert "if x.sum() > 0:" in export_part and "in module gate (Gate)" in export_part
     assert "leaf_modules=[...]" in export_part
     assert isinstance(info.value.__cause__, Exception)
+
+
+def test_keyword_inputs_alone_reach_export_when_fx_fails() -> None:
+    graph_map = trace(ShapeBranch(), example_kwargs={"x": torch.randn(2, 4)})
+    assert graph_map._surgery_map.frontend == "export"
+    assert graph_map._surgery_map.example_inputs is None
+    assert list(graph_map._surgery_map.example_kwargs) == ["x"]
+    assert len(call_sites(graph_map)["fc"]) == 1
+
+
+def test_a_dict_as_example_inputs_points_at_example_kwargs() -> None:
+    with pytest.raises(InputTypeError, match=r"trace: example_inputs= is a dict \(keys 'x'\).*"
+                       r"pass the dict as example_kwargs=\{\.\.\.\}") as info:
+        trace(ShapeBranch(), {"x": torch.randn(2, 4)})
+    assert isinstance(info.value, ConfigError) and isinstance(info.value, TypeError)
 
 
 def test_leaf_module_is_the_way_out() -> None:
