@@ -9,7 +9,7 @@ test) or ask for a ``fresh`` copy.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +70,17 @@ class Zoo:
             spec = self.spec(name)
             self._traced[name] = trace(spec.model, spec.example_inputs, spec.example_kwargs or None)
         return self._traced[name]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Every test runs torch on one intra-op thread, the previous setting restored after
+    the session: the test models are so small that a second thread only adds
+    synchronisation."""
+    from helpers import torch_threads  # after surgery: helpers import passes
+
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -8,10 +8,9 @@ architecture, ``--zoo=gpt2,t5`` every test on the ones named.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
-from helpers import torch_threads
 
 SAMPLE = ("gpt2", "llama", "qwen3_moe", "bert", "t5", "vit")
 """The default run: a fused-projection decoder, a rotary GQA decoder, a MoE decoder, an
@@ -45,13 +44,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
-
-
-@pytest.fixture(scope="package", autouse=True)
-def one_thread() -> Iterator[None]:
-    """The tiny models run faster on one thread than on a pool on a busy machine."""
-    with torch_threads(1):
-        yield
 
 
 @pytest.fixture(scope="package")
